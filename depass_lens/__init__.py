@@ -1,0 +1,64 @@
+"""depass_lens: DePass (Decomposed Forward Pass) attribution as a TransformerLens plugin.
+
+>>> import depass_lens as dp
+>>> dp_model = dp.DePass(model)                          # wraps a HookedTransformer
+>>> res = dp_model.run(prompt, source=dp.Tokens())       # decomposed stream at every hook
+>>> scores = dp_model.attribute(prompt, dp.LogitDiff(" Mary", " John"), source=dp.Heads())
+"""
+
+from depass_lens.decomposition import BIAS, ComponentLabel, Decomposition
+from depass_lens.depass import DePass
+from depass_lens.errors import (
+    CacheMismatchError,
+    DePassError,
+    DePassInputError,
+    LosslessnessError,
+    UnsupportedModelError,
+)
+from depass_lens.results import Attribution, DecomposedCache
+from depass_lens.rules import (
+    LinearRule,
+    MaxRule,
+    MLPRule,
+    ReluRule,
+    SoftmaxRule,
+    TaylorRule,
+    get_rule,
+)
+from depass_lens.sources import Custom, Heads, Modules, Neurons, Source, Subspace, Tokens
+from depass_lens.targets import Direction, HiddenState, Logit, LogitDiff, Target
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BIAS",
+    "Attribution",
+    "CacheMismatchError",
+    "ComponentLabel",
+    "Custom",
+    "DePass",
+    "DePassError",
+    "DePassInputError",
+    "DecomposedCache",
+    "Decomposition",
+    "Direction",
+    "Heads",
+    "HiddenState",
+    "LinearRule",
+    "Logit",
+    "LogitDiff",
+    "LosslessnessError",
+    "MLPRule",
+    "MaxRule",
+    "Modules",
+    "Neurons",
+    "ReluRule",
+    "SoftmaxRule",
+    "Source",
+    "Subspace",
+    "TaylorRule",
+    "Target",
+    "Tokens",
+    "UnsupportedModelError",
+    "get_rule",
+]

@@ -1,0 +1,273 @@
+"""The one place that reads a TransformerLens model: config, weights per layer and hook names.
+
+Everything else in depass_lens talks to a :class:`ModelAdapter`, never to ``model.blocks[...]``
+directly, so a second adapter (e.g. for TransformerLens 4's ``TransformerBridge``, which keeps the
+hook names and ``ActivationCache``) can be added without touching the engine.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+from transformer_lens import HookedTransformer
+
+from depass_lens.errors import UnsupportedModelError
+
+NormKind = Literal["LN", "LNPre", "RMS", "RMSPre", "none"]
+Stage = Literal["pre", "mid", "post"]
+
+#: Architectures where TransformerLens applies ``ln1``/``ln2`` to the sublayer *output* (OLMo 2/3).
+POST_NORM_ARCHITECTURES = frozenset({"Olmo2ForCausalLM", "Olmo3ForCausalLM"})
+
+
+@dataclass(frozen=True)
+class NormWeights:
+    """A normalisation layer as DePass sees it: its kind, optional affine weights, its scale hook."""
+
+    kind: NormKind
+    scale_hook: str | None
+    w: Float[Tensor, " d"] | None = None
+    b: Float[Tensor, " d"] | None = None
+
+    @property
+    def centres(self) -> bool:
+        return self.kind in ("LN", "LNPre")
+
+
+@dataclass(frozen=True)
+class AttentionWeights:
+    """Value/output path of one attention layer (the QK path is frozen in the pattern)."""
+
+    W_V: Float[Tensor, "kv_head d_model d_head"]
+    b_V: Float[Tensor, "kv_head d_head"]
+    W_O: Float[Tensor, "head d_head d_model"]
+    b_O: Float[Tensor, " d_model"]
+    kv_repeat: int
+
+
+@dataclass(frozen=True)
+class MLPWeights:
+    """One dense MLP. ``W_gate`` is set for gated MLPs (``act(x W_gate) * (x W_in) + b_in``)."""
+
+    W_in: Float[Tensor, "d_model d_mlp"]
+    b_in: Float[Tensor, " d_mlp"]
+    W_out: Float[Tensor, "d_mlp d_model"]
+    b_out: Float[Tensor, " d_model"]
+    W_gate: Float[Tensor, "d_model d_mlp"] | None
+    act_fn: Callable[[Tensor], Tensor]
+    inner_norm: NormWeights | None  # SoLU-LN: a LayerNorm on the activations
+
+    @property
+    def gated(self) -> bool:
+        return self.W_gate is not None
+
+
+def _norm_kind(module: torch.nn.Module) -> NormKind:
+    name = type(module).__name__
+    kinds: dict[str, NormKind] = {
+        "LayerNorm": "LN",
+        "LayerNormPre": "LNPre",
+        "RMSNorm": "RMS",
+        "RMSNormPre": "RMSPre",
+        "Identity": "none",
+    }
+    if name not in kinds:
+        raise UnsupportedModelError(f"normalisation layer {name!r} is not supported by DePass")
+    return kinds[name]
+
+
+class ModelAdapter:
+    """Read-only view of a ``HookedTransformer`` in the terms DePass needs.
+
+    Weights are returned by reference (never copied), so memory stays that of the model and a
+    change to the model is visible immediately (the cache check then catches stale caches).
+    """
+
+    def __init__(self, model: HookedTransformer):
+        if not isinstance(model, HookedTransformer):
+            raise TypeError(
+                f"DePass wraps a transformer_lens.HookedTransformer, got {type(model).__name__}"
+            )
+        self.model = model
+        self.cfg = model.cfg
+        check_supported(model)
+
+    # ---------------------------------------------------------------- config
+    @property
+    def n_layers(self) -> int:
+        return self.cfg.n_layers
+
+    @property
+    def n_heads(self) -> int:
+        return self.cfg.n_heads
+
+    @property
+    def d_model(self) -> int:
+        return self.cfg.d_model
+
+    @property
+    def d_mlp(self) -> int:
+        return self.cfg.d_mlp or 0
+
+    @property
+    def attn_only(self) -> bool:
+        return bool(self.cfg.attn_only)
+
+    @property
+    def parallel(self) -> bool:
+        return bool(self.cfg.parallel_attn_mlp)
+
+    @property
+    def post_norm(self) -> bool:
+        return self.cfg.original_architecture in POST_NORM_ARCHITECTURES
+
+    @property
+    def has_resid_mid(self) -> bool:
+        return not self.attn_only and not self.parallel
+
+    @property
+    def positional(self) -> str:
+        return self.cfg.positional_embedding_type
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.W_E.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.W_E.device
+
+    # ---------------------------------------------------------------- hook names
+    @staticmethod
+    def resid_hook(layer: int, stage: Stage) -> str:
+        return f"blocks.{layer}.hook_resid_{stage}"
+
+    def after_attention_hook(self, layer: int) -> str:
+        """Where a layer's attention output has just been added to the stream."""
+        return self.resid_hook(layer, "mid" if self.has_resid_mid else "post")
+
+    def frozen_hook_names(self) -> list[str]:
+        """Every cache entry forward-mode propagation reads (scales, patterns, MLP activations)."""
+        names: list[str] = []
+        for layer in range(self.n_layers):
+            for norm in self.block_norms(layer).values():
+                if norm is not None and norm.scale_hook is not None:
+                    names.append(norm.scale_hook)
+            names.append(f"blocks.{layer}.attn.hook_pattern")
+            if not self.attn_only:
+                mlp = self.mlp(layer)
+                names += [f"blocks.{layer}.mlp.hook_pre", f"blocks.{layer}.mlp.hook_post"]
+                if mlp.gated:
+                    names.append(f"blocks.{layer}.mlp.hook_pre_linear")
+                if mlp.inner_norm is not None:
+                    names.append(f"blocks.{layer}.mlp.hook_mid")
+                    if mlp.inner_norm.scale_hook is not None:
+                        names.append(mlp.inner_norm.scale_hook)
+        final = self.final_norm()
+        if final.scale_hook is not None:
+            names.append(final.scale_hook)
+        return names
+
+    # ---------------------------------------------------------------- weights
+    def _norm(self, module: torch.nn.Module | None, name: str) -> NormWeights | None:
+        if module is None:
+            return None
+        kind = _norm_kind(module)
+        if kind == "none":
+            return NormWeights("none", None)
+        w = getattr(module, "w", None) if kind in ("LN", "RMS") else None
+        b = getattr(module, "b", None) if kind == "LN" else None
+        return NormWeights(kind, f"{name}.hook_scale", w, b)
+
+    def block_norms(self, layer: int) -> dict[str, NormWeights | None]:
+        block = self.model.blocks[layer]
+        prefix = f"blocks.{layer}"
+        return {
+            name: self._norm(getattr(block, name, None), f"{prefix}.{name}")
+            for name in ("ln1", "ln2", "ln1_post", "ln2_post")
+        }
+
+    def final_norm(self) -> NormWeights:
+        module = getattr(self.model, "ln_final", None)
+        norm = self._norm(module, "ln_final")
+        return norm if norm is not None else NormWeights("none", None)
+
+    def attention(self, layer: int) -> AttentionWeights:
+        attn = self.model.blocks[layer].attn
+        grouped = hasattr(attn, "_W_V") and not self.cfg.ungroup_grouped_query_attention
+        W_V = attn._W_V if grouped else attn.W_V
+        b_V = attn._b_V if grouped else attn.b_V
+        return AttentionWeights(
+            W_V=W_V,
+            b_V=b_V,
+            W_O=attn.W_O,
+            b_O=attn.b_O,
+            kv_repeat=self.n_heads // W_V.shape[0],
+        )
+
+    def mlp(self, layer: int) -> MLPWeights:
+        mlp = self.model.blocks[layer].mlp
+        gated = hasattr(mlp, "W_gate")
+        inner = None
+        if getattr(mlp, "ln", None) is not None:
+            inner = self._norm(mlp.ln, f"blocks.{layer}.mlp.ln")
+        return MLPWeights(
+            W_in=mlp.W_in,
+            b_in=mlp.b_in,
+            W_out=mlp.W_out,
+            b_out=mlp.b_out,
+            W_gate=mlp.W_gate if gated else None,
+            act_fn=mlp.act_fn,
+            inner_norm=inner,
+        )
+
+    @property
+    def W_U(self) -> Float[Tensor, "d_model d_vocab"]:
+        return self.model.W_U
+
+    @property
+    def b_U(self) -> Float[Tensor, " d_vocab"]:
+        return self.model.b_U
+
+    def parameter_fingerprint(self) -> tuple[tuple[int, int], ...]:
+        """Identity and in-place version of every parameter: changes when the model is edited."""
+        return tuple((id(p), p._version) for p in self.model.parameters())
+
+
+#: Settings that change the computation in a way DePass cannot reproduce exactly.
+def _unsupported_settings(model: HookedTransformer) -> list[str]:
+    cfg = model.cfg
+    problems = []
+    if getattr(cfg, "num_experts", None):
+        problems.append(
+            "num_experts (mixture-of-experts MLPs): expert routing is not propagated yet"
+        )
+    if getattr(cfg, "clip_qkv", None) is not None:
+        problems.append("clip_qkv (clamping of values is a nonlinearity on the value path)")
+    if getattr(cfg, "load_in_4bit", False):
+        problems.append("load_in_4bit (quantised weights)")
+    if cfg.attention_dir != "causal":
+        problems.append(f"attention_dir={cfg.attention_dir!r} (only causal models are supported)")
+    if cfg.use_normalization_before_and_after and cfg.normalization_type in ("LN", "LNPre"):
+        problems.append(
+            "use_normalization_before_and_after with LayerNorm (TransformerLens builds no post-norm"
+            " module for it)"
+        )
+    if not cfg.attn_only and cfg.d_mlp is None:
+        problems.append("d_mlp=None on a model with MLPs")
+    return problems
+
+
+def check_supported(model: HookedTransformer) -> None:
+    """Raise :class:`UnsupportedModelError` naming every unsupported setting of ``model``."""
+    problems = _unsupported_settings(model)
+    if problems:
+        raise UnsupportedModelError(
+            "DePass cannot propagate this model exactly. Unsupported setting(s): "
+            + "; ".join(problems)
+        )

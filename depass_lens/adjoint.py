@@ -1,0 +1,162 @@
+"""Adjoint mode: every component's score from one forward and one backward pass per target.
+
+With a linear MLP rule (``taylor``) the decomposed pass is a fixed linear map of the initial
+components plus a constant. So a component's share of a scalar target equals ``<grad, component>``,
+where ``grad`` is the gradient of the target with respect to the start hook on the *frozen-linearised*
+model: norm scales and attention patterns detached, and each MLP activation replaced by its frozen
+ratio ``act(g)/g`` (or the chosen gated side). We get that graph by running the real
+``HookedTransformer`` with TransformerLens hooks that detach exactly those quantities; the values of
+the forward pass are unchanged. This path shares no propagation code with forward mode, which makes
+their agreement (a standing test) an independent check of both.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from depass_lens.adapter import ModelAdapter
+from depass_lens.rules import NeuronValues, TaylorRule
+
+HookFn = Callable[..., Tensor | None]
+
+
+@dataclass
+class AdjointPass:
+    """Result of one linearised forward: detached activations and a way to take gradients."""
+
+    activations: dict[str, Tensor]  # detached copies of every stored hook
+    live: dict[str, Tensor]  # the same tensors, still in the graph
+
+    def gradients(
+        self, scalar: Tensor, hooks: Iterable[str], retain_graph: bool
+    ) -> dict[str, Tensor]:
+        names = list(dict.fromkeys(hooks))
+        tensors = [self.live[name] for name in names]
+        grads = torch.autograd.grad(scalar, tensors, retain_graph=retain_graph, allow_unused=True)
+        return {
+            name: grad if grad is not None else torch.zeros_like(tensor)
+            for name, grad, tensor in zip(names, grads, tensors)
+        }
+
+
+def linearising_hooks(adapter: ModelAdapter, rule: TaylorRule) -> list[tuple[str, HookFn]]:
+    """TransformerLens forward hooks that turn the model into its frozen-linearised version."""
+    hooks: list[tuple[str, HookFn]] = []
+
+    def detach(value: Tensor, hook) -> Tensor:
+        return value.detach()
+
+    for name in adapter.frozen_hook_names():
+        if name.endswith("hook_scale") or name.endswith("hook_pattern"):
+            hooks.append((name, detach))
+    if adapter.attn_only:
+        return hooks
+    for layer in range(adapter.n_layers):
+        hooks += _mlp_linearising_hooks(adapter, layer, rule)
+    return hooks
+
+
+def _mlp_linearising_hooks(
+    adapter: ModelAdapter, layer: int, rule: TaylorRule
+) -> list[tuple[str, HookFn]]:
+    """Store the live pre-activations, then replace the activation by its linearisation.
+
+    The replacement is ``value.detach() + L(live) - L(live).detach()``: its value is the real one,
+    its gradient that of the linear map ``L`` (frozen ratio times each share).
+    """
+    mlp = adapter.mlp(layer)
+    live: dict[str, Tensor] = {}
+    prefix = f"blocks.{layer}.mlp"
+
+    def store(name: str) -> HookFn:
+        def fn(value: Tensor, hook) -> None:
+            live[name] = value
+
+        return fn
+
+    def linearise(value: Tensor, hook) -> Tensor:
+        gate = live["pre"]
+        if mlp.gated:
+            up = live["pre_linear"]
+            g, u = gate.detach(), up.detach()
+            act = mlp.act_fn(g)
+            values = NeuronValues(g, act, act * u, u, mlp.act_fn)
+            r = rule.ratio(values)
+            gate_side = r * u * gate
+            up_side = act * up
+            linear = {"gate": gate_side, "up": up_side, "symmetric": 0.5 * (gate_side + up_side)}[
+                rule.side
+            ]
+        else:
+            g = gate.detach()
+            values = NeuronValues(g, value.detach(), value.detach(), None, mlp.act_fn)
+            linear = rule.ratio(values) * gate
+        return value.detach() + (linear - linear.detach())
+
+    hooks: list[tuple[str, HookFn]] = [(f"{prefix}.hook_pre", store("pre"))]
+    if mlp.gated:
+        hooks.append((f"{prefix}.hook_pre_linear", store("pre_linear")))
+    activation_hook = f"{prefix}.hook_mid" if mlp.inner_norm is not None else f"{prefix}.hook_post"
+    hooks.append((activation_hook, linearise))
+    return hooks
+
+
+def linearised_forward(
+    adapter: ModelAdapter,
+    tokens: Int[Tensor, "batch pos"],
+    attention_mask: Int[Tensor, "batch pos"] | None,
+    rule: TaylorRule,
+    store: Iterable[str],
+    stop_at_layer: int | None = None,
+) -> AdjointPass:
+    """Run the frozen-linearised model once, keeping the named activations (live and detached).
+
+    The unembedding is never applied (targets read ``unembed.hook_in`` and only their own columns of
+    ``W_U``), which saves the ``d_vocab``-wide matmul of a plain forward.
+    """
+    model = adapter.model
+    wanted = set(store)
+    live: dict[str, Tensor] = {}
+
+    def leaf(value: Tensor, hook) -> Tensor:
+        value = value.detach().requires_grad_(True)
+        if hook.name in wanted:
+            live[hook.name] = value
+        return value
+
+    def keep(value: Tensor, hook) -> None:
+        live[hook.name] = value
+
+    fwd_hooks = linearising_hooks(adapter, rule)
+    fwd_hooks.append(("hook_embed", leaf))
+    if adapter.positional in ("standard", "shortformer"):
+        fwd_hooks.append(("hook_pos_embed", leaf))
+    # Stored after linearisation hooks so the stored value is what flows on.
+    fwd_hooks += [(name, keep) for name in wanted if name not in ("hook_embed", "hook_pos_embed")]
+    n_layers = adapter.n_layers if stop_at_layer is None else stop_at_layer
+    with torch.enable_grad(), model.hooks(fwd_hooks=fwd_hooks):
+        resid = model(
+            tokens, attention_mask=attention_mask, stop_at_layer=n_layers, return_type=None
+        )
+        if stop_at_layer is None and "unembed.hook_in" in wanted:
+            has_final_norm = adapter.cfg.normalization_type is not None
+            final = model.ln_final(resid) if has_final_norm else resid
+            live["unembed.hook_in"] = final
+    missing = wanted - set(live)
+    if missing:
+        raise RuntimeError(f"adjoint pass did not produce {sorted(missing)}")
+    return AdjointPass({k: v.detach() for k, v in live.items()}, live)
+
+
+def target_scalar(
+    state: Float[Tensor, "batch pos d_model"],
+    weights: Float[Tensor, "batch pos d_model"],
+    constant: Float[Tensor, " batch"],
+) -> Float[Tensor, " batch"]:
+    """``<weights, state> + constant`` per prompt."""
+    return (state * weights).sum((-1, -2)) + constant

@@ -1,0 +1,496 @@
+"""``DePass``: the user-facing wrapper around a ``HookedTransformer``.
+
+It wraps the model without copying weights, reads the frozen quantities from one ``run_with_cache``
+(or a cache the caller already has), and offers two calls:
+
+- :meth:`DePass.run` -- forward mode from one start point; returns a :class:`DecomposedCache` whose
+  entries carry TransformerLens hook names with a ``comp`` axis.
+- :meth:`DePass.attribute` -- scores of every component for one or more targets, by adjoint mode
+  (one backward per target) where the rule is linear, forward mode otherwise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import einops
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+from tqdm.auto import tqdm
+from transformer_lens import ActivationCache, HookedTransformer
+from transformer_lens.utilities import get_attention_mask
+
+from depass_lens.adapter import ModelAdapter
+from depass_lens.adjoint import linearised_forward, target_scalar
+from depass_lens.decomposition import ComponentLabel, check_lossless
+from depass_lens.errors import CacheMismatchError, DePassInputError, LosslessnessError
+from depass_lens.frozen import FrozenActivations, run_frozen_cache
+from depass_lens.propagate import DecomposedTransformer, PropagationContext
+from depass_lens.results import Attribution, DecomposedCache
+from depass_lens.rules import MLPRule, TaylorRule, get_rule
+from depass_lens.sources import Source, SourceContext, Tokens
+from depass_lens.targets import FINAL, Logit, Target, TargetContext, as_targets
+
+Mode = Literal["auto", "forward", "adjoint"]
+InputLike = str | Sequence[str] | Tensor
+
+#: Hooks a forward-mode run keeps by default: the residual stream and what each sublayer adds.
+DEFAULT_CACHED = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out",
+                  "hook_mlp_out", "unembed.hook_in")
+
+
+@dataclass
+class Prepared:
+    """A validated input: tokens, attention mask (``None`` without padding) and token strings."""
+
+    tokens: Int[Tensor, "batch pos"]
+    attention_mask: Int[Tensor, "batch pos"] | None
+    str_tokens: list[list[str]] | None
+
+
+class Readout:
+    """Reads decomposed final-norm outputs through the unembedding."""
+
+    def __init__(self, adapter: ModelAdapter, prepared: Prepared):
+        self.adapter = adapter
+        self.prepared = prepared
+
+    def logits(self, final: Float[Tensor, "batch comp pos d_model"]) -> Float[Tensor, "batch comp pos d_vocab"]:
+        logits = einops.einsum(final, self.adapter.W_U, "b c p d, d v -> b c p v")
+        logits[:, -1] += self.adapter.b_U
+        return logits
+
+    def logit_attribution(self, final: Tensor, token: Any, pos: int = -1) -> Float[Tensor, "batch comp"]:
+        ctx = TargetContext(self.adapter, self.prepared.tokens, self.prepared.attention_mask)
+        return read_target(final, Logit(token, pos), ctx)[:, 0]
+
+
+def read_target(
+    state: Float[Tensor, "batch comp pos d_model"], target: Target, ctx: TargetContext
+) -> Float[Tensor, "batch k comp"]:
+    """Each component's share of each scalar of ``target`` (constants go to the bias)."""
+    weights, constants = target.functional(ctx)
+    scores = einops.einsum(state, weights.to(state.dtype), "b c p d, b k p d -> b k c")
+    scores[..., -1] += constants.to(scores.dtype)
+    return scores
+
+
+class DePass:
+    """Decomposed forward pass for a ``HookedTransformer``.
+
+    Args:
+        model: the model; wrapped, never copied. Unsupported settings raise
+            :class:`~depass_lens.errors.UnsupportedModelError` naming them.
+        rule: default MLP split rule (``"taylor"``, ``"softmax"``, ``"max"``, ``"relu"``,
+            ``"linear"`` or an :class:`~depass_lens.rules.MLPRule`).
+        chunk_size: components propagated at once in forward mode; ``None`` picks one from
+            ``memory_budget``.
+        memory_budget: bytes forward mode may use for intermediates (default: a quarter of the free
+            memory of the model's device).
+        check: verify losslessness against the real activations at every cached residual hook.
+        progress: show a tqdm bar when a call has several start points or many targets.
+    """
+
+    def __init__(
+        self,
+        model: HookedTransformer,
+        rule: str | MLPRule = "taylor",
+        *,
+        chunk_size: int | None = None,
+        memory_budget: int | None = None,
+        check: bool = True,
+        progress: bool = True,
+    ):
+        self.adapter = ModelAdapter(model)
+        self.model = model
+        self.rule = get_rule(rule)
+        self.chunk_size = chunk_size
+        self.memory_budget = memory_budget
+        self.check = check
+        self.progress = progress
+        self.engine = DecomposedTransformer(self.adapter)
+
+    def __repr__(self) -> str:
+        return f"DePass({self.model.cfg.model_name!r}, rule={self.rule!r})"
+
+    # ------------------------------------------------------------------ input
+    def prepare(
+        self,
+        input: InputLike,
+        attention_mask: Tensor | None = None,
+        prepend_bos: bool | None = None,
+        padding_side: Literal["left", "right"] | None = None,
+    ) -> Prepared:
+        """Tokenise and validate an input (string, list of strings, or token ids)."""
+        model = self.model
+        str_tokens = None
+        if isinstance(input, str) or (
+            isinstance(input, Sequence) and not isinstance(input, Tensor) and input
+            and all(isinstance(s, str) for s in input)
+        ):
+            if model.tokenizer is None:
+                raise DePassInputError("the input is text but the model has no tokenizer; pass token ids")
+            kwargs: dict[str, Any] = {}
+            if prepend_bos is not None:
+                kwargs["prepend_bos"] = prepend_bos
+            if padding_side is not None:
+                kwargs["padding_side"] = padding_side
+            tokens = model.to_tokens(input, **kwargs)
+            _reject_unknown(model, tokens, input)
+            if attention_mask is None and tokens.shape[0] > 1 and model.tokenizer.pad_token_id is not None:
+                bos = model.cfg.default_prepend_bos if prepend_bos is None else prepend_bos
+                attention_mask = get_attention_mask(model.tokenizer, tokens, bos, padding_side)
+                if bool(attention_mask.all()):
+                    attention_mask = None
+        elif isinstance(input, Tensor):
+            tokens = input
+        else:
+            raise DePassInputError(
+                f"input must be a string, a list of strings or a token tensor, got {type(input).__name__}"
+            )
+        tokens = _validate_tokens(tokens, self.adapter)
+        if attention_mask is not None:
+            attention_mask = torch.as_tensor(attention_mask).to(tokens.device)
+            if attention_mask.ndim == 1:
+                attention_mask = attention_mask.unsqueeze(0)
+            if attention_mask.shape != tokens.shape:
+                raise DePassInputError(
+                    f"attention_mask has shape {tuple(attention_mask.shape)} but tokens have "
+                    f"shape {tuple(tokens.shape)}"
+                )
+            if (attention_mask.sum(-1) == 0).any():
+                raise DePassInputError("attention_mask has a prompt with no real tokens")
+        if model.tokenizer is not None:
+            str_tokens = [list(model.to_str_tokens(row)) for row in tokens]
+        return Prepared(tokens, attention_mask, str_tokens)
+
+    def _frozen(
+        self, prepared: Prepared, cache: ActivationCache | None, names: Sequence[str]
+    ) -> tuple[FrozenActivations, bool]:
+        user_cache = cache is not None
+        if cache is None:
+            extra = set(names) | set(self._resid_hooks())
+            cache = run_frozen_cache(self.adapter, prepared.tokens, prepared.attention_mask, extra)
+        else:
+            missing = [n for n in names if n not in cache.cache_dict]
+            if missing:
+                raise CacheMismatchError(
+                    f"the ActivationCache lacks entries this source reads: {missing[:4]}"
+                )
+        return FrozenActivations(self.adapter, cache, prepared.tokens), user_cache
+
+    def _resid_hooks(self) -> list[str]:
+        names = []
+        for layer in range(self.adapter.n_layers):
+            names += [f"blocks.{layer}.hook_resid_pre", f"blocks.{layer}.hook_resid_post"]
+            if self.adapter.has_resid_mid:
+                names.append(f"blocks.{layer}.hook_resid_mid")
+        return names
+
+    def _checker(self, frozen: FrozenActivations, user_cache: bool) -> Callable[[str, Tensor], None] | None:
+        if not self.check:
+            return None
+        error = CacheMismatchError if user_cache else LosslessnessError
+
+        def check(name: str, value: Tensor) -> None:
+            if name in frozen:
+                try:
+                    check_lossless(value, frozen[name], name, slack=100.0, error=error)
+                except CacheMismatchError as exc:
+                    raise CacheMismatchError(
+                        f"{exc}. The cache does not match the model: was the model changed after "
+                        "the cache was computed, or is the cache from another model or prompt?"
+                    ) from None
+
+        return check
+
+    def _chunk(self, prepared: Prepared, n_comp: int) -> int | None:
+        if self.chunk_size is not None:
+            return self.chunk_size
+        budget = self.memory_budget or _free_memory(self.adapter.device) // 4
+        batch, n_pos = prepared.tokens.shape
+        width = max(self.adapter.d_model, self.adapter.d_mlp, 1)
+        per_comp = batch * n_pos * width * self.adapter.dtype.itemsize * 4
+        return max(1, min(n_comp, budget // max(per_comp, 1)))
+
+    # ------------------------------------------------------------------ forward mode
+    def run(
+        self,
+        input: InputLike,
+        source: Source | None = None,
+        *,
+        cache: ActivationCache | None = None,
+        rule: str | MLPRule | None = None,
+        names_filter: Callable[[str], bool] | Sequence[str] | str | None = None,
+        fwd_hooks: Sequence[tuple[str | Callable, Callable]] = (),
+        attention_mask: Tensor | None = None,
+    ) -> DecomposedCache:
+        """Forward mode from one start point: the decomposed stream at every hook.
+
+        Args:
+            input: text, list of texts, or token ids ``[batch, pos]``.
+            source: the initial decomposition (default ``Tokens()``); must have one start point.
+            cache: an ``ActivationCache`` of this model on this input, reused for frozen values.
+            rule: MLP split rule for this run (default: the wrapper's).
+            names_filter: which decomposed hooks to keep (default: residual stream, sublayer
+                outputs and ``unembed.hook_in``). Same forms as TransformerLens's ``names_filter``.
+            fwd_hooks: ``(name, fn)`` hooks on the decomposed run, e.g. to zero a component.
+        """
+        source = source or Tokens()
+        prepared = self.prepare(input, attention_mask)
+        starts = source.start_hooks(self.adapter)
+        if len(starts) != 1:
+            raise DePassInputError(
+                f"{source!r} has {len(starts)} start points; run() decomposes from one. Pick one "
+                "layer, or use attribute(), which handles every start point."
+            )
+        frozen, user_cache = self._frozen(prepared, cache, source.needed_hooks(self.adapter))
+        sctx = SourceContext(self.adapter, frozen.cache, prepared.tokens, prepared.str_tokens)
+        (decomposition,) = source.decompositions(sctx)
+        ctx = self._context(prepared, frozen, user_cache, rule, decomposition.n_components)
+        names_filter = _names_filter(names_filter)
+        cache_dict, caching_hooks, _ = self.engine.get_caching_hooks(names_filter)
+        with torch.no_grad(), self.engine.hooks(fwd_hooks=list(caching_hooks) + list(fwd_hooks)):
+            self.engine(decomposition, ctx)
+        return DecomposedCache(cache_dict, self.engine, decomposition.labels, Readout(self.adapter, prepared))
+
+    def _context(self, prepared: Prepared, frozen: FrozenActivations, user_cache: bool,
+                 rule: str | MLPRule | None, n_comp: int) -> PropagationContext:
+        return PropagationContext(
+            adapter=self.adapter,
+            frozen=frozen,
+            rule=get_rule(rule) if rule is not None else self.rule,
+            chunk_size=self._chunk(prepared, n_comp),
+            checker=self._checker(frozen, user_cache),
+        )
+
+    # ------------------------------------------------------------------ attribution
+    def choose_mode(
+        self, source: Source, targets: Sequence[Target], rule: MLPRule, n_pos: int
+    ) -> Literal["forward", "adjoint"]:
+        """``mode="auto"``: adjoint for a linear rule unless sources are fewer than targets.
+
+        Adjoint mode costs one forward plus one backward per scalar target; forward mode costs
+        about one pass per component. So with a linear rule, forward mode is chosen exactly when
+        the source has fewer components than there are scalar targets (e.g. a whole hidden state as
+        target); a non-linear rule always uses forward mode.
+        """
+        if not rule.linear:
+            return "forward"
+        n_targets = sum(t.size(self.adapter) for t in targets)
+        return "forward" if source.count(self.adapter, n_pos) < n_targets else "adjoint"
+
+    def attribute(
+        self,
+        input: InputLike,
+        target: Target | Sequence[Target],
+        source: Source | None = None,
+        *,
+        mode: Mode = "auto",
+        rule: str | MLPRule | None = None,
+        cache: ActivationCache | None = None,
+        attention_mask: Tensor | None = None,
+    ) -> Attribution:
+        """Score every component of ``source`` for every scalar of ``target``.
+
+        Returns an :class:`Attribution` with ``scores`` of shape ``batch target comp``; for each
+        start point, the scores (with ``rest`` and ``bias``) sum to the real target value.
+        """
+        source = source or Tokens()
+        targets = as_targets(target)
+        the_rule = get_rule(rule) if rule is not None else self.rule
+        prepared = self.prepare(input, attention_mask)
+        self._validate_read_hooks(targets)
+        chosen = self.choose_mode(source, targets, the_rule, prepared.tokens.shape[1]) if mode == "auto" else mode
+        if chosen == "adjoint":
+            if not isinstance(the_rule, TaylorRule):
+                raise DePassInputError(
+                    f"adjoint mode needs a linear MLP rule (taylor); {the_rule.name!r} is not "
+                    "linear. Use mode='forward' or rule='taylor'."
+                )
+            if cache is not None:
+                raise DePassInputError(
+                    "adjoint mode runs its own linearised forward pass and takes no cache; "
+                    "use mode='forward' to reuse a cache"
+                )
+            return self._attribute_adjoint(prepared, targets, source, the_rule)
+        if chosen != "forward":
+            raise DePassInputError(f"mode must be 'auto', 'forward' or 'adjoint', not {mode!r}")
+        return self._attribute_forward(prepared, targets, source, the_rule, cache)
+
+    def _validate_read_hooks(self, targets: Sequence[Target]) -> None:
+        for t in targets:
+            hook = t.read_hook(self.adapter)
+            if hook != FINAL and hook not in self.model.hook_dict:
+                raise DePassInputError(f"{t!r} reads hook {hook!r}, which this model does not have")
+
+    def _attribute_forward(self, prepared: Prepared, targets: list[Target], source: Source,
+                           rule: MLPRule, cache: ActivationCache | None) -> Attribution:
+        frozen, user_cache = self._frozen(prepared, cache, source.needed_hooks(self.adapter))
+        sctx = SourceContext(self.adapter, frozen.cache, prepared.tokens, prepared.str_tokens)
+        tctx = TargetContext(self.adapter, prepared.tokens, prepared.attention_mask)
+        decompositions = source.decompositions(sctx)
+        read_hooks = {t.read_hook(self.adapter) for t in targets} - {FINAL}
+        per_start, labels, starts = [], [], []
+        for decomposition in _progress(decompositions, self.progress, "DePass forward"):
+            ctx = self._context(prepared, frozen, user_cache, rule, decomposition.n_components)
+            cache_dict, hooks, _ = self.engine.get_caching_hooks(lambda n: n in read_hooks)
+            with torch.no_grad(), self.engine.hooks(fwd_hooks=hooks):
+                final = self.engine(decomposition, ctx)
+            cache_dict[FINAL] = final
+            scores = []
+            for t in targets:
+                hook = t.read_hook(self.adapter)
+                if hook not in cache_dict:
+                    raise DePassInputError(
+                        f"{t!r} reads {hook!r}, which comes before the source's start point "
+                        f"{decomposition.hook!r}"
+                    )
+                scores.append(read_target(cache_dict[hook], t, tctx))
+            starts.append(slice(len(labels), len(labels) + decomposition.n_components))
+            labels += decomposition.labels
+            per_start.append(torch.cat(scores, dim=1))
+        scores = torch.cat(per_start, dim=-1)
+        values = scores[..., starts[0]].sum(-1)
+        return Attribution(scores, labels, _target_names(targets, tctx), values, "forward",
+                           rule.name, starts)
+
+    def _attribute_adjoint(self, prepared: Prepared, targets: list[Target], source: Source,
+                           rule: TaylorRule) -> Attribution:
+        adapter = self.adapter
+        grad_hooks = source.gradient_hooks(adapter)
+        store = set(source.needed_hooks(adapter)) | set(grad_hooks)
+        store |= {t.read_hook(adapter) for t in targets}
+        if any(h == "hook_embed" for h in source.start_hooks(adapter)):
+            store |= {"hook_embed"}
+        passed = linearised_forward(adapter, prepared.tokens, prepared.attention_mask, rule, store)
+        sctx = SourceContext(adapter, passed.activations, prepared.tokens, prepared.str_tokens)
+        tctx = TargetContext(adapter, prepared.tokens, prepared.attention_mask)
+        labels, starts = _labels_of(source, sctx)
+        jobs = [(t, k) for t in targets for k in range(t.size(adapter))]
+        all_scores, all_values = [], []
+        functionals = {id(t): t.functional(tctx) for t in targets}
+        for i, (t, k) in enumerate(_progress(jobs, self.progress and len(jobs) > 8, "DePass adjoint")):
+            weights, constants = functionals[id(t)]
+            state = passed.live[t.read_hook(adapter)]
+            value = target_scalar(state, weights[:, k].to(state.dtype), constants[:, k].to(state.dtype))
+            grads = passed.gradients(value.sum(), grad_hooks, retain_graph=i < len(jobs) - 1)
+            parts = source.scores(sctx, grads)
+            value = value.detach()
+            fixed = []
+            for part in parts:  # the bias gets what the constants contribute: value - rest
+                part = part.clone()
+                part[:, -1] = value - part[:, :-1].sum(-1)
+                fixed.append(part)
+            all_scores.append(torch.cat(fixed, dim=-1))
+            all_values.append(value)
+        scores = torch.stack(all_scores, dim=1)
+        return Attribution(scores, labels, _target_names(targets, tctx), torch.stack(all_values, 1),
+                           "adjoint", rule.name, starts)
+
+
+def _labels_of(source: Source, sctx: SourceContext) -> tuple[list[ComponentLabel], list[slice]]:
+    """Component labels without materialising components (cheap sources) or from them."""
+    labels: list[ComponentLabel] = []
+    starts = []
+    if isinstance(source, Tokens):
+        n_pos = sctx.tokens.shape[1]
+        groups = [source.labels(sctx, n_pos)]
+    else:
+        groups = [_decomposition_labels(source, sctx, i) for i in range(len(source.start_hooks(sctx.adapter)))]
+    for group in groups:
+        starts.append(slice(len(labels), len(labels) + len(group)))
+        labels += group
+    return labels, starts
+
+
+def _decomposition_labels(source: Source, sctx: SourceContext, index: int) -> list[ComponentLabel]:
+    from depass_lens.sources import Heads, Neurons  # noqa: PLC0415
+
+    layer_sources = (Heads, Neurons)
+    if isinstance(source, layer_sources):
+        layer = int(source.start_hooks(sctx.adapter)[index].split(".")[1])
+        if isinstance(source, Heads):
+            items = [ComponentLabel("head", layer, h) for h in source._heads(sctx.adapter)]
+        else:
+            items = [ComponentLabel("neuron", layer, n) for n in source._neurons(sctx.adapter)]
+        return items + [ComponentLabel("rest", layer), ComponentLabel("bias")]
+    return source.decompositions(sctx)[index].labels
+
+
+def _target_names(targets: Sequence[Target], ctx: TargetContext) -> list[str]:
+    return [name for t in targets for name in t.names(ctx)]
+
+
+def _names_filter(names_filter: Any) -> Callable[[str], bool]:
+    if names_filter is None:
+        return lambda name: name.endswith(DEFAULT_CACHED)
+    if isinstance(names_filter, str):
+        return lambda name: name == names_filter
+    if callable(names_filter):
+        return names_filter
+    wanted = set(names_filter)
+    return lambda name: name in wanted
+
+
+def _progress(items: Sequence, enabled: bool, desc: str):
+    if not enabled or len(items) <= 1:
+        return items
+    return tqdm(items, desc=desc, leave=False, mininterval=2.0)
+
+
+def _free_memory(device: torch.device) -> int:
+    """Free bytes on the device (GPU: CUDA's count; CPU: MemAvailable)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 4 * 1024**3
+
+
+def _validate_tokens(tokens: Tensor, adapter: ModelAdapter) -> Int[Tensor, "batch pos"]:
+    if not isinstance(tokens, Tensor):
+        raise DePassInputError(f"tokens must be a tensor, got {type(tokens).__name__}")
+    if tokens.dtype.is_floating_point or tokens.dtype == torch.bool or tokens.is_complex():
+        raise DePassInputError(f"tokens must be integer ids, got dtype {tokens.dtype}")
+    if tokens.ndim == 1:
+        tokens = tokens.unsqueeze(0)
+    if tokens.ndim != 2:
+        raise DePassInputError(f"tokens must have shape [batch, pos] or [pos], got {tuple(tokens.shape)}")
+    if tokens.shape[1] == 0 or tokens.shape[0] == 0:
+        raise DePassInputError("tokens are empty")
+    vocab = adapter.cfg.d_vocab
+    bad = (tokens < 0) | (tokens >= vocab)
+    if bad.any():
+        raise DePassInputError(
+            f"token id {int(tokens[bad][0])} is outside the vocabulary (0..{vocab - 1})"
+        )
+    if tokens.shape[1] > adapter.cfg.n_ctx:
+        raise DePassInputError(
+            f"{tokens.shape[1]} tokens exceed the model's context of {adapter.cfg.n_ctx}; "
+            "nothing is truncated silently"
+        )
+    return tokens.to(adapter.device)
+
+
+def _reject_unknown(model: HookedTransformer, tokens: Tensor, text: Any) -> None:
+    """Word-level tokenizers map unknown words to ``<unk>``: refuse rather than explain noise."""
+    tok = model.tokenizer
+    unk = getattr(tok, "unk_token_id", None)
+    if unk is None or unk == getattr(tok, "pad_token_id", None):
+        return
+    if (tokens == unk).any():
+        raise DePassInputError(
+            f"the input contains words the tokenizer does not know (mapped to {tok.unk_token!r}): "
+            f"{text!r}"
+        )
+

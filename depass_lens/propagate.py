@@ -1,0 +1,348 @@
+"""Forward mode: push a decomposition through the rest of the model with everything nonlinear frozen.
+
+:class:`DecomposedTransformer` mirrors the module tree of a ``HookedTransformer`` (``blocks.L.attn``,
+``blocks.L.mlp``, ``ln_final``, ...), so its hook points carry TransformerLens's own names. Each
+activation has an extra ``comp`` axis after ``batch``. ``run_with_hooks`` and ``run_with_cache``
+work on it as on the model: caching the decomposed stream, or zeroing one component mid-pass,
+uses the hook machinery users already know.
+
+The engine knows nothing of tokens or heads: sources only choose the starting decomposition.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import einops
+import torch
+from jaxtyping import Float
+from torch import Tensor, nn
+from transformer_lens.hook_points import HookedRootModule, HookPoint
+
+from depass_lens.adapter import ModelAdapter, NormWeights
+from depass_lens.decomposition import Decomposition
+from depass_lens.errors import DePassInputError
+from depass_lens.frozen import FrozenActivations
+from depass_lens.rules import MLPRule, NeuronValues
+
+Stream = Float[Tensor, "batch comp pos d_model"]
+Checker = Callable[[str, Tensor], None]
+
+
+@dataclass
+class PropagationContext:
+    """Everything one decomposed run needs besides the starting decomposition."""
+
+    adapter: ModelAdapter
+    frozen: FrozenActivations
+    rule: MLPRule
+    chunk_size: int | None = None
+    checker: Checker | None = None
+
+
+def chunk_slices(n_comp: int, chunk_size: int | None) -> list[tuple[int, int]]:
+    """``(offset, length)`` pairs covering ``range(n_comp)`` in chunks of ``chunk_size``."""
+    size = n_comp if not chunk_size or chunk_size >= n_comp else chunk_size
+    return [(start, min(size, n_comp - start)) for start in range(0, n_comp, size)]
+
+
+def bias_indicator(offset: int, length: int, n_comp: int, like: Tensor) -> Tensor:
+    """``[1, length, 1, 1]`` with a one at the global bias index (the last component), if inside."""
+    index = torch.arange(offset, offset + length, device=like.device)
+    return (index == n_comp - 1).to(like.dtype).view(1, -1, 1, 1)
+
+
+def frozen_norm_linear(
+    x: Float[Tensor, "batch comp pos d"], norm: NormWeights, scale: Float[Tensor, "batch pos 1"]
+) -> Float[Tensor, "batch comp pos d"]:
+    """The linear part of a norm with frozen scale: centre (LayerNorm only), divide by the scale."""
+    if norm.centres:
+        x = x - x.mean(dim=-1, keepdim=True)
+    return x / scale.unsqueeze(1).to(x.dtype)
+
+
+def _any_hooks(*points: HookPoint) -> bool:
+    return any(p.has_hooks() for p in points)
+
+
+class DecomposedNorm(nn.Module):
+    """A norm with its scale frozen: centre (LN only), divide by the real scale, weight, bias."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hook_normalized = HookPoint()  # [batch, comp, pos, d]
+
+    def forward(
+        self,
+        x: Stream,
+        norm: NormWeights | None,
+        ctx: PropagationContext,
+        is_bias: Tensor | None = None,
+    ) -> Stream:
+        """``is_bias`` marks the bias component inside a chunk (default: the last component)."""
+        if norm is None or norm.kind == "none":
+            return x
+        scale = ctx.frozen.scale(norm.scale_hook)
+        assert scale is not None
+        x = self.hook_normalized(frozen_norm_linear(x, norm, scale))
+        if norm.w is not None:
+            x = x * norm.w
+        if norm.b is not None:
+            if is_bias is None:
+                is_bias = bias_indicator(0, x.shape[1], x.shape[1], x)
+            x = x + is_bias * norm.b
+        return x
+
+
+class DecomposedAttention(nn.Module):
+    """Attention with the real pattern: each component's values are mixed, then projected by W_O."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hook_v = HookPoint()  # [batch, comp, pos, head, d_head]
+        self.hook_z = HookPoint()  # [batch, comp, pos, head, d_head]
+        self.hook_result = HookPoint()  # [batch, comp, pos, head, d_model]
+
+    def forward(self, x: Stream, layer: int, ctx: PropagationContext) -> Stream:
+        weights = ctx.adapter.attention(layer)
+        pattern = ctx.frozen.pattern(layer).to(x.dtype)
+        n_comp = x.shape[1]
+        hooked = _any_hooks(self.hook_v, self.hook_z, self.hook_result)
+        outputs = []
+        for offset, length in chunk_slices(n_comp, None if hooked else ctx.chunk_size):
+            part = x[:, offset : offset + length]
+            is_bias = bias_indicator(offset, length, n_comp, part).unsqueeze(-1)
+            v = einops.einsum(
+                part, weights.W_V, "batch comp pos d_model, head d_model d_head -> batch comp pos "
+                "head d_head"
+            )
+            v = v + is_bias * weights.b_V
+            if weights.kv_repeat > 1:
+                v = torch.repeat_interleave(v, weights.kv_repeat, dim=3)
+            v = self.hook_v(v)
+            z = self.hook_z(
+                einops.einsum(
+                    pattern,
+                    v,
+                    "batch head query key, batch comp key head d_head -> batch comp query head "
+                    "d_head",
+                )
+            )
+            if self.hook_result.has_hooks():
+                result = self.hook_result(
+                    einops.einsum(
+                        z,
+                        weights.W_O,
+                        "batch comp pos head d_head, head d_head d_model -> batch comp pos head "
+                        "d_model",
+                    )
+                )
+                out = result.sum(dim=3)
+            else:
+                out = einops.einsum(
+                    z,
+                    weights.W_O,
+                    "batch comp pos head d_head, head d_head d_model -> batch comp pos d_model",
+                )
+            outputs.append(out + bias_indicator(offset, length, n_comp, out) * weights.b_O)
+        return torch.cat(outputs, dim=1) if len(outputs) > 1 else outputs[0]
+
+
+class DecomposedMLP(nn.Module):
+    """MLP whose neuron values are split among components by the rule, then projected by W_out."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hook_pre = HookPoint()  # [batch, comp, pos, d_mlp] (gate side for gated MLPs)
+        self.hook_pre_linear = HookPoint()  # [batch, comp, pos, d_mlp] (gated MLPs only)
+        self.hook_mid = HookPoint()  # [batch, comp, pos, d_mlp] (SoLU-LN only)
+        self.hook_post = HookPoint()  # [batch, comp, pos, d_mlp]
+        self.ln = DecomposedNorm()
+
+    def neuron_values(self, layer: int, ctx: PropagationContext) -> NeuronValues:
+        mlp = ctx.adapter.mlp(layer)
+        gate = ctx.frozen.mlp(layer, "pre")
+        if mlp.gated:
+            up = ctx.frozen.mlp(layer, "pre_linear")
+            act = mlp.act_fn(gate)
+            return NeuronValues(gate, act, act * up, up, mlp.act_fn)
+        act = ctx.frozen.mlp(layer, "mid" if mlp.inner_norm is not None else "post")
+        return NeuronValues(gate, act, act, None, mlp.act_fn)
+
+    def _shares(
+        self, part: Stream, offset: int, n_comp: int, layer: int, ctx: PropagationContext
+    ) -> tuple[Tensor, Tensor | None]:
+        mlp = ctx.adapter.mlp(layer)
+        if mlp.W_gate is not None:
+            gate = einops.einsum(part, mlp.W_gate, "b c p d, d n -> b c p n")
+            up = einops.einsum(part, mlp.W_in, "b c p d, d n -> b c p n")
+            return self.hook_pre(gate), self.hook_pre_linear(up)
+        pre = einops.einsum(part, mlp.W_in, "b c p d, d n -> b c p n")
+        pre = pre + bias_indicator(offset, part.shape[1], n_comp, pre) * mlp.b_in
+        return self.hook_pre(pre), None
+
+    def forward(self, x: Stream, layer: int, ctx: PropagationContext) -> Stream:
+        mlp = ctx.adapter.mlp(layer)
+        values = self.neuron_values(layer, ctx)
+        n_comp = x.shape[1]
+        hooked = _any_hooks(self.hook_pre, self.hook_pre_linear, self.hook_mid, self.hook_post)
+        slices = chunk_slices(n_comp, None if hooked else ctx.chunk_size)
+        rule = ctx.rule
+        state = None
+        cached: dict[int, tuple[Tensor, Tensor | None]] = {}
+        if not rule.linear:  # first pass: statistics over every component
+            for offset, length in slices:
+                shares = self._shares(x[:, offset : offset + length], offset, n_comp, layer, ctx)
+                if len(slices) == 1:
+                    cached[offset] = shares
+                state = rule.reduce(state, shares[0], offset, n_comp)
+        outputs = []
+        for offset, length in slices:
+            part = x[:, offset : offset + length]
+            gate, up = cached.pop(offset, None) or self._shares(part, offset, n_comp, layer, ctx)
+            post = rule.split(state, gate, up, values, offset, n_comp)
+            is_bias = bias_indicator(offset, length, n_comp, post)
+            if mlp.inner_norm is not None:  # SoLU-LN: split act(pre), then the frozen inner LN
+                post = self.ln(self.hook_mid(post), mlp.inner_norm, ctx, is_bias)
+            if mlp.gated:
+                post = post + is_bias * mlp.b_in
+            post = self.hook_post(post)
+            out = einops.einsum(post, mlp.W_out, "b c p n, n d -> b c p d")
+            outputs.append(out + is_bias * mlp.b_out)
+        return torch.cat(outputs, dim=1) if len(outputs) > 1 else outputs[0]
+
+
+class DecomposedBlock(nn.Module):
+    """One transformer block on decomposed streams, with TransformerLens's block hook points."""
+
+    def __init__(self, adapter: ModelAdapter) -> None:
+        super().__init__()
+        self.hook_resid_pre = HookPoint()
+        self.ln1 = DecomposedNorm()
+        self.ln1_post = DecomposedNorm()
+        self.attn = DecomposedAttention()
+        self.hook_attn_out = HookPoint()
+        if adapter.has_resid_mid:
+            self.hook_resid_mid = HookPoint()
+        if not adapter.attn_only:
+            self.ln2 = DecomposedNorm()
+            self.ln2_post = DecomposedNorm()
+            self.mlp = DecomposedMLP()
+            self.hook_mlp_out = HookPoint()
+        self.hook_resid_post = HookPoint()
+
+    def _attention(self, x: Stream, layer: int, ctx: PropagationContext) -> Stream:
+        norms = ctx.adapter.block_norms(layer)
+        if ctx.adapter.post_norm:  # OLMo 2/3: the norm acts on the attention output
+            out = self.ln1(self.attn(x, layer, ctx), norms["ln1"], ctx)
+        else:
+            out = self.attn(self.ln1(x, norms["ln1"], ctx), layer, ctx)
+        out = self.ln1_post(out, norms["ln1_post"], ctx)
+        return self.hook_attn_out(out)
+
+    def _mlp(self, x: Stream, layer: int, ctx: PropagationContext) -> Stream:
+        norms = ctx.adapter.block_norms(layer)
+        if ctx.adapter.post_norm:
+            out = self.ln2(self.mlp(x, layer, ctx), norms["ln2"], ctx)
+        else:
+            out = self.mlp(self.ln2(x, norms["ln2"], ctx), layer, ctx)
+        out = self.ln2_post(out, norms["ln2_post"], ctx)
+        return self.hook_mlp_out(out)
+
+    def forward(self, x: Stream, layer: int, start: str, ctx: PropagationContext) -> Stream:
+        adapter = ctx.adapter
+        check = ctx.checker or (lambda name, value: None)
+        if start == "pre":
+            x = self.hook_resid_pre(x)
+            check(f"blocks.{layer}.hook_resid_pre", x)
+            if adapter.parallel:
+                mlp_out = self._mlp(x, layer, ctx)
+                x = x + self._attention(x, layer, ctx) + mlp_out
+            else:
+                x = x + self._attention(x, layer, ctx)
+                if adapter.has_resid_mid:
+                    x = self.hook_resid_mid(x)
+                    check(f"blocks.{layer}.hook_resid_mid", x)
+                    start = "mid"
+        elif start == "mid":
+            x = self.hook_resid_mid(x)
+            check(f"blocks.{layer}.hook_resid_mid", x)
+        if start == "mid":
+            x = x + self._mlp(x, layer, ctx)
+        x = self.hook_resid_post(x)
+        check(f"blocks.{layer}.hook_resid_post", x)
+        return x
+
+
+class DecomposedUnembed(nn.Module):
+    """Holds ``unembed.hook_in``: the final-norm output, the stream the unembedding reads."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hook_in = HookPoint()  # [batch, comp, pos, d_model]
+
+
+_START = re.compile(r"^blocks\.(\d+)\.hook_resid_(pre|mid|post)$")
+
+
+def parse_start(hook: str, adapter: ModelAdapter) -> tuple[int, str]:
+    """Map a start hook name to ``(layer, stage)``; ``stage`` is ``embed``, ``pre`` or ``mid``."""
+    if hook == "hook_embed":
+        return 0, "embed"
+    match = _START.match(hook)
+    if match is None:
+        raise DePassInputError(
+            f"a decomposition can start at 'hook_embed' or 'blocks.L.hook_resid_pre/mid/post', not "
+            f"{hook!r}"
+        )
+    layer, stage = int(match.group(1)), match.group(2)
+    if not 0 <= layer < adapter.n_layers:
+        raise DePassInputError(
+            f"layer {layer} is out of range: the model has layers 0..{adapter.n_layers - 1}"
+        )
+    if stage == "mid" and not adapter.has_resid_mid:
+        raise DePassInputError(
+            f"{hook!r} does not exist in this model (parallel attention or attention-only)"
+        )
+    if stage == "post":
+        return layer + 1, "pre"
+    return layer, stage
+
+
+class DecomposedTransformer(HookedRootModule):
+    """The decomposed forward pass, as a hookable module with TransformerLens's hook names.
+
+    It holds no weights (it reads them through the adapter), so it never copies the model. Call it
+    with a :class:`Decomposition` and a :class:`PropagationContext`; it returns the decomposed
+    final-norm output (``unembed.hook_in``), ``batch comp pos d_model``.
+    """
+
+    def __init__(self, adapter: ModelAdapter) -> None:
+        super().__init__()
+        object.__setattr__(self, "adapter", adapter)  # not a submodule: no weight copies
+        self.cfg = adapter.cfg  # lets ActivationCache resolve ("resid_post", -1) style keys
+        self.hook_embed = HookPoint()
+        self.hook_pos_embed = HookPoint()
+        self.blocks = nn.ModuleList(DecomposedBlock(adapter) for _ in range(adapter.n_layers))
+        self.ln_final = DecomposedNorm()
+        self.unembed = DecomposedUnembed()
+        self.setup()
+
+    def forward(self, decomposition: Decomposition, ctx: PropagationContext) -> Stream:
+        adapter = ctx.adapter
+        layer, stage = parse_start(decomposition.hook, adapter)
+        x = decomposition.components
+        if stage == "embed":
+            x = self.hook_embed(x)
+            if decomposition.pos_components is not None:
+                pos = self.hook_pos_embed(decomposition.pos_components)
+                if adapter.positional == "standard":
+                    x = x + pos
+            stage = "pre"
+        for index in range(layer, adapter.n_layers):
+            x = self.blocks[index](x, index, stage, ctx)
+            stage = "pre"
+        x = self.ln_final(x, adapter.final_norm(), ctx)
+        return self.unembed.hook_in(x)
