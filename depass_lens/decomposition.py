@@ -62,7 +62,7 @@ def relative_error(
     components: Float[Tensor, "batch comp pos d"], real: Float[Tensor, "batch pos d"]
 ) -> float:
     """``max|sum(components) - real| / max|real|``: the losslessness measure used everywhere."""
-    total = components.sum(dim=1)
+    total, real = components.detach().sum(dim=1), real.detach()
     denom = real.abs().max().clamp_min(torch.finfo(real.dtype).tiny)
     return float((total.to(real.dtype) - real).abs().max() / denom)
 

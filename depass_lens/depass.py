@@ -327,6 +327,7 @@ class DePass:
             if hook != FINAL and hook not in self.model.hook_dict:
                 raise DePassInputError(f"{t!r} reads hook {hook!r}, which this model does not have")
 
+    @torch.no_grad()
     def _attribute_forward(self, prepared: Prepared, targets: list[Target], source: Source,
                            rule: MLPRule, cache: ActivationCache | None) -> Attribution:
         frozen, user_cache = self._frozen(prepared, cache, source.needed_hooks(self.adapter))
@@ -378,7 +379,8 @@ class DePass:
             state = passed.live[t.read_hook(adapter)]
             value = target_scalar(state, weights[:, k].to(state.dtype), constants[:, k].to(state.dtype))
             grads = passed.gradients(value.sum(), grad_hooks, retain_graph=i < len(jobs) - 1)
-            parts = source.scores(sctx, grads)
+            with torch.no_grad():
+                parts = source.scores(sctx, grads)
             value = value.detach()
             fixed = []
             for part in parts:  # the bias gets what the constants contribute: value - rest

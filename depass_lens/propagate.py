@@ -19,7 +19,8 @@ import einops
 import torch
 from jaxtyping import Float
 from torch import Tensor, nn
-from transformer_lens.hook_points import HookedRootModule, HookPoint
+from transformer_lens import HookedRootModule
+from transformer_lens.hook_points import HookPoint
 
 from depass_lens.adapter import ModelAdapter, NormWeights
 from depass_lens.decomposition import Decomposition

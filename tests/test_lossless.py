@@ -1,0 +1,70 @@
+"""The DePass invariant: propagated components sum to the real activation at every hook point.
+
+Checked for every architecture family, every MLP rule and both float types, at every hook the
+decomposed run shares with the real run (residual stream, attention values/z, MLP pre/post, ...),
+and for the decomposed logits.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import depass_lens as dp
+from depass_lens.decomposition import relative_error
+from tests.conftest import make_model, random_tokens
+
+RULES = ["taylor", "softmax", "max", "relu", "linear"]
+TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-10}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("rule", RULES)
+def test_lossless_at_every_hook(family, rule, dtype):
+    model = make_model(family, dtype)
+    tokens = random_tokens(model)
+    logits, cache = model.run_with_cache(tokens)
+    result = dp.DePass(model).run(tokens, cache=cache, rule=rule, names_filter=lambda n: True)
+
+    errors = result.check_lossless(cache)
+    must_have = {"blocks.0.hook_resid_pre", f"blocks.{model.cfg.n_layers - 1}.hook_resid_post",
+                 "blocks.1.attn.hook_z", "blocks.1.hook_attn_out"}
+    if not model.cfg.attn_only:
+        must_have |= {"blocks.1.mlp.hook_post", "blocks.1.mlp.hook_pre", "blocks.1.hook_mlp_out"}
+    assert must_have <= set(errors), sorted(must_have - set(errors))
+    worst = max(errors, key=errors.get)
+    assert errors[worst] <= TOLERANCE[dtype], (worst, errors[worst])
+
+    # The decomposed logits sum to the model's logits (before any output soft cap).
+    decomposed_logits = result.logits()
+    assert relative_error(decomposed_logits, cache["unembed.hook_out"]) <= TOLERANCE[dtype]
+    if model.cfg.output_logits_soft_cap <= 0:
+        assert relative_error(decomposed_logits, logits) <= TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_chunked_equals_unchunked(rule):
+    model = make_model("llama", torch.float64)
+    tokens = random_tokens(model, n_pos=11)
+    full = dp.DePass(model, rule=rule).run(tokens)
+    chunked = dp.DePass(model, rule=rule, chunk_size=3).run(tokens)
+    for name in ("blocks.2.hook_resid_post", "unembed.hook_in"):
+        torch.testing.assert_close(chunked[name], full[name], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("side", ["gate", "up", "symmetric"])
+def test_gated_taylor_sides_lossless(side):
+    model = make_model("llama", torch.float64)
+    tokens = random_tokens(model)
+    _, cache = model.run_with_cache(tokens)
+    result = dp.DePass(model, rule=dp.TaylorRule(side=side)).run(tokens, cache=cache)
+    assert max(result.check_lossless(cache).values()) <= 1e-10
+
+
+def test_components_are_not_trivially_split():
+    """Guard against a 'lossless' engine that puts everything in one component."""
+    model = make_model("gpt2", torch.float64)
+    tokens = random_tokens(model, batch=1)
+    final = dp.DePass(model).run(tokens)["unembed.hook_in"][0, :, -1]  # comp d_model
+    norms = final.norm(dim=-1)
+    assert (norms[:-1] > 1e-3 * norms.max()).sum() >= tokens.shape[1] // 2
