@@ -251,9 +251,11 @@ class DePass:
         sctx = SourceContext(self.adapter, frozen.cache, prepared.tokens, prepared.str_tokens)
         (decomposition,) = source.decompositions(sctx)
         ctx = self._context(prepared, frozen, user_cache, rule, decomposition.n_components)
+        if fwd_hooks or any(hp.has_hooks() for hp in self.engine.hook_points()):
+            ctx.checker = None  # an intervention changes the sums on purpose
         names_filter = _names_filter(names_filter)
         cache_dict, caching_hooks, _ = self.engine.get_caching_hooks(names_filter)
-        with torch.no_grad(), self.engine.hooks(fwd_hooks=list(caching_hooks) + list(fwd_hooks)):
+        with torch.no_grad(), self.engine.hooks(fwd_hooks=list(fwd_hooks) + list(caching_hooks)):
             self.engine(decomposition, ctx)
         return DecomposedCache(cache_dict, self.engine, decomposition.labels, Readout(self.adapter, prepared))
 

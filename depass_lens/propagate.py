@@ -289,7 +289,7 @@ _START = re.compile(r"^blocks\.(\d+)\.hook_resid_(pre|mid|post)$")
 
 
 def parse_start(hook: str, adapter: ModelAdapter) -> tuple[int, str]:
-    """Map a start hook name to ``(layer, stage)``; ``stage`` is ``embed``, ``pre`` or ``mid``."""
+    """Map a start hook name to ``(layer, stage)``; ``stage`` is embed, pre, mid or post."""
     if hook == "hook_embed":
         return 0, "embed"
     match = _START.match(hook)
@@ -307,8 +307,6 @@ def parse_start(hook: str, adapter: ModelAdapter) -> tuple[int, str]:
         raise DePassInputError(
             f"{hook!r} does not exist in this model (parallel attention or attention-only)"
         )
-    if stage == "post":
-        return layer + 1, "pre"
     return layer, stage
 
 
@@ -342,6 +340,9 @@ class DecomposedTransformer(HookedRootModule):
                 if adapter.positional == "standard":
                     x = x + pos
             stage = "pre"
+        elif stage == "post":  # the start hook itself fires, then the next block
+            x = self.blocks[layer].hook_resid_post(x)
+            layer, stage = layer + 1, "pre"
         for index in range(layer, adapter.n_layers):
             x = self.blocks[index](x, index, stage, ctx)
             stage = "pre"

@@ -119,3 +119,32 @@ def random_tokens(model: HookedTransformer, batch: int = 2, n_pos: int = 9, seed
 @pytest.fixture(params=sorted(FAMILIES))
 def family(request) -> str:
     return request.param
+
+
+WORDS = ["When", "Mary", "and", "John", "went", "to", "the", "store", ",", "gave", "a", "drink",
+         "bag", "Alice", "Bob", "shop", "park", "book"]
+
+
+def word_tokenizer():
+    """A word-level Hugging Face tokenizer built offline (special tokens + ``WORDS``)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<bos>", "<unk>"]
+    vocab = {w: i for i, w in enumerate(specials + WORDS)}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core, bos_token="<bos>", eos_token="<bos>", pad_token="<pad>",
+        unk_token="<unk>", name_or_path="word-level-test", add_bos_token=True,
+    )
+
+
+def make_text_model(family: str = "gpt2", dtype: torch.dtype = torch.float64) -> HookedTransformer:
+    """A random model with the word-level tokenizer attached (for string inputs and targets)."""
+    tokenizer = word_tokenizer()
+    config, _ = FAMILIES[family]
+    cfg = HookedTransformerConfig(**{**BASE, **config, "d_vocab": len(tokenizer), "dtype": dtype})
+    model = randomise(HookedTransformer(cfg, tokenizer=tokenizer))
+    model.eval()
+    return model

@@ -1,0 +1,160 @@
+"""Bad input gets a clear error naming the problem, and leaves no hooks behind."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+import depass_lens as dp
+from tests.conftest import BASE, make_model, make_text_model, random_tokens
+
+
+def _no_hooks(*modules) -> bool:
+    return not any(hp.has_hooks() for m in modules for hp in m.hook_dict.values())
+
+
+@pytest.fixture
+def setup():
+    model = make_model("gpt2", torch.float64)
+    return model, dp.DePass(model), random_tokens(model, batch=1)
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (torch.zeros(1, 2, 3, dtype=torch.long), "shape"),
+        (torch.zeros(1, 4), "integer"),
+        (torch.tensor([[1, 2, 999]]), "outside the vocabulary"),
+        (torch.tensor([[1, -1]]), "outside the vocabulary"),
+        (torch.zeros(1, 0, dtype=torch.long), "empty"),
+        (torch.zeros(1, 100, dtype=torch.long), "context"),
+    ],
+)
+def test_bad_tokens(setup, bad, message):
+    model, depass, _ = setup
+    with pytest.raises(dp.DePassInputError, match=message):
+        depass.attribute(bad, dp.Logit(1))
+    assert _no_hooks(model, depass.engine)
+
+
+@pytest.mark.parametrize(
+    "source", [dp.Tokens(layer=7), dp.Heads(layers=[3]), dp.Neurons(layer=-9), dp.Modules(5)]
+)
+def test_layer_out_of_range(setup, source):
+    model, depass, tokens = setup
+    with pytest.raises(dp.DePassInputError, match="out of range"):
+        depass.attribute(tokens, dp.Logit(1), source)
+    assert _no_hooks(model, depass.engine)
+
+
+def test_bad_positions_and_heads(setup):
+    _, depass, tokens = setup
+    with pytest.raises(dp.DePassInputError, match="out of range"):
+        depass.attribute(tokens, dp.Logit(1, pos=40))
+    with pytest.raises(dp.DePassInputError, match="head 9"):
+        depass.attribute(tokens, dp.Logit(1), dp.Heads(0, heads=[9]))
+    with pytest.raises(dp.DePassInputError, match="neuron"):
+        depass.attribute(tokens, dp.Logit(1), dp.Neurons(0, neurons=[1000]))
+
+
+def test_unknown_and_multi_token_targets():
+    model = make_text_model()
+    depass = dp.DePass(model)
+    prompt = "When Mary and John went to the store"
+    with pytest.raises(dp.DePassInputError, match="2 tokens"):
+        depass.attribute(prompt, dp.Logit("Mary John"))
+    with pytest.raises(dp.DePassInputError, match="not in the vocabulary"):
+        depass.attribute(prompt, dp.Logit("Zebra"))
+    with pytest.raises(dp.DePassInputError, match="outside the vocabulary"):
+        depass.attribute(prompt, dp.Logit(10_000))
+    with pytest.raises(dp.DePassInputError, match="does not know"):
+        depass.attribute("When Zebra went", dp.Logit("Mary"))
+    assert _no_hooks(model, depass.engine)
+    # and the good path works with string targets
+    ok = depass.attribute(prompt, dp.LogitDiff("Mary", "John"))
+    assert ok.scores.shape == (1, 1, 10)
+
+
+def test_components_that_do_not_sum(setup):
+    model, depass, tokens = setup
+    _, cache = model.run_with_cache(tokens)
+    state = cache["blocks.1.hook_resid_pre"]
+    wrong = torch.stack([state, state], dim=1)  # sums to 2x the state
+    with pytest.raises(dp.DePassInputError, match="do not sum"):
+        depass.run(tokens, dp.Custom("blocks.1.hook_resid_pre", wrong))
+    with pytest.raises(dp.DePassInputError, match="shape"):
+        depass.run(tokens, dp.Custom("blocks.1.hook_resid_pre", wrong[:, :, :3]))
+
+
+def test_nan_and_inf_inputs(setup):
+    model, depass, tokens = setup
+    _, cache = model.run_with_cache(tokens)
+    state = cache["blocks.1.hook_resid_pre"].unsqueeze(1).clone()
+    state[0, 0, 0, 0] = torch.nan
+    with pytest.raises(dp.DePassInputError, match="NaN"):
+        depass.run(tokens, dp.Custom("blocks.1.hook_resid_pre", state))
+    with pytest.raises(dp.DePassInputError, match="NaN"):
+        depass.attribute(tokens, dp.Direction(torch.full((32,), torch.inf)))
+    with pytest.raises(dp.DePassInputError, match="NaN"):
+        depass.attribute(tokens, dp.Logit(1), dp.Subspace(1, torch.full((2, 32), torch.nan)))
+    cache.cache_dict["blocks.1.attn.hook_pattern"] = cache["blocks.1.attn.hook_pattern"] * torch.nan
+    with pytest.raises(dp.CacheMismatchError, match="NaN"):
+        depass.run(tokens, cache=cache)
+    assert _no_hooks(model, depass.engine)
+
+
+def test_cache_from_another_prompt_or_model(setup):
+    model, depass, tokens = setup
+    _, cache = model.run_with_cache(tokens)
+    other_tokens = (tokens + 1) % model.cfg.d_vocab
+    with pytest.raises(dp.CacheMismatchError, match="another prompt"):
+        depass.run(other_tokens, cache=cache)
+    with pytest.raises(dp.CacheMismatchError, match="another prompt"):
+        depass.run(tokens[:, :-1], cache=cache)
+    other = make_model("gpt2", torch.float64)
+    _, other_cache = other.run_with_cache(tokens)
+    with pytest.raises(dp.CacheMismatchError, match="different model"):
+        depass.run(tokens, cache=other_cache)
+    _, partial = model.run_with_cache(tokens, names_filter=lambda n: "resid" in n)
+    with pytest.raises(dp.CacheMismatchError, match="lacks"):
+        depass.run(tokens, cache=partial)
+
+
+def test_model_mutated_after_caching(setup):
+    model, depass, tokens = setup
+    _, cache = model.run_with_cache(tokens)
+    with torch.no_grad():
+        model.blocks[0].attn.W_V.mul_(1.5)
+    with pytest.raises(dp.CacheMismatchError, match="changed after the cache"):
+        depass.run(tokens, cache=cache)
+    assert _no_hooks(model, depass.engine)
+
+
+def test_unsupported_configs_are_named():
+    cfg = HookedTransformerConfig(**{**BASE, "act_fn": "gelu", "attention_dir": "bidirectional"})
+    with pytest.raises(dp.UnsupportedModelError, match="attention_dir"):
+        dp.DePass(HookedTransformer(cfg))
+    moe = HookedTransformerConfig(**{**BASE, "act_fn": "silu", "num_experts": 4,
+                                      "experts_per_token": 2, "gated_mlp": True})
+    with pytest.raises(dp.UnsupportedModelError, match="num_experts"):
+        dp.DePass(HookedTransformer(moe))
+    with pytest.raises(TypeError, match="HookedTransformer"):
+        dp.DePass(torch.nn.Linear(2, 2))
+
+
+def test_adjoint_with_nonlinear_rule_is_refused(setup):
+    _, depass, tokens = setup
+    with pytest.raises(dp.DePassInputError, match="linear"):
+        depass.attribute(tokens, dp.Logit(1), rule="softmax", mode="adjoint")
+    with pytest.raises(dp.DePassInputError, match="unknown MLP rule"):
+        depass.attribute(tokens, dp.Logit(1), rule="sigmoid")
+
+
+def test_target_before_start_point(setup):
+    _, depass, tokens = setup
+    with pytest.raises(dp.DePassInputError, match="before the source"):
+        depass.attribute(tokens, dp.HiddenState("blocks.0.hook_resid_post"), dp.Heads(2),
+                         mode="forward")
+    with pytest.raises(dp.DePassInputError, match="does not have"):
+        depass.attribute(tokens, dp.HiddenState("blocks.9.hook_resid_post"))
