@@ -27,7 +27,7 @@ POST_NORM_ARCHITECTURES = frozenset({"Olmo2ForCausalLM", "Olmo3ForCausalLM"})
 
 @dataclass(frozen=True)
 class NormWeights:
-    """A normalisation layer as DePass sees it: its kind, optional affine weights, its scale hook."""
+    """A normalisation layer as DePass sees it: kind, optional affine weights, scale hook."""
 
     kind: NormKind
     scale_hook: str | None
@@ -65,6 +65,13 @@ class MLPWeights:
     @property
     def gated(self) -> bool:
         return self.W_gate is not None
+
+
+def _tensor(value: object, name: str) -> Tensor:
+    """A weight as a tensor; anything else (e.g. a quantised module) is unsupported."""
+    if not isinstance(value, Tensor):
+        raise UnsupportedModelError(f"weight {name} is a {type(value).__name__}, not a tensor")
+    return value
 
 
 def _norm_kind(module: torch.nn.Module) -> NormKind:
@@ -202,12 +209,13 @@ class ModelAdapter:
         grouped = hasattr(attn, "_W_V") and not self.cfg.ungroup_grouped_query_attention
         W_V = attn._W_V if grouped else attn.W_V
         b_V = attn._b_V if grouped else attn.b_V
+        W_V, b_V = _tensor(W_V, "W_V"), _tensor(b_V, "b_V")
         return AttentionWeights(
             W_V=W_V,
             b_V=b_V,
-            W_O=attn.W_O,
-            b_O=attn.b_O,
-            kv_repeat=self.n_heads // W_V.shape[0],
+            W_O=_tensor(attn.W_O, "W_O"),
+            b_O=_tensor(attn.b_O, "b_O"),
+            kv_repeat=self.n_heads // int(W_V.shape[0]),
         )
 
     def mlp(self, layer: int) -> MLPWeights:
@@ -217,11 +225,11 @@ class ModelAdapter:
         if getattr(mlp, "ln", None) is not None:
             inner = self._norm(mlp.ln, f"blocks.{layer}.mlp.ln")
         return MLPWeights(
-            W_in=mlp.W_in,
-            b_in=mlp.b_in,
-            W_out=mlp.W_out,
-            b_out=mlp.b_out,
-            W_gate=mlp.W_gate if gated else None,
+            W_in=_tensor(mlp.W_in, "W_in"),
+            b_in=_tensor(mlp.b_in, "b_in"),
+            W_out=_tensor(mlp.W_out, "W_out"),
+            b_out=_tensor(mlp.b_out, "b_out"),
+            W_gate=_tensor(mlp.W_gate, "W_gate") if gated else None,
             act_fn=mlp.act_fn,
             inner_norm=inner,
         )

@@ -2,12 +2,12 @@
 
 With a linear MLP rule (``taylor``) the decomposed pass is a fixed linear map of the initial
 components plus a constant. So a component's share of a scalar target equals ``<grad, component>``,
-where ``grad`` is the gradient of the target with respect to the start hook on the *frozen-linearised*
-model: norm scales and attention patterns detached, and each MLP activation replaced by its frozen
-ratio ``act(g)/g`` (or the chosen gated side). We get that graph by running the real
-``HookedTransformer`` with TransformerLens hooks that detach exactly those quantities; the values of
-the forward pass are unchanged. This path shares no propagation code with forward mode, which makes
-their agreement (a standing test) an independent check of both.
+where ``grad`` is the gradient of the target with respect to the start hook on the
+*frozen-linearised* model: norm scales and attention patterns detached, and each MLP activation
+replaced by its frozen ratio ``act(g)/g`` (or the chosen gated side). We get that graph by
+running the real ``HookedTransformer`` with TransformerLens hooks that detach exactly those
+quantities; the values of the forward pass are unchanged. This path shares no propagation code
+with forward mode, which makes their agreement (a standing test) an independent check of both.
 """
 
 from __future__ import annotations
@@ -132,7 +132,7 @@ def linearised_forward(
     def keep(value: Tensor, hook) -> None:
         live[hook.name] = value
 
-    fwd_hooks = linearising_hooks(adapter, rule)
+    fwd_hooks: list[tuple[str | Callable, Callable]] = list(linearising_hooks(adapter, rule))
     fwd_hooks.append(("hook_embed", leaf))
     if adapter.positional in ("standard", "shortformer"):
         fwd_hooks.append(("hook_pos_embed", leaf))

@@ -38,8 +38,14 @@ Mode = Literal["auto", "forward", "adjoint"]
 InputLike = str | Sequence[str] | Tensor
 
 #: Hooks a forward-mode run keeps by default: the residual stream and what each sublayer adds.
-DEFAULT_CACHED = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out",
-                  "hook_mlp_out", "unembed.hook_in")
+DEFAULT_CACHED = (
+    "hook_resid_pre",
+    "hook_resid_mid",
+    "hook_resid_post",
+    "hook_attn_out",
+    "hook_mlp_out",
+    "unembed.hook_in",
+)
 
 
 @dataclass
@@ -58,12 +64,16 @@ class Readout:
         self.adapter = adapter
         self.prepared = prepared
 
-    def logits(self, final: Float[Tensor, "batch comp pos d_model"]) -> Float[Tensor, "batch comp pos d_vocab"]:
+    def logits(
+        self, final: Float[Tensor, "batch comp pos d_model"]
+    ) -> Float[Tensor, "batch comp pos d_vocab"]:
         logits = einops.einsum(final, self.adapter.W_U, "b c p d, d v -> b c p v")
         logits[:, -1] += self.adapter.b_U
         return logits
 
-    def logit_attribution(self, final: Tensor, token: Any, pos: int = -1) -> Float[Tensor, "batch comp"]:
+    def logit_attribution(
+        self, final: Tensor, token: Any, pos: int = -1
+    ) -> Float[Tensor, "batch comp"]:
         ctx = TargetContext(self.adapter, self.prepared.tokens, self.prepared.attention_mask)
         return read_target(final, Logit(token, pos), ctx)[:, 0]
 
@@ -128,19 +138,28 @@ class DePass:
         model = self.model
         str_tokens = None
         if isinstance(input, str) or (
-            isinstance(input, Sequence) and not isinstance(input, Tensor) and input
+            isinstance(input, Sequence)
+            and not isinstance(input, Tensor)
+            and input
             and all(isinstance(s, str) for s in input)
         ):
             if model.tokenizer is None:
-                raise DePassInputError("the input is text but the model has no tokenizer; pass token ids")
+                raise DePassInputError(
+                    "the input is text but the model has no tokenizer; pass token ids"
+                )
             kwargs: dict[str, Any] = {}
             if prepend_bos is not None:
                 kwargs["prepend_bos"] = prepend_bos
             if padding_side is not None:
                 kwargs["padding_side"] = padding_side
-            tokens = model.to_tokens(input, **kwargs)
+            text = input if isinstance(input, str) else list(input)
+            tokens = model.to_tokens(text, **kwargs)
             _reject_unknown(model, tokens, input)
-            if attention_mask is None and tokens.shape[0] > 1 and model.tokenizer.pad_token_id is not None:
+            if (
+                attention_mask is None
+                and tokens.shape[0] > 1
+                and model.tokenizer.pad_token_id is not None
+            ):
                 bos = model.cfg.default_prepend_bos if prepend_bos is None else prepend_bos
                 attention_mask = get_attention_mask(model.tokenizer, tokens, bos, padding_side)
                 if bool(attention_mask.all()):
@@ -149,7 +168,8 @@ class DePass:
             tokens = input
         else:
             raise DePassInputError(
-                f"input must be a string, a list of strings or a token tensor, got {type(input).__name__}"
+                "input must be a string, a list of strings or a token tensor, got "
+                f"{type(input).__name__}"
             )
         tokens = _validate_tokens(tokens, self.adapter)
         if attention_mask is not None:
@@ -164,7 +184,7 @@ class DePass:
             if (attention_mask.sum(-1) == 0).any():
                 raise DePassInputError("attention_mask has a prompt with no real tokens")
         if model.tokenizer is not None:
-            str_tokens = [list(model.to_str_tokens(row)) for row in tokens]
+            str_tokens = [[str(t) for t in model.to_str_tokens(row)] for row in tokens]
         return Prepared(tokens, attention_mask, str_tokens)
 
     def _frozen(
@@ -190,7 +210,9 @@ class DePass:
                 names.append(f"blocks.{layer}.hook_resid_mid")
         return names
 
-    def _checker(self, frozen: FrozenActivations, user_cache: bool) -> Callable[[str, Tensor], None] | None:
+    def _checker(
+        self, frozen: FrozenActivations, user_cache: bool
+    ) -> Callable[[str, Tensor], None] | None:
         if not self.check:
             return None
         error = CacheMismatchError if user_cache else LosslessnessError
@@ -257,10 +279,18 @@ class DePass:
         cache_dict, caching_hooks, _ = self.engine.get_caching_hooks(names_filter)
         with torch.no_grad(), self.engine.hooks(fwd_hooks=list(fwd_hooks) + list(caching_hooks)):
             self.engine(decomposition, ctx)
-        return DecomposedCache(cache_dict, self.engine, decomposition.labels, Readout(self.adapter, prepared))
+        return DecomposedCache(
+            cache_dict, self.engine, decomposition.labels, Readout(self.adapter, prepared)
+        )
 
-    def _context(self, prepared: Prepared, frozen: FrozenActivations, user_cache: bool,
-                 rule: str | MLPRule | None, n_comp: int) -> PropagationContext:
+    def _context(
+        self,
+        prepared: Prepared,
+        frozen: FrozenActivations,
+        user_cache: bool,
+        rule: str | MLPRule | None,
+        n_comp: int,
+    ) -> PropagationContext:
         return PropagationContext(
             adapter=self.adapter,
             frozen=frozen,
@@ -306,7 +336,11 @@ class DePass:
         the_rule = get_rule(rule) if rule is not None else self.rule
         prepared = self.prepare(input, attention_mask)
         self._validate_read_hooks(targets)
-        chosen = self.choose_mode(source, targets, the_rule, prepared.tokens.shape[1]) if mode == "auto" else mode
+        chosen = (
+            self.choose_mode(source, targets, the_rule, prepared.tokens.shape[1])
+            if mode == "auto"
+            else mode
+        )
         if chosen == "adjoint":
             if not isinstance(the_rule, TaylorRule):
                 raise DePassInputError(
@@ -330,14 +364,22 @@ class DePass:
                 raise DePassInputError(f"{t!r} reads hook {hook!r}, which this model does not have")
 
     @torch.no_grad()
-    def _attribute_forward(self, prepared: Prepared, targets: list[Target], source: Source,
-                           rule: MLPRule, cache: ActivationCache | None) -> Attribution:
+    def _attribute_forward(
+        self,
+        prepared: Prepared,
+        targets: list[Target],
+        source: Source,
+        rule: MLPRule,
+        cache: ActivationCache | None,
+    ) -> Attribution:
         frozen, user_cache = self._frozen(prepared, cache, source.needed_hooks(self.adapter))
         sctx = SourceContext(self.adapter, frozen.cache, prepared.tokens, prepared.str_tokens)
         tctx = TargetContext(self.adapter, prepared.tokens, prepared.attention_mask)
         decompositions = source.decompositions(sctx)
         read_hooks = {t.read_hook(self.adapter) for t in targets} - {FINAL}
-        per_start, labels, starts = [], [], []
+        per_start: list[Tensor] = []
+        labels: list[ComponentLabel] = []
+        starts: list[slice] = []
         for decomposition in _progress(decompositions, self.progress, "DePass forward"):
             ctx = self._context(prepared, frozen, user_cache, rule, decomposition.n_components)
             cache_dict, hooks, _ = self.engine.get_caching_hooks(lambda n: n in read_hooks)
@@ -356,13 +398,15 @@ class DePass:
             starts.append(slice(len(labels), len(labels) + decomposition.n_components))
             labels += decomposition.labels
             per_start.append(torch.cat(scores, dim=1))
-        scores = torch.cat(per_start, dim=-1)
-        values = scores[..., starts[0]].sum(-1)
-        return Attribution(scores, labels, _target_names(targets, tctx), values, "forward",
-                           rule.name, starts)
+        all_scores = torch.cat(per_start, dim=-1)
+        values = all_scores[..., starts[0]].sum(-1)
+        return Attribution(
+            all_scores, labels, _target_names(targets, tctx), values, "forward", rule.name, starts
+        )
 
-    def _attribute_adjoint(self, prepared: Prepared, targets: list[Target], source: Source,
-                           rule: TaylorRule) -> Attribution:
+    def _attribute_adjoint(
+        self, prepared: Prepared, targets: list[Target], source: Source, rule: TaylorRule
+    ) -> Attribution:
         adapter = self.adapter
         grad_hooks = source.gradient_hooks(adapter)
         store = set(source.needed_hooks(adapter)) | set(grad_hooks)
@@ -376,10 +420,14 @@ class DePass:
         jobs = [(t, k) for t in targets for k in range(t.size(adapter))]
         all_scores, all_values = [], []
         functionals = {id(t): t.functional(tctx) for t in targets}
-        for i, (t, k) in enumerate(_progress(jobs, self.progress and len(jobs) > 8, "DePass adjoint")):
+        for i, (t, k) in enumerate(
+            _progress(jobs, self.progress and len(jobs) > 8, "DePass adjoint")
+        ):
             weights, constants = functionals[id(t)]
             state = passed.live[t.read_hook(adapter)]
-            value = target_scalar(state, weights[:, k].to(state.dtype), constants[:, k].to(state.dtype))
+            value = target_scalar(
+                state, weights[:, k].to(state.dtype), constants[:, k].to(state.dtype)
+            )
             grads = passed.gradients(value.sum(), grad_hooks, retain_graph=i < len(jobs) - 1)
             with torch.no_grad():
                 parts = source.scores(sctx, grads)
@@ -392,8 +440,15 @@ class DePass:
             all_scores.append(torch.cat(fixed, dim=-1))
             all_values.append(value)
         scores = torch.stack(all_scores, dim=1)
-        return Attribution(scores, labels, _target_names(targets, tctx), torch.stack(all_values, 1),
-                           "adjoint", rule.name, starts)
+        return Attribution(
+            scores,
+            labels,
+            _target_names(targets, tctx),
+            torch.stack(all_values, 1),
+            "adjoint",
+            rule.name,
+            starts,
+        )
 
 
 def _labels_of(source: Source, sctx: SourceContext) -> tuple[list[ComponentLabel], list[slice]]:
@@ -404,7 +459,10 @@ def _labels_of(source: Source, sctx: SourceContext) -> tuple[list[ComponentLabel
         n_pos = sctx.tokens.shape[1]
         groups = [source.labels(sctx, n_pos)]
     else:
-        groups = [_decomposition_labels(source, sctx, i) for i in range(len(source.start_hooks(sctx.adapter)))]
+        groups = [
+            _decomposition_labels(source, sctx, i)
+            for i in range(len(source.start_hooks(sctx.adapter)))
+        ]
     for group in groups:
         starts.append(slice(len(labels), len(labels) + len(group)))
         labels += group
@@ -469,7 +527,9 @@ def _validate_tokens(tokens: Tensor, adapter: ModelAdapter) -> Int[Tensor, "batc
     if tokens.ndim == 1:
         tokens = tokens.unsqueeze(0)
     if tokens.ndim != 2:
-        raise DePassInputError(f"tokens must have shape [batch, pos] or [pos], got {tuple(tokens.shape)}")
+        raise DePassInputError(
+            f"tokens must have shape [batch, pos] or [pos], got {tuple(tokens.shape)}"
+        )
     if tokens.shape[1] == 0 or tokens.shape[0] == 0:
         raise DePassInputError("tokens are empty")
     vocab = adapter.cfg.d_vocab
@@ -490,11 +550,10 @@ def _reject_unknown(model: HookedTransformer, tokens: Tensor, text: Any) -> None
     """Word-level tokenizers map unknown words to ``<unk>``: refuse rather than explain noise."""
     tok = model.tokenizer
     unk = getattr(tok, "unk_token_id", None)
-    if unk is None or unk == getattr(tok, "pad_token_id", None):
+    if tok is None or unk is None or unk == getattr(tok, "pad_token_id", None):
         return
     if (tokens == unk).any():
         raise DePassInputError(
             f"the input contains words the tokenizer does not know (mapped to {tok.unk_token!r}): "
             f"{text!r}"
         )
-

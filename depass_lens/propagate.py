@@ -1,10 +1,10 @@
-"""Forward mode: push a decomposition through the rest of the model with everything nonlinear frozen.
+"""Forward mode: push a decomposition through the rest of the model, nonlinearities frozen.
 
-:class:`DecomposedTransformer` mirrors the module tree of a ``HookedTransformer`` (``blocks.L.attn``,
-``blocks.L.mlp``, ``ln_final``, ...), so its hook points carry TransformerLens's own names. Each
-activation has an extra ``comp`` axis after ``batch``. ``run_with_hooks`` and ``run_with_cache``
-work on it as on the model: caching the decomposed stream, or zeroing one component mid-pass,
-uses the hook machinery users already know.
+:class:`DecomposedTransformer` mirrors the module tree of a ``HookedTransformer``
+(``blocks.L.attn``, ``blocks.L.mlp``, ``ln_final``, ...), so its hook points carry
+TransformerLens's own names. Each activation has an extra ``comp`` axis after ``batch``.
+``run_with_hooks`` and ``run_with_cache`` work on it as on the model: caching the decomposed
+stream, or zeroing one component mid-pass, uses the hook machinery users already know.
 
 The engine knows nothing of tokens or heads: sources only choose the starting decomposition.
 """
@@ -116,8 +116,9 @@ class DecomposedAttention(nn.Module):
             part = x[:, offset : offset + length]
             is_bias = bias_indicator(offset, length, n_comp, part).unsqueeze(-1)
             v = einops.einsum(
-                part, weights.W_V, "batch comp pos d_model, head d_model d_head -> batch comp pos "
-                "head d_head"
+                part,
+                weights.W_V,
+                "batch comp pos d_model, head d_model d_head -> batch comp pos head d_head",
             )
             v = v + is_bias * weights.b_V
             if weights.kv_repeat > 1:
@@ -202,7 +203,10 @@ class DecomposedMLP(nn.Module):
         outputs = []
         for offset, length in slices:
             part = x[:, offset : offset + length]
-            gate, up = cached.pop(offset, None) or self._shares(part, offset, n_comp, layer, ctx)
+            if offset in cached:
+                gate, up = cached.pop(offset)
+            else:
+                gate, up = self._shares(part, offset, n_comp, layer, ctx)
             post = rule.split(state, gate, up, values, offset, n_comp)
             is_bias = bias_indicator(offset, length, n_comp, post)
             if mlp.inner_norm is not None:  # SoLU-LN: split act(pre), then the frozen inner LN
@@ -341,7 +345,8 @@ class DecomposedTransformer(HookedRootModule):
                     x = x + pos
             stage = "pre"
         elif stage == "post":  # the start hook itself fires, then the next block
-            x = self.blocks[layer].hook_resid_post(x)
+            first: DecomposedBlock = self.blocks[layer]  # type: ignore[assignment]
+            x = first.hook_resid_post(x)
             layer, stage = layer + 1, "pre"
         for index in range(layer, adapter.n_layers):
             x = self.blocks[index](x, index, stage, ctx)

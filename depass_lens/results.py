@@ -60,7 +60,7 @@ class Attribution:
         """Head scores as a ``layer x head`` grid (missing heads are NaN)."""
         index = self._select("head")
         layers = sorted({self.labels[i].layer for i in index})  # type: ignore[type-var]
-        n_heads = max(self.labels[i].index for i in index) + 1  # type: ignore[operator]
+        n_heads = max(int(self.labels[i].index or 0) for i in index) + 1
         grid = self.scores.new_full((*self.scores.shape[:2], len(layers), n_heads), torch.nan)
         for i in index:
             label = self.labels[i]
@@ -90,7 +90,9 @@ class Attribution:
             worst = max(worst, float(gap / scale))
         return worst
 
-    def top(self, k: int = 10, target: int = 0, batch: int = 0, by: str = "abs") -> list[tuple[str, float]]:
+    def top(
+        self, k: int = 10, target: int = 0, batch: int = 0, by: str = "abs"
+    ) -> list[tuple[str, float]]:
         """The ``k`` components with the largest (absolute or signed) score, excluding rest/bias."""
         row = self.scores[batch, target]
         keep = [i for i, lab in enumerate(self.labels) if lab.kind not in ("rest", "bias")]
@@ -133,7 +135,9 @@ class DecomposedCache(ActivationCache):
     ``labels`` names the components; the last one is ``bias``.
     """
 
-    def __init__(self, cache_dict: dict[str, Tensor], model: Any, labels: list[ComponentLabel], readout: Any):
+    def __init__(
+        self, cache_dict: dict[str, Tensor], model: Any, labels: list[ComponentLabel], readout: Any
+    ):
         super().__init__(cache_dict, model, has_batch_dim=True)
         self.labels = labels
         self._readout = readout

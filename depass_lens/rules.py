@@ -245,8 +245,8 @@ class LinearRule(MLPRule):
     """``w_c = (g_c - min g) / sum (g - min g)`` over present components, times ``v``.
 
     The reference fills absent shares with the dtype's minimum *before* subtracting the minimum,
-    which overflows and drops most of the MLP output; this implements the intended formula. Where all
-    present shares are equal, they share ``v`` equally.
+    which overflows and drops most of the MLP output; this implements the intended formula.
+    Where all present shares are equal, they share ``v`` equally.
     """
 
     name = "linear"

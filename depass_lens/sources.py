@@ -138,7 +138,9 @@ class Tokens(Source):
 
     def __init__(self, layer: int = 0, pos_embed: Literal["with_token", "separate"] = "with_token"):
         if pos_embed not in ("with_token", "separate"):
-            raise DePassInputError(f"pos_embed must be 'with_token' or 'separate', not {pos_embed!r}")
+            raise DePassInputError(
+                f"pos_embed must be 'with_token' or 'separate', not {pos_embed!r}"
+            )
         self.layer = layer
         self.pos_embed = pos_embed
 
@@ -155,21 +157,30 @@ class Tokens(Source):
     def needed_hooks(self, adapter):
         layer = self._layer(adapter)
         if layer == 0:
-            return ["hook_embed", "hook_pos_embed"] if adapter.positional in (
-                "standard",
-                "shortformer",
-            ) else ["hook_embed"]
+            return (
+                ["hook_embed", "hook_pos_embed"]
+                if adapter.positional
+                in (
+                    "standard",
+                    "shortformer",
+                )
+                else ["hook_embed"]
+            )
         return [f"blocks.{layer}.hook_resid_pre"]
 
     def _separate(self, adapter: ModelAdapter) -> bool:
-        return self._layer(adapter) == 0 and self.pos_embed == "separate" and (
-            adapter.positional == "standard"
+        return (
+            self._layer(adapter) == 0
+            and self.pos_embed == "separate"
+            and (adapter.positional == "standard")
         )
 
     def labels(self, ctx: SourceContext, n_pos: int) -> list[ComponentLabel]:
         texts = ctx.str_tokens[0] if ctx.str_tokens and len(ctx.str_tokens) == 1 else None
         labels = [
-            ComponentLabel("token", self._layer(ctx.adapter), pos=p, text=texts[p] if texts else None)
+            ComponentLabel(
+                "token", self._layer(ctx.adapter), pos=p, text=texts[p] if texts else None
+            )
             for p in range(n_pos)
         ]
         if self._separate(ctx.adapter):
@@ -185,7 +196,11 @@ class Tokens(Source):
         diag = einops.einsum(eye, state, "comp pos, b pos d -> b comp pos d")
         extra = 1 if self._separate(adapter) else 0
         comps = torch.zeros(
-            batch, n_pos + extra + 1, n_pos, state.shape[-1], dtype=state.dtype,
+            batch,
+            n_pos + extra + 1,
+            n_pos,
+            state.shape[-1],
+            dtype=state.dtype,
             device=state.device,
         )
         comps[:, :n_pos] = diag
@@ -236,7 +251,9 @@ class Heads(Source):
     norms (``ln1_post``, OLMo post-norm) are applied to each head with their frozen scale.
     """
 
-    def __init__(self, layers: int | Sequence[int] | None = None, heads: Sequence[int] | None = None):
+    def __init__(
+        self, layers: int | Sequence[int] | None = None, heads: Sequence[int] | None = None
+    ):
         self.layers = layers
         self.heads = list(heads) if heads is not None else None
 
@@ -269,9 +286,7 @@ class Heads(Source):
         adapter = ctx.adapter
         weights = adapter.attention(layer)
         z = ctx[f"blocks.{layer}.attn.hook_z"][:, :, self._heads(adapter)]
-        per_head = einops.einsum(
-            z, weights.W_O[self._heads(adapter)], "b p h e, h e d -> b h p d"
-        )
+        per_head = einops.einsum(z, weights.W_O[self._heads(adapter)], "b p h e, h e d -> b h p d")
         bias = weights.b_O.expand(z.shape[0], z.shape[1], -1)
         norms = adapter.block_norms(layer)
         for norm in _post_attention_norms(adapter, norms["ln1"], norms["ln1_post"]):
@@ -327,7 +342,9 @@ class Neurons(Source):
     that is a bug we do not reproduce).
     """
 
-    def __init__(self, layer: int | Sequence[int] | None = None, neurons: Sequence[int] | None = None):
+    def __init__(
+        self, layer: int | Sequence[int] | None = None, neurons: Sequence[int] | None = None
+    ):
         self.layer = layer
         self.neurons = list(neurons) if neurons is not None else None
 
@@ -343,7 +360,9 @@ class Neurons(Source):
         neurons = self.neurons if self.neurons is not None else list(range(adapter.d_mlp))
         bad = [n for n in neurons if not 0 <= n < adapter.d_mlp]
         if bad:
-            raise DePassInputError(f"Neurons: neuron(s) {bad[:5]} out of range (d_mlp={adapter.d_mlp})")
+            raise DePassInputError(
+                f"Neurons: neuron(s) {bad[:5]} out of range (d_mlp={adapter.d_mlp})"
+            )
         return neurons
 
     def start_hooks(self, adapter):
@@ -391,13 +410,16 @@ class Neurons(Source):
             pulled = grad
             for norm in reversed(norms):  # transpose of each frozen norm map
                 scale = _scale(ctx, norm)
+                assert scale is not None
                 if norm.w is not None:
                     pulled = pulled * norm.w
                 pulled = frozen_norm_linear(pulled.unsqueeze(1), norm, scale)[:, 0]
             per_pos = einops.einsum(pulled, mlp.W_out[neurons], "b p d, n d -> b p n")
             neuron_scores = (per_pos * post[..., neurons]).sum(1)
             bias = mlp.b_out.expand(post.shape[0], post.shape[1], -1)
-            selected_out = einops.einsum(post[..., neurons], mlp.W_out[neurons], "b p n, n d -> b p d")
+            selected_out = einops.einsum(
+                post[..., neurons], mlp.W_out[neurons], "b p n, n d -> b p d"
+            )
             for norm in norms:
                 scale = _scale(ctx, norm)
                 bias = _norm_map(bias.unsqueeze(1), norm, scale)[:, 0] + _norm_bias(norm, bias)
@@ -406,7 +428,11 @@ class Neurons(Source):
             rest_score = (grad * rest).sum((-1, -2))
             out.append(
                 torch.cat(
-                    [neuron_scores, rest_score.unsqueeze(-1), torch.zeros_like(rest_score)[:, None]],
+                    [
+                        neuron_scores,
+                        rest_score.unsqueeze(-1),
+                        torch.zeros_like(rest_score)[:, None],
+                    ],
                     dim=-1,
                 )
             )
@@ -427,7 +453,9 @@ class Modules(Source):
         return f"Modules(layer={self.layer})"
 
     def start_hooks(self, adapter):
-        return [f"blocks.{layer}.hook_resid_post" for layer in _layers(self.layer, adapter, "Modules")]
+        return [
+            f"blocks.{layer}.hook_resid_post" for layer in _layers(self.layer, adapter, "Modules")
+        ]
 
     def needed_hooks(self, adapter):
         names = []
@@ -498,7 +526,9 @@ class Subspace(Source):
         hook: str | None = None,
     ):
         if basis is None:
-            raise DePassInputError("Subspace needs a basis: a [k, d_model] tensor or a dict of them")
+            raise DePassInputError(
+                "Subspace needs a basis: a [k, d_model] tensor or a dict of them"
+            )
         self.layer = layer
         self.bases = basis if isinstance(basis, dict) else {"subspace": basis}
         self.hook = hook
@@ -535,7 +565,9 @@ class Subspace(Source):
             parts.append(einops.einsum(state, basis, basis, "b p d, k d, k e -> b p e"))
         stacked = torch.stack(parts, dim=1)
         rest = state - stacked.sum(1)
-        labels = [ComponentLabel("subspace", index=i, text=name) for i, name in enumerate(self.bases)]
+        labels = [
+            ComponentLabel("subspace", index=i, text=name) for i, name in enumerate(self.bases)
+        ]
         comps = _with_bias(torch.cat([stacked, rest.unsqueeze(1)], dim=1))
         return [Decomposition(hook, comps, labels + [ComponentLabel("rest"), BIAS])]
 
@@ -572,15 +604,18 @@ class Custom(Source):
         if comps.ndim == 3:
             comps = comps.unsqueeze(0)
         state = ctx[self.hook]
-        if comps.ndim != 4 or comps.shape[0] != state.shape[0] or comps.shape[2:] != state.shape[1:]:
+        if (
+            comps.ndim != 4
+            or comps.shape[0] != state.shape[0]
+            or comps.shape[2:] != state.shape[1:]
+        ):
             raise DePassInputError(
                 f"Custom: components must have shape [batch={state.shape[0]}, comp, "
-                f"pos={state.shape[1]}, d_model={state.shape[2]}], got {tuple(self.components.shape)}"
+                f"pos={state.shape[1]}, d_model={state.shape[2]}], got "
+                f"{tuple(self.components.shape)}"
             )
         comps = comps.to(device=state.device, dtype=state.dtype)
-        check_lossless(
-            comps, state, f"Custom({self.hook!r})", slack=10.0, error=DePassInputError
-        )
+        check_lossless(comps, state, f"Custom({self.hook!r})", slack=10.0, error=DePassInputError)
         names = self.names or [f"custom{i}" for i in range(comps.shape[1])]
         if len(names) != comps.shape[1]:
             raise DePassInputError(f"Custom: {len(names)} labels for {comps.shape[1]} components")

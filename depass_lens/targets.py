@@ -131,7 +131,7 @@ class Target(ABC):
     def functional(
         self, ctx: TargetContext
     ) -> tuple[Float[Tensor, "batch k pos d_model"], Float[Tensor, "batch k"]]:
-        """``(weights, constants)``: scalar ``k`` is ``<weights[:, k], state> + constants[:, k]``."""
+        """``(weights, constants)``: scalar k is ``<weights[:, k], state> + constants[:, k]``."""
 
     @abstractmethod
     def names(self, ctx: TargetContext) -> list[str]:
@@ -187,7 +187,9 @@ class LogitDiff(Target):
 
 def _check_vector(vector: Tensor, d_model: int, what: str) -> Tensor:
     if vector.ndim not in (1, 2) or vector.shape[-1] != d_model:
-        raise DePassInputError(f"{what}: direction must have d_model={d_model} entries, got {tuple(vector.shape)}")
+        raise DePassInputError(
+            f"{what}: direction must have d_model={d_model} entries, got {tuple(vector.shape)}"
+        )
     if not torch.isfinite(vector).all():
         raise DePassInputError(f"{what}: direction contains NaN or inf")
     return vector
@@ -199,7 +201,13 @@ class Direction(Target):
     ``direction`` is ``[d_model]`` (shared) or ``[batch, d_model]`` (one per prompt); e.g. a probe.
     """
 
-    def __init__(self, direction: Tensor, pos: int | Sequence[int] = -1, hook: str = FINAL, name: str = "direction"):
+    def __init__(
+        self,
+        direction: Tensor,
+        pos: int | Sequence[int] = -1,
+        hook: str = FINAL,
+        name: str = "direction",
+    ):
         self.direction = direction
         self.pos = pos
         self.read_at = hook
@@ -211,9 +219,13 @@ class Direction(Target):
     def functional(self, ctx):
         vector = _check_vector(self.direction, ctx.adapter.d_model, "Direction")
         vector = vector.to(device=ctx.adapter.device, dtype=ctx.adapter.dtype)
-        vectors = vector.expand(ctx.batch, -1).unsqueeze(1) if vector.ndim == 1 else vector.unsqueeze(1)
+        vectors = (
+            vector.expand(ctx.batch, -1).unsqueeze(1) if vector.ndim == 1 else vector.unsqueeze(1)
+        )
         if vectors.shape[0] != ctx.batch:
-            raise DePassInputError(f"Direction: {vectors.shape[0]} directions for a batch of {ctx.batch}")
+            raise DePassInputError(
+                f"Direction: {vectors.shape[0]} directions for a batch of {ctx.batch}"
+            )
         positions = resolve_positions(self.pos, ctx)
         return _place(vectors, positions, ctx.tokens.shape[1]), vectors.new_zeros(ctx.batch, 1)
 
@@ -222,7 +234,7 @@ class Direction(Target):
 
 
 class HiddenState(Target):
-    """The hidden state at ``hook``/``pos`` itself: ``d_model`` scalars (or one, with ``direction``).
+    """The hidden state at ``hook``/``pos``: ``d_model`` scalars (or one, with ``direction``).
 
     Explaining every dimension makes many targets and few sources the common case: ``mode="auto"``
     then picks forward mode.

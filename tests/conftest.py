@@ -121,8 +121,26 @@ def family(request) -> str:
     return request.param
 
 
-WORDS = ["When", "Mary", "and", "John", "went", "to", "the", "store", ",", "gave", "a", "drink",
-         "bag", "Alice", "Bob", "shop", "park", "book"]
+WORDS = [
+    "When",
+    "Mary",
+    "and",
+    "John",
+    "went",
+    "to",
+    "the",
+    "store",
+    ",",
+    "gave",
+    "a",
+    "drink",
+    "bag",
+    "Alice",
+    "Bob",
+    "shop",
+    "park",
+    "book",
+]
 
 
 def word_tokenizer():
@@ -135,8 +153,13 @@ def word_tokenizer():
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     return PreTrainedTokenizerFast(
-        tokenizer_object=core, bos_token="<bos>", eos_token="<bos>", pad_token="<pad>",
-        unk_token="<unk>", name_or_path="word-level-test", add_bos_token=True,
+        tokenizer_object=core,
+        bos_token="<bos>",
+        eos_token="<bos>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        name_or_path="word-level-test",
+        add_bos_token=True,
     )
 
 

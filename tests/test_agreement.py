@@ -1,4 +1,4 @@
-"""Independent paths must agree: adjoint vs forward mode, and DePass vs TransformerLens's own DLA."""
+"""Independent paths agree: adjoint vs forward mode, DePass vs TransformerLens's own DLA."""
 
 from __future__ import annotations
 
@@ -17,7 +17,9 @@ def _sources(model):
         "tokens_L1": dp.Tokens(layer=1),
         "heads": dp.Heads(),
         "modules": dp.Modules(),
-        "subspace": dp.Subspace(1, torch.randn(3, model.cfg.d_model, generator=torch.Generator().manual_seed(3))),
+        "subspace": dp.Subspace(
+            1, torch.randn(3, model.cfg.d_model, generator=torch.Generator().manual_seed(3))
+        ),
     }
     if not model.cfg.attn_only:
         sources["neurons"] = dp.Neurons(layer=[0, last])
@@ -82,8 +84,12 @@ def test_last_layer_matches_transformerlens_dla(family):
         direction = direction * ln_weight
     depass = dp.DePass(model)
 
-    modules = depass.attribute(tokens, dp.Logit(token), dp.Modules(last), mode="forward", cache=cache)
-    stack = torch.stack([cache[f"blocks.{last}.hook_attn_out"], cache[f"blocks.{last}.hook_mlp_out"]])
+    modules = depass.attribute(
+        tokens, dp.Logit(token), dp.Modules(last), mode="forward", cache=cache
+    )
+    stack = torch.stack(
+        [cache[f"blocks.{last}.hook_attn_out"], cache[f"blocks.{last}.hook_mlp_out"]]
+    )
     stack = stack[:, :, -1]
     tl = cache.apply_ln_to_stack(stack, layer=None, pos_slice=-1) @ direction  # [2, batch]
     torch.testing.assert_close(modules.scores[:, 0, :2], tl.T, rtol=1e-10, atol=1e-10)
@@ -91,7 +97,7 @@ def test_last_layer_matches_transformerlens_dla(family):
     neurons = depass.attribute(tokens, dp.Logit(token), dp.Neurons(last), mode="adjoint")
     if not model.cfg.use_normalization_before_and_after:
         stack = cache.stack_neuron_results(layer=last + 1, pos_slice=-1, apply_ln=True)
-        tl = stack[-model.cfg.d_mlp:] @ direction  # [d_mlp, batch]
+        tl = stack[-model.cfg.d_mlp :] @ direction  # [d_mlp, batch]
         torch.testing.assert_close(neurons.neurons(last)[:, 0], tl.T, rtol=1e-8, atol=1e-10)
 
 
@@ -102,11 +108,13 @@ def test_heads_at_last_layer_match_stack_head_results(family):
     tokens = random_tokens(model, batch=2)
     _, cache = model.run_with_cache(tokens)
     last = model.cfg.n_layers - 1
-    scores = dp.DePass(model).attribute(tokens, dp.LogitDiff(3, 8), dp.Heads(last), cache=cache,
-                                         mode="forward")
+    scores = dp.DePass(model).attribute(
+        tokens, dp.LogitDiff(3, 8), dp.Heads(last), cache=cache, mode="forward"
+    )
     stack = cache.stack_head_results(layer=last + 1, pos_slice=-1, apply_ln=True)
-    direction = model.tokens_to_residual_directions(torch.tensor(3)) - \
-        model.tokens_to_residual_directions(torch.tensor(8))
+    direction = model.tokens_to_residual_directions(
+        torch.tensor(3)
+    ) - model.tokens_to_residual_directions(torch.tensor(8))
     direction = direction * model.ln_final.w
-    tl = (stack[-model.cfg.n_heads:] @ direction).T  # batch head
+    tl = (stack[-model.cfg.n_heads :] @ direction).T  # batch head
     torch.testing.assert_close(scores.heads()[:, 0, 0], tl, rtol=1e-10, atol=1e-10)

@@ -135,8 +135,9 @@ def test_unsupported_configs_are_named():
     cfg = HookedTransformerConfig(**{**BASE, "act_fn": "gelu", "attention_dir": "bidirectional"})
     with pytest.raises(dp.UnsupportedModelError, match="attention_dir"):
         dp.DePass(HookedTransformer(cfg))
-    moe = HookedTransformerConfig(**{**BASE, "act_fn": "silu", "num_experts": 4,
-                                      "experts_per_token": 2, "gated_mlp": True})
+    moe = HookedTransformerConfig(
+        **{**BASE, "act_fn": "silu", "num_experts": 4, "experts_per_token": 2, "gated_mlp": True}
+    )
     with pytest.raises(dp.UnsupportedModelError, match="num_experts"):
         dp.DePass(HookedTransformer(moe))
     with pytest.raises(TypeError, match="HookedTransformer"):
@@ -154,7 +155,8 @@ def test_adjoint_with_nonlinear_rule_is_refused(setup):
 def test_target_before_start_point(setup):
     _, depass, tokens = setup
     with pytest.raises(dp.DePassInputError, match="before the source"):
-        depass.attribute(tokens, dp.HiddenState("blocks.0.hook_resid_post"), dp.Heads(2),
-                         mode="forward")
+        depass.attribute(
+            tokens, dp.HiddenState("blocks.0.hook_resid_post"), dp.Heads(2), mode="forward"
+        )
     with pytest.raises(dp.DePassInputError, match="does not have"):
         depass.attribute(tokens, dp.HiddenState("blocks.9.hook_resid_post"))

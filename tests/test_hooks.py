@@ -11,10 +11,18 @@ from tests.conftest import make_model, random_tokens
 def test_hook_names_mirror_transformerlens():
     model = make_model("gpt2")
     engine = dp.DePass(model).engine
-    for name in ("hook_embed", "blocks.0.hook_resid_pre", "blocks.1.attn.hook_z",
-                 "blocks.1.hook_attn_out", "blocks.1.hook_resid_mid", "blocks.1.mlp.hook_post",
-                 "blocks.1.hook_mlp_out", "blocks.2.hook_resid_post", "ln_final.hook_normalized",
-                 "unembed.hook_in"):
+    for name in (
+        "hook_embed",
+        "blocks.0.hook_resid_pre",
+        "blocks.1.attn.hook_z",
+        "blocks.1.hook_attn_out",
+        "blocks.1.hook_resid_mid",
+        "blocks.1.mlp.hook_post",
+        "blocks.1.hook_mlp_out",
+        "blocks.2.hook_resid_post",
+        "ln_final.hook_normalized",
+        "unembed.hook_in",
+    ):
         assert name in engine.hook_dict and name in model.hook_dict, name
     assert not list(engine.parameters()), "the decomposed module must not copy weights"
 

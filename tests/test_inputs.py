@@ -43,7 +43,7 @@ def test_string_batch_is_padded_and_positions_are_per_prompt():
     for row, prompt in enumerate(prompts):
         alone = depass.attribute(prompt, dp.LogitDiff("Mary", "John"))
         n = alone.scores.shape[-1] - 1
-        torch.testing.assert_close(batched.tokens()[row, 0, : n], alone.tokens()[0, 0])
+        torch.testing.assert_close(batched.tokens()[row, 0, :n], alone.tokens()[0, 0])
         torch.testing.assert_close(batched.target_values[row], alone.target_values[0])
 
 
@@ -97,9 +97,13 @@ def test_auto_mode_rule():
     assert depass.attribute(tokens, dp.Logit(1), dp.Heads()).mode == "adjoint"
     assert depass.attribute(tokens, dp.Logit(1), dp.Heads(), rule="softmax").mode == "forward"
     few = dp.Modules(2)  # 4 components < 32 targets
-    assert depass.attribute(tokens, dp.HiddenState("blocks.2.hook_resid_post"), few).mode == "forward"
+    assert (
+        depass.attribute(tokens, dp.HiddenState("blocks.2.hook_resid_post"), few).mode == "forward"
+    )
     many = dp.Neurons(0)  # 50 components > 32 targets
-    assert depass.attribute(tokens, dp.HiddenState("blocks.2.hook_resid_post"), many).mode == "adjoint"
+    assert (
+        depass.attribute(tokens, dp.HiddenState("blocks.2.hook_resid_post"), many).mode == "adjoint"
+    )
 
 
 def test_subspace_source_splits_by_projection():

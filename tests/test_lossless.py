@@ -27,8 +27,12 @@ def test_lossless_at_every_hook(family, rule, dtype):
     result = dp.DePass(model).run(tokens, cache=cache, rule=rule, names_filter=lambda n: True)
 
     errors = result.check_lossless(cache)
-    must_have = {"blocks.0.hook_resid_pre", f"blocks.{model.cfg.n_layers - 1}.hook_resid_post",
-                 "blocks.1.attn.hook_z", "blocks.1.hook_attn_out"}
+    must_have = {
+        "blocks.0.hook_resid_pre",
+        f"blocks.{model.cfg.n_layers - 1}.hook_resid_post",
+        "blocks.1.attn.hook_z",
+        "blocks.1.hook_attn_out",
+    }
     if not model.cfg.attn_only:
         must_have |= {"blocks.1.mlp.hook_post", "blocks.1.mlp.hook_pre", "blocks.1.hook_mlp_out"}
     assert must_have <= set(errors), sorted(must_have - set(errors))
