@@ -31,7 +31,7 @@ from depass_lens.frozen import FrozenActivations, run_frozen_cache
 from depass_lens.propagate import DecomposedTransformer, PropagationContext
 from depass_lens.results import Attribution, DecomposedCache
 from depass_lens.rules import MLPRule, TaylorRule, get_rule
-from depass_lens.sources import Source, SourceContext, Tokens
+from depass_lens.sources import Source, SourceContext, Tokens, as_source
 from depass_lens.targets import FINAL, Logit, Target, TargetContext, as_targets
 
 Mode = Literal["auto", "forward", "adjoint"]
@@ -319,7 +319,7 @@ class DePass:
         self,
         input: InputLike,
         target: Target | Sequence[Target],
-        source: Source | None = None,
+        source: Source | Sequence[Source] | None = None,
         *,
         mode: Mode = "auto",
         rule: str | MLPRule | None = None,
@@ -331,7 +331,7 @@ class DePass:
         Returns an :class:`Attribution` with ``scores`` of shape ``batch target comp``; for each
         start point, the scores (with ``rest`` and ``bias``) sum to the real target value.
         """
-        source = source or Tokens()
+        source = as_source(source)
         targets = as_targets(target)
         the_rule = get_rule(rule) if rule is not None else self.rule
         prepared = self.prepare(input, attention_mask)
@@ -452,35 +452,13 @@ class DePass:
 
 
 def _labels_of(source: Source, sctx: SourceContext) -> tuple[list[ComponentLabel], list[slice]]:
-    """Component labels without materialising components (cheap sources) or from them."""
+    """All component labels, and the slice of each start point's components."""
     labels: list[ComponentLabel] = []
     starts = []
-    if isinstance(source, Tokens):
-        n_pos = sctx.tokens.shape[1]
-        groups = [source.labels(sctx, n_pos)]
-    else:
-        groups = [
-            _decomposition_labels(source, sctx, i)
-            for i in range(len(source.start_hooks(sctx.adapter)))
-        ]
-    for group in groups:
+    for group in source.label_groups(sctx):
         starts.append(slice(len(labels), len(labels) + len(group)))
         labels += group
     return labels, starts
-
-
-def _decomposition_labels(source: Source, sctx: SourceContext, index: int) -> list[ComponentLabel]:
-    from depass_lens.sources import Heads, Neurons  # noqa: PLC0415
-
-    layer_sources = (Heads, Neurons)
-    if isinstance(source, layer_sources):
-        layer = int(source.start_hooks(sctx.adapter)[index].split(".")[1])
-        if isinstance(source, Heads):
-            items = [ComponentLabel("head", layer, h) for h in source._heads(sctx.adapter)]
-        else:
-            items = [ComponentLabel("neuron", layer, n) for n in source._neurons(sctx.adapter)]
-        return items + [ComponentLabel("rest", layer), ComponentLabel("bias")]
-    return source.decompositions(sctx)[index].labels
 
 
 def _target_names(targets: Sequence[Target], ctx: TargetContext) -> list[str]:

@@ -19,13 +19,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from depass_lens.adapter import ModelAdapter, NormWeights
-from depass_lens.decomposition import (
-    BIAS,
-    ComponentLabel,
-    Decomposition,
-    check_lossless,
-    tolerance,
-)
+from depass_lens.decomposition import BIAS, ComponentLabel, Decomposition, check_lossless
 from depass_lens.errors import DePassInputError
 from depass_lens.propagate import frozen_norm_linear
 
@@ -124,6 +118,10 @@ class Source(ABC):
         """Number of components (over all start points), used by ``mode="auto"``."""
         return n_pos
 
+    def label_groups(self, ctx: SourceContext) -> list[list[ComponentLabel]]:
+        """Component labels per start point (sources override this to avoid building tensors)."""
+        return [d.labels for d in self.decompositions(ctx)]
+
 
 # ---------------------------------------------------------------------------------- tokens
 class Tokens(Source):
@@ -175,7 +173,10 @@ class Tokens(Source):
             and (adapter.positional == "standard")
         )
 
-    def labels(self, ctx: SourceContext, n_pos: int) -> list[ComponentLabel]:
+    def label_groups(self, ctx):
+        return [self._labels(ctx, ctx.tokens.shape[1])]
+
+    def _labels(self, ctx: SourceContext, n_pos: int) -> list[ComponentLabel]:
         texts = ctx.str_tokens[0] if ctx.str_tokens and len(ctx.str_tokens) == 1 else None
         labels = [
             ComponentLabel(
@@ -212,7 +213,7 @@ class Tokens(Source):
                 pos_comps[:, n_pos] = pos
             else:
                 pos_comps[:, :n_pos] = einops.einsum(eye, pos, "comp pos, b pos d -> b comp pos d")
-        return [Decomposition(hook, comps, self.labels(ctx, n_pos), pos_components=pos_comps)]
+        return [Decomposition(hook, comps, self._labels(ctx, n_pos), pos_components=pos_comps)]
 
     def scores(self, ctx, grads):
         adapter = ctx.adapter
@@ -295,14 +296,20 @@ class Heads(Source):
             bias = _norm_map(bias.unsqueeze(1), norm, scale)[:, 0] + _norm_bias(norm, bias)
         return per_head, bias
 
+    def label_groups(self, ctx):
+        return [
+            [ComponentLabel("head", layer, h) for h in self._heads(ctx.adapter)]
+            + [ComponentLabel("rest", layer), BIAS]
+            for layer in _layers(self.layers, ctx.adapter, "Heads")
+        ]
+
     def decompositions(self, ctx):
         adapter = ctx.adapter
         out = []
-        for layer, hook in zip(_layers(self.layers, adapter, "Heads"), self.start_hooks(adapter)):
+        layers = _layers(self.layers, adapter, "Heads")
+        for layer, hook, labels in zip(layers, self.start_hooks(adapter), self.label_groups(ctx)):
             per_head, bias = self.head_outputs(ctx, layer)
             rest = ctx[hook] - per_head.sum(1) - bias
-            labels = [ComponentLabel("head", layer, h) for h in self._heads(adapter)]
-            labels += [ComponentLabel("rest", layer), BIAS]
             comps = torch.cat([per_head, rest.unsqueeze(1), bias.unsqueeze(1)], dim=1)
             out.append(Decomposition(hook, comps, labels))
         return out
@@ -379,10 +386,20 @@ class Neurons(Source):
         norms = ctx.adapter.block_norms(layer)
         return _post_attention_norms(ctx.adapter, norms["ln2"], norms["ln2_post"])
 
+    def label_groups(self, ctx):
+        return [
+            [ComponentLabel("neuron", layer, n) for n in self._neurons(ctx.adapter)]
+            + [ComponentLabel("rest", layer), BIAS]
+            for layer in self._layers(ctx.adapter)
+        ]
+
     def decompositions(self, ctx):
         out = []
         neurons = self._neurons(ctx.adapter)
-        for layer, hook in zip(self._layers(ctx.adapter), self.start_hooks(ctx.adapter)):
+        groups = self.label_groups(ctx)
+        for layer, hook, labels in zip(
+            self._layers(ctx.adapter), self.start_hooks(ctx.adapter), groups
+        ):
             mlp = ctx.adapter.mlp(layer)
             post = ctx[f"blocks.{layer}.mlp.hook_post"][..., neurons]
             per_neuron = einops.einsum(post, mlp.W_out[neurons], "b p n, n d -> b n p d")
@@ -392,8 +409,6 @@ class Neurons(Source):
                 per_neuron = _norm_map(per_neuron, norm, scale)
                 bias = _norm_map(bias.unsqueeze(1), norm, scale)[:, 0] + _norm_bias(norm, bias)
             rest = ctx[hook] - per_neuron.sum(1) - bias
-            labels = [ComponentLabel("neuron", layer, n) for n in neurons]
-            labels += [ComponentLabel("rest", layer), BIAS]
             comps = torch.cat([per_neuron, rest.unsqueeze(1), bias.unsqueeze(1)], dim=1)
             out.append(Decomposition(hook, comps, labels))
         return out
@@ -635,6 +650,52 @@ def _keys(cache: object) -> set[str]:
     return set(inner.keys())  # type: ignore[attr-defined]
 
 
+class Combined(Source):
+    """Several sources at once: their start points are concatenated.
+
+    In adjoint mode every start point shares the one backward pass, so tokens, heads and neurons
+    are all scored by a single forward and a single backward per target.
+    """
+
+    def __init__(self, sources: Sequence[Source]):
+        if not sources or not all(isinstance(s, Source) for s in sources):
+            raise DePassInputError("Combined needs a non-empty list of sources")
+        self.sources = list(sources)
+
+    def __repr__(self) -> str:
+        return f"Combined({self.sources!r})"
+
+    def start_hooks(self, adapter):
+        return [hook for s in self.sources for hook in s.start_hooks(adapter)]
+
+    def gradient_hooks(self, adapter):
+        return [hook for s in self.sources for hook in s.gradient_hooks(adapter)]
+
+    def needed_hooks(self, adapter):
+        return [hook for s in self.sources for hook in s.needed_hooks(adapter)]
+
+    def decompositions(self, ctx):
+        return [d for s in self.sources for d in s.decompositions(ctx)]
+
+    def scores(self, ctx, grads):
+        return [part for s in self.sources for part in s.scores(ctx, grads)]
+
+    def count(self, adapter, n_pos):
+        return sum(s.count(adapter, n_pos) for s in self.sources)
+
+    def label_groups(self, ctx):
+        return [group for s in self.sources for group in s.label_groups(ctx)]
+
+
+def as_source(source: Source | Sequence[Source] | None) -> Source:
+    """Accept one source, a list of sources (combined), or ``None`` (tokens)."""
+    if source is None:
+        return Tokens()
+    if isinstance(source, Source):
+        return source
+    return Combined(list(source))
+
+
 __all__ = [
     "Source",
     "SourceContext",
@@ -644,5 +705,6 @@ __all__ = [
     "Modules",
     "Subspace",
     "Custom",
-    "tolerance",
+    "Combined",
+    "as_source",
 ]

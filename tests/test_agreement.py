@@ -118,3 +118,16 @@ def test_heads_at_last_layer_match_stack_head_results(family):
     direction = direction * model.ln_final.w
     tl = (stack[-model.cfg.n_heads :] @ direction).T  # batch head
     torch.testing.assert_close(scores.heads()[:, 0, 0], tl, rtol=1e-10, atol=1e-10)
+
+
+def test_combined_sources_share_one_backward():
+    model = make_model("gpt2", torch.float32)
+    tokens = random_tokens(model, batch=2)
+    depass = dp.DePass(model)
+    sources = [dp.Tokens(), dp.Heads(), dp.Neurons()]
+    combined = depass.attribute(tokens, dp.Logit(5), sources, mode="adjoint")
+    alone = [depass.attribute(tokens, dp.Logit(5), s, mode="adjoint") for s in sources]
+    torch.testing.assert_close(combined.scores, torch.cat([a.scores for a in alone], dim=-1))
+    assert len(combined.starts) == 1 + 3 + 3
+    forward = depass.attribute(tokens, dp.Logit(5), sources, mode="forward")
+    assert _relative_gap(combined.scores, forward.scores) <= 1e-6
