@@ -1,0 +1,221 @@
+"""Benchmark cases: each builds a random-weight model and times one method on one prompt length.
+
+Run one case (what ``benchmarks/run.py`` does, in a fresh subprocess so that peak memory belongs to
+that case alone)::
+
+    python -m benchmarks.cases --config gpt2 --case adjoint_all --n-pos 128
+
+It prints one JSON line: median seconds over the repeats, the peak resident memory above the loaded
+model, and, for cases that sample a subset of an exhaustive method, the extrapolation factor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import time
+import warnings
+from collections.abc import Callable
+
+import torch
+from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+import depass_lens as dp
+
+warnings.filterwarnings("ignore")
+
+CONFIGS = {
+    # GPT-2 small's shape: 12 layers, d_model 768, 12 heads, d_mlp 3072, 50257 tokens.
+    "gpt2": dict(
+        n_layers=12,
+        d_model=768,
+        n_heads=12,
+        d_head=64,
+        d_mlp=3072,
+        d_vocab=50257,
+        n_ctx=1024,
+        act_fn="gelu_new",
+        normalization_type="LN",
+    ),
+    # A LLaMA-style model of similar width: RMSNorm, rotary, GQA, gated SiLU MLP.
+    "llama": dict(
+        n_layers=12,
+        d_model=768,
+        n_heads=12,
+        d_head=64,
+        d_mlp=2048,
+        d_vocab=32000,
+        n_ctx=1024,
+        act_fn="silu",
+        normalization_type="RMS",
+        positional_embedding_type="rotary",
+        rotary_dim=64,
+        gated_mlp=True,
+        n_key_value_heads=4,
+        final_rms=True,
+    ),
+}
+
+#: Neurons per reference-style forward-DePass pass (the reference propagates groups of neurons).
+REFERENCE_GROUP = 64
+#: The layer whose neurons cases (d) attribute.
+NEURON_LAYER = 6
+
+
+def build(config: str) -> HookedTransformer:
+    torch.manual_seed(0)
+    cfg = HookedTransformerConfig(**CONFIGS[config], seed=0)
+    model = HookedTransformer(cfg)
+    model.eval()
+    return model
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * resource.getpagesize()
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def zero_hook(index: int, axis: int) -> Callable:
+    def hook(value: torch.Tensor, hook) -> torch.Tensor:
+        value = value.clone()
+        value.select(axis, index).zero_()
+        return value
+
+    return hook
+
+
+def make_case(name: str, model: HookedTransformer, tokens: torch.Tensor):
+    """Return ``(fn, scale)``: ``fn`` runs the case once; ``scale`` extrapolates a sample."""
+    answer, wrong = 1234, 4321
+    depass = dp.DePass(model, progress=False)
+    target = dp.Logit(answer)
+    n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
+    d_mlp = model.cfg.d_mlp
+
+    if name == "forward":  # one plain run_with_cache
+        return (lambda: model.run_with_cache(tokens)), 1.0
+    if name == "adjoint_all":  # every token, head and neuron to one logit
+        sources = [dp.Tokens(), dp.Heads(), dp.Neurons()]
+        return (lambda: depass.attribute(tokens, target, sources, mode="adjoint")), 1.0
+    if name == "atp":  # attribution patching: clean fwd, corrupted fwd, one backward
+        corrupted = torch.roll(tokens, 1, dims=1)
+
+        def atp():
+            names = lambda n: n.endswith(("hook_z", "mlp.hook_post", "hook_embed"))  # noqa: E731
+            with torch.no_grad():
+                _, corrupt_cache = model.run_with_cache(corrupted, names_filter=names)
+            acts = {}
+
+            def keep(value, hook):
+                value.retain_grad()
+                acts[hook.name] = value
+
+            hooks = [(n, keep) for n in model.hook_dict if names(n)]
+            with model.hooks(fwd_hooks=hooks):
+                logits = model(tokens)
+            metric = logits[:, -1, answer] - logits[:, -1, wrong]
+            grads = torch.autograd.grad(metric.sum(), list(acts.values()))
+            return [
+                ((corrupt_cache[n] - a.detach()) * g).sum()
+                for (n, a), g in zip(acts.items(), grads)
+            ]
+
+        return atp, 1.0
+    if name == "forward_mode_tokens":  # forward mode with n = n_pos + 1 components
+        return (lambda: depass.attribute(tokens, target, dp.Tokens(), mode="forward")), 1.0
+    if name == "plain_forwards_n":  # n plain forwards, batched 16 at a time
+        n = tokens.shape[1] + 1
+
+        def plain():
+            with torch.no_grad():
+                for start in range(0, n, 16):
+                    model(tokens.expand(min(16, n - start), -1))
+
+        return plain, 1.0
+    if name == "adjoint_heads":
+        return (lambda: depass.attribute(tokens, target, dp.Heads(), mode="adjoint")), 1.0
+    if name == "head_ablation":  # exact zero-ablation of each head, one forward each
+
+        def ablate_heads():
+            with torch.no_grad():
+                for layer in range(n_layers):
+                    for head in range(n_heads):
+                        model.run_with_hooks(
+                            tokens, fwd_hooks=[(f"blocks.{layer}.attn.hook_z", zero_hook(head, 2))]
+                        )
+
+        return ablate_heads, 1.0
+    if name == "adjoint_neurons":
+        source = dp.Neurons(NEURON_LAYER)
+        return (lambda: depass.attribute(tokens, target, source, mode="adjoint")), 1.0
+    if name == "reference_grouped":  # forward DePass, one pass per group of neurons (2 sampled)
+        groups = [list(range(s, s + REFERENCE_GROUP)) for s in (0, REFERENCE_GROUP)]
+
+        def grouped():
+            for group in groups:
+                depass.attribute(tokens, target, dp.Neurons(NEURON_LAYER, group), mode="forward")
+
+        return grouped, d_mlp / (REFERENCE_GROUP * len(groups))
+    if name == "neuron_ablation":  # one forward per neuron (16 sampled)
+        sample = list(range(16))
+
+        def ablate_neurons():
+            with torch.no_grad():
+                for n in sample:
+                    model.run_with_hooks(
+                        tokens,
+                        fwd_hooks=[(f"blocks.{NEURON_LAYER}.mlp.hook_post", zero_hook(n, 2))],
+                    )
+
+        return ablate_neurons, d_mlp / len(sample)
+    raise SystemExit(f"unknown case {name!r}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--config", choices=sorted(CONFIGS), default="gpt2")
+    parser.add_argument("--case", required=True)
+    parser.add_argument("--n-pos", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--no-warmup", action="store_true", help="for long loops of forwards")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = build(args.config)
+    gen = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, model.cfg.d_vocab, (1, args.n_pos), generator=gen)
+    fn, scale = make_case(args.case, model, tokens)
+    if not args.no_warmup:
+        fn()  # warm-up (also allocates caches)
+    base = rss_bytes()
+    times = []
+    for _ in range(args.repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    print(
+        json.dumps(
+            {
+                "config": args.config,
+                "case": args.case,
+                "n_pos": args.n_pos,
+                "seconds": statistics.median(times) * scale,
+                "measured_seconds": statistics.median(times),
+                "extrapolation": scale,
+                "repeats": args.repeats,
+                "peak_extra_bytes": max(0, peak_rss_bytes() - base),
+                "threads": torch.get_num_threads(),
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,193 @@
+"""Speed and memory of DePass against a plain forward pass and the alternatives, in one run.
+
+    python -m benchmarks.run            # full matrix (about 15 minutes on 2 CPU cores)
+    python -m benchmarks.run --quick    # 128 tokens only, one repeat
+
+Every case runs in its own subprocess (see ``benchmarks/cases.py``), so its peak memory is its own.
+Ratios compare cases measured in this same run. Results go to ``benchmarks/results/``: the raw
+JSON, a markdown table and a plotly chart of cost against prompt length.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import plotly.graph_objects as go
+from tqdm import tqdm
+
+RESULTS = Path(__file__).parent / "results"
+
+#: (config, case, n_pos, repeats, warm-up?) -- the matrix of issue 4, (a) to (e).
+FULL = (
+    [
+        (c, case, n, 3, True)
+        for c in ("gpt2", "llama")
+        for n in (128, 512, 1024)
+        for case in ("forward", "adjoint_all", "atp")
+    ]
+    + [
+        (c, case, 128, 1, True)
+        for c in ("gpt2", "llama")
+        for case in ("forward_mode_tokens", "plain_forwards_n")
+    ]
+    + [
+        ("gpt2", case, 256, r, w)
+        for case, r, w in (
+            ("forward", 3, True),
+            ("adjoint_heads", 3, True),
+            ("head_ablation", 1, False),
+            ("adjoint_neurons", 3, True),
+            ("reference_grouped", 1, False),
+            ("neuron_ablation", 1, False),
+        )
+    ]
+)
+QUICK = [(c, case, 128, 1, True) for (c, case, n, _, _) in FULL if n == 128]
+
+#: (numerator, denominator, bound, comparison) for the issue's targets, at a config and length.
+RATIOS = [
+    ("(a) adjoint all tokens+heads+neurons / run_with_cache", "adjoint_all", "forward", 2.5, "<="),
+    ("(a) adjoint all / attribution patching", "adjoint_all", "atp", 1.0, "<="),
+    (
+        "(b) forward mode, n comps / n plain forwards",
+        "forward_mode_tokens",
+        "plain_forwards_n",
+        1.5,
+        "<=",
+    ),
+    ("(c) per-head ablation / adjoint heads", "head_ablation", "adjoint_heads", 50.0, ">="),
+    (
+        "(d) reference grouped forward / adjoint neurons",
+        "reference_grouped",
+        "adjoint_neurons",
+        100.0,
+        ">=",
+    ),
+    ("(d) per-neuron ablation / adjoint neurons", "neuron_ablation", "adjoint_neurons", None, ">="),
+]
+
+
+def run_case(config: str, case: str, n_pos: int, repeats: int, warmup: bool) -> dict:
+    cmd = [
+        sys.executable,
+        "-m",
+        "benchmarks.cases",
+        "--config",
+        config,
+        "--case",
+        case,
+        "--n-pos",
+        str(n_pos),
+        "--repeats",
+        str(repeats),
+    ]
+    if not warmup:
+        cmd.append("--no-warmup")
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        return {"config": config, "case": case, "n_pos": n_pos, "error": out.stderr[-2000:]}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def ratio_rows(results: list[dict]) -> list[dict]:
+    index = {(r["config"], r["case"], r["n_pos"]): r for r in results if "seconds" in r}
+    rows = []
+    for label, num, den, bound, cmp in RATIOS:
+        for (config, case, n_pos), r in sorted(index.items()):
+            if case != num or (config, den, n_pos) not in index:
+                continue
+            value = r["seconds"] / index[(config, den, n_pos)]["seconds"]
+            ok = None if bound is None else (value <= bound if cmp == "<=" else value >= bound)
+            rows.append(
+                {
+                    "ratio": label,
+                    "config": config,
+                    "n_pos": n_pos,
+                    "value": value,
+                    "target": None if bound is None else f"{cmp} {bound:g}",
+                    "met": ok,
+                }
+            )
+    return rows
+
+
+def markdown(results: list[dict], rows: list[dict]) -> str:
+    lines = ["| ratio | config | tokens | measured | target | met |", "|---|---|---|---|---|---|"]
+    for row in rows:
+        met = "" if row["met"] is None else ("yes" if row["met"] else "NO")
+        lines.append(
+            f"| {row['ratio']} | {row['config']} | {row['n_pos']} | {row['value']:.2f}x |"
+            f" {row['target'] or ''} | {met} |"
+        )
+    lines += [
+        "",
+        "| config | case | tokens | seconds | peak extra memory (MiB) | note |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        if "seconds" not in r:
+            lines.append(f"| {r['config']} | {r['case']} | {r['n_pos']} | error | | |")
+            continue
+        note = (
+            f"extrapolated x{r['extrapolation']:.0f} from a sample"
+            if r["extrapolation"] != 1
+            else ""
+        )
+        lines.append(
+            f"| {r['config']} | {r['case']} | {r['n_pos']} | {r['seconds']:.3f} |"
+            f" {r['peak_extra_bytes'] / 2**20:.0f} | {note} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def chart(results: list[dict]) -> go.Figure:
+    fig = go.Figure()
+    for config in sorted({r["config"] for r in results}):
+        for case in ("forward", "adjoint_all", "atp"):
+            pts = sorted(
+                (r["n_pos"], r["seconds"])
+                for r in results
+                if r.get("case") == case and r["config"] == config and "seconds" in r
+            )
+            if len(pts) > 1:
+                fig.add_trace(
+                    go.Scatter(
+                        x=[p[0] for p in pts],
+                        y=[p[1] for p in pts],
+                        mode="lines+markers",
+                        name=f"{config}: {case}",
+                    )
+                )
+    fig.update_layout(
+        title="Cost vs prompt length (random-weight GPT-2-small / LLaMA-style, CPU)",
+        xaxis_title="prompt tokens",
+        yaxis_title="seconds (median)",
+        xaxis_type="log",
+        yaxis_type="log",
+        template="plotly_white",
+    )
+    return fig
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="128 tokens, one repeat")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    matrix = QUICK if args.quick else FULL
+    results = [run_case(*spec) for spec in tqdm(matrix, desc="benchmark cases")]
+    rows = ratio_rows(results)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps({"cases": results, "ratios": rows}, indent=1))
+    table = markdown(results, rows)
+    (args.out / "results.md").write_text(table)
+    chart(results).write_html(args.out / "cost_vs_length.html", include_plotlyjs=True)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
