@@ -28,6 +28,7 @@ from depass_lens.adjoint import linearised_forward, target_scalar
 from depass_lens.decomposition import ComponentLabel, check_lossless
 from depass_lens.errors import CacheMismatchError, DePassInputError, LosslessnessError
 from depass_lens.frozen import FrozenActivations, run_frozen_cache
+from depass_lens.generation import Generation, generate_and_cite
 from depass_lens.propagate import DecomposedTransformer, PropagationContext
 from depass_lens.results import Attribution, DecomposedCache
 from depass_lens.rules import MLPRule, TaylorRule, get_rule
@@ -297,6 +298,31 @@ class DePass:
             rule=get_rule(rule) if rule is not None else self.rule,
             chunk_size=self._chunk(prepared, n_comp),
             checker=self._checker(frozen, user_cache),
+        )
+
+    # ------------------------------------------------------------------ generation
+    def generate(
+        self,
+        prompt: str | Tensor,
+        max_new_tokens: int = 20,
+        *,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        seed: int | None = None,
+    ) -> Generation:
+        """Generate (greedy by default) and cite: each new token's logit over earlier tokens.
+
+        Uses adjoint mode: one forward over the final sequence and one backward per new token.
+        """
+        return generate_and_cite(
+            self,
+            prompt,
+            max_new_tokens,
+            do_sample=do_sample,
+            temperature=temperature,
+            top_k=top_k,
+            seed=seed,
         )
 
     # ------------------------------------------------------------------ attribution

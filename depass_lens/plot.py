@@ -1,0 +1,226 @@
+"""Plotly figures for DePass results. Every function returns a ``plotly.graph_objects.Figure``.
+
+Save with ``fig.write_html(path)`` (always works offline) or :func:`save` (HTML, plus PNG when a
+static exporter such as kaleido with a browser is available; otherwise it says so).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import plotly.graph_objects as go
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from depass_lens.results import Attribution
+
+if TYPE_CHECKING:
+    from depass_lens.generation import Generation
+
+DIVERGING = "RdBu"
+
+
+def _symmetric_range(values: Tensor) -> float:
+    finite = values[torch.isfinite(values)]
+    return float(finite.abs().max()) if finite.numel() else 1.0
+
+
+def tokens(
+    attribution: Attribution,
+    str_tokens: Sequence[str] | None = None,
+    *,
+    batch: int = 0,
+    target: int = 0,
+    title: str | None = None,
+) -> go.Figure:
+    """The prompt's tokens as a strip, each coloured by its score (red +, blue -)."""
+    scores = attribution.tokens()[batch, target].detach().float().cpu()
+    labels = [lab for lab in attribution.labels if lab.kind == "token"]
+    texts = (
+        list(str_tokens)
+        if str_tokens is not None
+        else [lab.text or f"#{lab.pos}" for lab in labels]
+    )
+    if len(texts) != len(scores):
+        raise ValueError(f"{len(texts)} token strings for {len(scores)} token scores")
+    bound = _symmetric_range(scores)
+    fig = go.Figure(
+        go.Heatmap(
+            z=[scores.tolist()],
+            x=list(range(len(texts))),
+            text=[[repr(t)[1:-1] for t in texts]],
+            texttemplate="%{text}",
+            hovertemplate="%{text}<br>score %{z:.4f}<extra></extra>",
+            colorscale=DIVERGING,
+            zmin=-bound,
+            zmax=bound,
+            reversescale=True,
+        )
+    )
+    fig.update_layout(
+        title=title or f"Token attribution to {attribution.target_names[target]}",
+        yaxis_visible=False,
+        xaxis_title="position",
+        height=220,
+        template="plotly_white",
+    )
+    return fig
+
+
+def heads(
+    attribution: Attribution, *, batch: int | None = None, target: int = 0, title: str | None = None
+) -> go.Figure:
+    """Layer x head heatmap of head scores (mean over the batch unless ``batch`` is given)."""
+    grid = attribution.heads()[:, target]
+    grid = grid.mean(0) if batch is None else grid[batch]
+    grid = grid.detach().float().cpu()
+    bound = _symmetric_range(grid)
+    fig = go.Figure(
+        go.Heatmap(
+            z=grid.tolist(),
+            colorscale=DIVERGING,
+            reversescale=True,
+            zmin=-bound,
+            zmax=bound,
+            hovertemplate="L%{y}H%{x}: %{z:.4f}<extra></extra>",
+        )
+    )
+    fig.update_layout(
+        title=title or f"Head attribution to {attribution.target_names[target]}",
+        xaxis_title="head",
+        yaxis_title="layer",
+        yaxis_autorange="reversed",
+        template="plotly_white",
+    )
+    return fig
+
+
+def neurons(
+    attribution: Attribution,
+    *,
+    k: int = 20,
+    batch: int | None = None,
+    target: int = 0,
+    title: str | None = None,
+) -> go.Figure:
+    """Bars of the ``k`` neurons with the largest absolute score."""
+    index = [i for i, lab in enumerate(attribution.labels) if lab.kind == "neuron"]
+    scores = attribution.scores[:, target][:, index]
+    scores = (scores.mean(0) if batch is None else scores[batch]).detach().float().cpu()
+    order = scores.abs().argsort(descending=True)[:k].tolist()
+    names = [str(attribution.labels[index[i]]) for i in order]
+    values = [float(scores[i]) for i in order]
+    fig = go.Figure(
+        go.Bar(
+            x=values[::-1],
+            y=names[::-1],
+            orientation="h",
+            marker_color=["#b2182b" if v > 0 else "#2166ac" for v in values[::-1]],
+        )
+    )
+    fig.update_layout(
+        title=title or f"Top {len(order)} neurons for {attribution.target_names[target]}",
+        xaxis_title="score",
+        template="plotly_white",
+        height=max(300, 22 * len(order)),
+    )
+    return fig
+
+
+def layer_contributions(
+    per_layer: Float[Tensor, "layer comp"],
+    names: Sequence[str],
+    *,
+    title: str = "Contribution of each component, layer by layer",
+    layer_names: Sequence[str] | None = None,
+) -> go.Figure:
+    """One line per component: its share of the target read out after each layer."""
+    values = per_layer.detach().float().cpu()
+    x = list(layer_names) if layer_names is not None else list(range(values.shape[0]))
+    fig = go.Figure()
+    for c, name in enumerate(names):
+        fig.add_trace(go.Scatter(x=x, y=values[:, c].tolist(), mode="lines+markers", name=name))
+    fig.update_layout(
+        title=title, xaxis_title="layer", yaxis_title="share of target", template="plotly_white"
+    )
+    return fig
+
+
+def subspace_scatter(
+    points: Float[Tensor, "n 2"],
+    labels: Sequence[str],
+    *,
+    title: str = "2-D projection",
+    axis_names: tuple[str, str] = ("component 1", "component 2"),
+    hover: Sequence[str] | None = None,
+) -> go.Figure:
+    """A 2-D projection of hidden states (e.g. onto a probe and a meaning direction), by label."""
+    pts = points.detach().float().cpu()
+    fig = go.Figure()
+    for group in sorted(set(labels)):
+        rows = [i for i, lab in enumerate(labels) if lab == group]
+        fig.add_trace(
+            go.Scatter(
+                x=pts[rows, 0].tolist(),
+                y=pts[rows, 1].tolist(),
+                mode="markers",
+                name=group,
+                text=[hover[i] for i in rows] if hover is not None else None,
+            )
+        )
+    fig.update_layout(
+        title=title, xaxis_title=axis_names[0], yaxis_title=axis_names[1], template="plotly_white"
+    )
+    return fig
+
+
+def generation(gen: Generation) -> go.Figure:
+    """Generated tokens (rows) citing earlier tokens (columns); the prompt columns are marked."""
+    scores = gen.scores.detach().float().cpu()
+    bound = _symmetric_range(scores)
+    columns = [f"{i}:{t!r}" for i, t in enumerate(gen.str_tokens)]
+    rows = [f"{gen.prompt_length + i}:{t!r}" for i, t in enumerate(gen.generated)]
+    fig = go.Figure(
+        go.Heatmap(
+            z=scores.tolist(),
+            x=columns,
+            y=rows,
+            colorscale=DIVERGING,
+            reversescale=True,
+            zmin=-bound,
+            zmax=bound,
+            hovertemplate="%{y} cites %{x}: %{z:.4f}<extra></extra>",
+        )
+    )
+    fig.add_vrect(
+        x0=-0.5,
+        x1=gen.prompt_length - 0.5,
+        line_width=2,
+        line_color="black",
+        fillcolor="rgba(0,0,0,0)",
+        annotation_text="prompt",
+    )
+    fig.update_layout(
+        title="Generate and cite: which earlier tokens each new token leans on",
+        yaxis_autorange="reversed",
+        template="plotly_white",
+    )
+    return fig
+
+
+def save(fig: go.Figure, path: str | Path, *, png: bool = True) -> list[Path]:
+    """Write ``path`` as self-contained HTML and, if possible, a PNG beside it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    written = [path.with_suffix(".html")]
+    fig.write_html(written[0], include_plotlyjs=True)
+    if png:
+        try:
+            fig.write_image(path.with_suffix(".png"))
+            written.append(path.with_suffix(".png"))
+        except Exception as exc:  # noqa: BLE001 - kaleido/Chrome missing is expected offline
+            print(f"PNG export unavailable ({type(exc).__name__}: {exc}); wrote HTML only")
+    return written

@@ -1,0 +1,62 @@
+"""Generate-and-cite, chunked forward mode, and the plotly figures."""
+
+from __future__ import annotations
+
+import plotly.graph_objects as go
+import torch
+
+import depass_lens as dp
+from depass_lens import plot
+from tests.conftest import make_model, make_text_model, random_tokens
+
+
+def test_generate_and_cite_sums_to_each_chosen_logit():
+    model = make_text_model("gpt2", torch.float64)
+    gen = dp.DePass(model).generate("When Mary and John went to the store", 4)
+    assert len(gen.generated) == 4 and gen.scores.shape == (4, len(gen.tokens))
+    logits = model(gen.tokens[None])[0].detach()
+    for i in range(4):
+        pos = gen.prompt_length - 1 + i
+        chosen = gen.tokens[pos + 1]
+        assert chosen == logits[pos].argmax()  # greedy
+        torch.testing.assert_close(gen.scores[i].sum() + gen.bias[i], logits[pos, chosen])
+        assert gen.scores[i, pos + 1 :].abs().max() == 0  # no citing the future
+    assert isinstance(gen.figure(), go.Figure)
+    assert ((gen.prompt_share() >= 0) & (gen.prompt_share() <= 1)).all()
+
+
+def test_sampled_generation_is_seeded():
+    model = make_text_model("gpt2", torch.float64)
+    depass = dp.DePass(model)
+    a = depass.generate("Mary went", 3, do_sample=True, seed=5)
+    b = depass.generate("Mary went", 3, do_sample=True, seed=5)
+    assert torch.equal(a.tokens, b.tokens)
+
+
+def test_memory_budget_chunks_forward_mode_without_changing_results():
+    model = make_model("gpt2", torch.float64)
+    tokens = random_tokens(model, batch=2, n_pos=12)
+    full = dp.DePass(model, chunk_size=10_000).attribute(tokens, dp.Logit(3), mode="forward")
+    tiny = dp.DePass(model, memory_budget=1).attribute(tokens, dp.Logit(3), mode="forward")
+    assert dp.DePass(model, memory_budget=1)._chunk(dp.DePass(model).prepare(tokens), 13) == 1
+    torch.testing.assert_close(tiny.scores, full.scores, rtol=1e-12, atol=1e-12)
+
+
+def test_figures_carry_the_scores():
+    model = make_text_model("gpt2", torch.float64)
+    depass = dp.DePass(model)
+    prompt = "When Mary and John went to the store"
+    tok = depass.attribute(prompt, dp.Logit("Mary"))
+    fig = plot.tokens(tok)
+    shown = torch.tensor(fig.data[0].z[0], dtype=torch.float64)
+    torch.testing.assert_close(shown, tok.tokens()[0, 0], rtol=1e-6, atol=1e-7)
+    assert list(fig.data[0].text[0]) == depass.prepare(prompt).str_tokens[0]
+    heads = depass.attribute(prompt, dp.Logit("Mary"), dp.Heads())
+    grid = plot.heads(heads).data[0].z
+    assert len(grid) == model.cfg.n_layers and len(grid[0]) == model.cfg.n_heads
+    bars = plot.neurons(depass.attribute(prompt, dp.Logit("Mary"), dp.Neurons(1)), k=5).data[0]
+    assert len(bars.x) == 5 and abs(bars.x[-1]) >= abs(bars.x[0])
+    lines = plot.layer_contributions(torch.randn(3, 2), ["a", "b"])
+    assert len(lines.data) == 2
+    scatter = plot.subspace_scatter(torch.randn(6, 2), ["x", "y"] * 3)
+    assert len(scatter.data) == 2
