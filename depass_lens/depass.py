@@ -25,11 +25,11 @@ from transformer_lens.utilities import get_attention_mask
 
 from depass_lens.adapter import ModelAdapter
 from depass_lens.adjoint import linearised_forward, target_scalar
-from depass_lens.decomposition import ComponentLabel, check_lossless
+from depass_lens.decomposition import ComponentLabel, add_to_bias, check_lossless
 from depass_lens.errors import CacheMismatchError, DePassInputError, LosslessnessError
 from depass_lens.frozen import FrozenActivations, run_frozen_cache
 from depass_lens.generation import Generation, generate_and_cite
-from depass_lens.propagate import DecomposedTransformer, PropagationContext
+from depass_lens.propagate import DecomposedTransformer, PropagationContext, frozen_norm_linear
 from depass_lens.results import Attribution, DecomposedCache
 from depass_lens.rules import MLPRule, TaylorRule, get_rule
 from depass_lens.sources import Source, SourceContext, Tokens, as_source
@@ -59,7 +59,7 @@ class Prepared:
 
 
 class Readout:
-    """Reads decomposed final-norm outputs through the unembedding."""
+    """Reads decomposed states out through the (frozen) final norm and the unembedding."""
 
     def __init__(self, adapter: ModelAdapter, prepared: Prepared):
         self.adapter = adapter
@@ -72,11 +72,36 @@ class Readout:
         logits[:, -1] += self.adapter.b_U
         return logits
 
+    def target_context(self) -> TargetContext:
+        return TargetContext(self.adapter, self.prepared.tokens, self.prepared.attention_mask)
+
     def logit_attribution(
         self, final: Tensor, token: Any, pos: int = -1
     ) -> Float[Tensor, "batch comp"]:
-        ctx = TargetContext(self.adapter, self.prepared.tokens, self.prepared.attention_mask)
-        return read_target(final, Logit(token, pos), ctx)[:, 0]
+        return read_target(final, Logit(token, pos), self.target_context())[:, 0]
+
+    def lens(
+        self, state: Float[Tensor, "batch comp pos d_model"]
+    ) -> Float[Tensor, "batch comp pos d_model"]:
+        """Logit lens on components: the final norm, with the scale of the real state *here*.
+
+        The scale is that of the summed components (the real residual at this hook), so the
+        components' shares add up to TransformerLens's logit lens (``accumulated_resid(...,
+        apply_ln=True)``); at the last ``hook_resid_post`` that is the final-norm output.
+        """
+        norm = self.adapter.final_norm()
+        if norm.kind == "none":
+            return state
+        real = state.sum(1)
+        if norm.centres:
+            real = real - real.mean(-1, keepdim=True)
+        scale = (real.pow(2).mean(-1, keepdim=True) + self.adapter.cfg.eps).sqrt()
+        out = frozen_norm_linear(state, norm, scale)
+        if norm.w is not None:
+            out = out * norm.w
+        if norm.b is not None:
+            out = add_to_bias(out, norm.b)
+        return out
 
 
 def read_target(

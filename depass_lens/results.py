@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -128,6 +129,13 @@ class Attribution:
         return pd.DataFrame(self.to_records())
 
 
+def read_target_scalar(state: Tensor, target: Any, ctx: Any) -> Float[Tensor, "batch comp"]:
+    """The first scalar of ``target`` per component (targets are defined in ``targets.py``)."""
+    from depass_lens.depass import read_target  # noqa: PLC0415 - avoids an import cycle
+
+    return read_target(state, target, ctx)[:, 0]
+
+
 class DecomposedCache(ActivationCache):
     """An ``ActivationCache`` of the decomposed run: each entry has a ``comp`` axis after ``batch``.
 
@@ -155,6 +163,28 @@ class DecomposedCache(ActivationCache):
     def logit_attribution(self, token: Any, pos: int = -1) -> Float[Tensor, "batch comp"]:
         """Each component's share of ``token``'s logit at ``pos`` (a per-prompt position)."""
         return self._readout.logit_attribution(self["unembed.hook_in"], token, pos)
+
+    def logit_lens(
+        self, target: Any, hooks: Sequence[str] | None = None
+    ) -> Float[Tensor, "hook batch comp"]:
+        """Each component's share of a logit-type ``target``, read after every residual hook.
+
+        The final norm is applied with the scale of the real residual at each hook (the logit
+        lens), so the shares add up to TransformerLens's ``accumulated_resid(..., apply_ln=True)``
+        read-out, and the last entry is each component's actual share. ``hooks`` defaults to every
+        cached ``hook_resid_post``.
+        """
+        if hooks is None:
+            hooks = sorted(
+                (n for n in self.cache_dict if n.endswith("hook_resid_post")),
+                key=lambda n: int(n.split(".")[1]),
+            )
+        ctx = self._readout.target_context()
+        rows = []
+        for hook in hooks:
+            lensed = self._readout.lens(self[hook])
+            rows.append(read_target_scalar(lensed, target, ctx))
+        return torch.stack(rows)
 
     def check_lossless(self, real: ActivationCache | dict[str, Tensor]) -> dict[str, float]:
         """Relative error ``max|sum(comp) - real| / max|real|`` at every hook present in both."""

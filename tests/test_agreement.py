@@ -131,3 +131,25 @@ def test_combined_sources_share_one_backward():
     assert len(combined.starts) == 1 + 3 + 3
     forward = depass.attribute(tokens, dp.Logit(5), sources, mode="forward")
     assert _relative_gap(combined.scores, forward.scores) <= 1e-6
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_logit_lens_matches_accumulated_resid(family):
+    """Per-layer component shares add up to TransformerLens's logit lens at every layer.
+
+    At the last layer we compare with the model's logit instead: in TransformerLens 3.9,
+    ``accumulated_resid(layer=n_layers, apply_ln=True, pos_slice=-1)`` slices the cached final
+    scale a second time and returns a different value for batches > 1.
+    """
+    model = make_model(family, torch.float64)
+    tokens = random_tokens(model, batch=2)
+    logits, cache = model.run_with_cache(tokens)
+    lens = dp.DePass(model).run(tokens, cache=cache).logit_lens(dp.Logit(3))  # hook batch comp
+    direction = model.tokens_to_residual_directions(torch.tensor(3)) * model.ln_final.w
+    constant = model.b_U[3].detach()
+    if hasattr(model.ln_final, "b"):
+        constant = constant + (model.ln_final.b @ model.W_U[:, 3]).detach()
+    for layer in range(model.cfg.n_layers - 1):
+        acc = cache.accumulated_resid(layer=layer + 1, apply_ln=True, pos_slice=-1)[-1]
+        torch.testing.assert_close(lens[layer].sum(-1), (acc @ direction).detach() + constant)
+    torch.testing.assert_close(lens[-1].sum(-1), logits[:, -1, 3].detach())
