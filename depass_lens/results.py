@@ -57,6 +57,33 @@ class Attribution:
         """Scores of the components of one kind (``head``, ``neuron``, ``token``, ...)."""
         return self.scores[..., self._select(kind)]
 
+    def restrict(self, kind: str) -> Attribution:
+        """The start points that contain components of ``kind``, with their rest and bias.
+
+        E.g. ``restrict("head")`` on a combined tokens+heads+neurons attribution.
+        """
+        chosen = [
+            s
+            for s in self.starts or [slice(0, len(self.labels))]
+            if any(self.labels[j].kind == kind for j in range(s.start, s.stop))
+        ]
+        if not chosen:
+            raise DePassInputError(f"this attribution has no {kind!r} components")
+        keep = [j for s in chosen for j in range(s.start, s.stop)]
+        starts, position = [], 0
+        for s in chosen:
+            starts.append(slice(position, position + s.stop - s.start))
+            position += s.stop - s.start
+        return Attribution(
+            self.scores[..., keep],
+            [self.labels[j] for j in keep],
+            self.target_names,
+            self.target_values,
+            self.mode,
+            self.rule,
+            starts,
+        )
+
     def heads(self) -> Float[Tensor, "batch target layer head"]:
         """Head scores as a ``layer x head`` grid (missing heads are NaN)."""
         index = self._select("head")

@@ -1,0 +1,122 @@
+"""The demo behind ``depass-lens demo``: one prompt, every level of DePass, one HTML report."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformer_lens import HookedTransformer
+
+import depass_lens as dp
+from depass_lens import plot
+from depass_lens.report import Report
+from depass_lens.targets import Target
+
+
+@dataclass
+class DemoResult:
+    """What the demo computed, for the printed summary and for tests."""
+
+    path: Path
+    target: str
+    target_value: float
+    top_tokens: list[tuple[str, float]]
+    top_heads: list[tuple[str, float]]
+    top_neurons: list[tuple[str, float]]
+    completeness_error: float
+    seconds: float
+
+    def summary(self) -> str:
+        def fmt(items: list[tuple[str, float]]) -> str:
+            return ", ".join(f"{name} {value:+.3f}" for name, value in items)
+
+        return "\n".join(
+            [
+                f"target: {self.target} = {self.target_value:.4f}",
+                f"top tokens:  {fmt(self.top_tokens)}",
+                f"top heads:   {fmt(self.top_heads)}",
+                f"top neurons: {fmt(self.top_neurons) or '(attention-only model)'}",
+                f"scores sum to the target within {self.completeness_error:.1e} (relative)",
+                f"computed in {self.seconds:.1f} s; report: {self.path}",
+            ]
+        )
+
+
+def make_target(
+    model: HookedTransformer, target: str | None, wrong: str | None, prompt: str
+) -> Target:
+    """``LogitDiff(target, wrong)``, ``Logit(target)``, or the model's own top prediction."""
+    if target is not None and wrong is not None:
+        return dp.LogitDiff(target, wrong)
+    if target is not None:
+        return dp.Logit(target)
+    with torch.no_grad():
+        top = int(model(prompt)[0, -1].argmax())
+    return dp.Logit(top)
+
+
+def run_demo(
+    model: HookedTransformer,
+    prompt: str,
+    target: Target,
+    out: str | Path = "depass_report.html",
+    *,
+    title: str = "DePass report",
+) -> DemoResult:
+    """Token, head and neuron attribution plus per-layer contributions, written to ``out``."""
+    start = time.perf_counter()
+    depass = dp.DePass(model)
+    sources: list[dp.Source] = [dp.Tokens(), dp.Heads()]
+    if not model.cfg.attn_only:
+        sources.append(dp.Neurons())
+    attribution = depass.attribute(prompt, target, sources)
+    tokens = depass.prepare(prompt).str_tokens
+    str_tokens = tokens[0] if tokens else None
+    token_part = attribution.restrict("token")
+    head_part = attribution.restrict("head")
+    lens = depass.run(prompt, dp.Tokens()).logit_lens(target)[:, 0]  # layer comp
+    top_tokens = token_part.top(5)
+    order = lens[-1, :-1].abs().argsort(descending=True)[:5].tolist()
+    names = [f"{i}:{str_tokens[i] if str_tokens else i}" for i in order]
+
+    report = Report(title)
+    report.add(
+        "Summary",
+        f"prompt: {prompt!r}\ntarget: {attribution.target_names[0]} = "
+        f"{float(attribution.target_values[0, 0]):.4f}\nmode: {attribution.mode}, rule: "
+        f"{attribution.rule}",
+    )
+    report.add(
+        "Token attribution",
+        "Each prompt token's share of the target.",
+        plot.tokens(token_part, str_tokens),
+    )
+    report.add(
+        "Head attribution",
+        "Each head's direct output, propagated to the target.",
+        plot.heads(head_part),
+    )
+    top_neurons: list[tuple[str, float]] = []
+    if not model.cfg.attn_only:
+        neuron_part = attribution.restrict("neuron")
+        report.add("Top neurons", "", plot.neurons(neuron_part, k=20))
+        top_neurons = neuron_part.top(5)
+    report.add(
+        "Layer by layer",
+        "The five most important tokens' shares of the target read out after each layer (logit "
+        "lens on the decomposed stream).",
+        plot.layer_contributions(lens[:, order], names),
+    )
+    path = report.write(out)
+    return DemoResult(
+        path=path,
+        target=attribution.target_names[0],
+        target_value=float(attribution.target_values[0, 0]),
+        top_tokens=top_tokens,
+        top_heads=head_part.top(5),
+        top_neurons=top_neurons,
+        completeness_error=attribution.completeness_error(),
+        seconds=time.perf_counter() - start,
+    )
