@@ -6,6 +6,10 @@
 >>> scores = dp_model.attribute(prompt, dp.LogitDiff(" Mary", " John"), source=dp.Heads())
 """
 
+import importlib
+from typing import Any
+
+from depass_lens import plot
 from depass_lens.decomposition import BIAS, ComponentLabel, Decomposition
 from depass_lens.depass import DePass
 from depass_lens.errors import (
@@ -25,14 +29,35 @@ from depass_lens.rules import (
     TaylorRule,
     get_rule,
 )
-from depass_lens.sources import Custom, Heads, Modules, Neurons, Source, Subspace, Tokens
+from depass_lens.generation import Generation
+from depass_lens.sources import (
+    Combined,
+    Custom,
+    Heads,
+    Modules,
+    Neurons,
+    Source,
+    Subspace,
+    Tokens,
+)
 from depass_lens.targets import Direction, HiddenState, Logit, LogitDiff, Target
 
 __version__ = "0.1.0"
 
+_LAZY = {"zoo", "evaluation"}  # heavier subpackages, imported on first use
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return importlib.import_module(f"depass_lens.{name}")
+    raise AttributeError(f"module 'depass_lens' has no attribute {name!r}")
+
+
 __all__ = [
     "BIAS",
     "Attribution",
+    "Combined",
+    "Generation",
     "CacheMismatchError",
     "ComponentLabel",
     "Custom",
@@ -61,4 +86,5 @@ __all__ = [
     "Tokens",
     "UnsupportedModelError",
     "get_rule",
+    "plot",
 ]
