@@ -19,6 +19,7 @@ from depass_lens.errors import (
     LosslessnessError,
     UnsupportedModelError,
 )
+from depass_lens.generation import Generation
 from depass_lens.results import Attribution, DecomposedCache
 from depass_lens.rules import (
     LinearRule,
@@ -29,7 +30,6 @@ from depass_lens.rules import (
     TaylorRule,
     get_rule,
 )
-from depass_lens.generation import Generation
 from depass_lens.sources import (
     Combined,
     Custom,
