@@ -323,6 +323,7 @@ class DePass:
             rule=get_rule(rule) if rule is not None else self.rule,
             chunk_size=self._chunk(prepared, n_comp),
             checker=self._checker(frozen, user_cache),
+            progress=self.progress,
         )
 
     # ------------------------------------------------------------------ generation

@@ -19,6 +19,7 @@ import einops
 import torch
 from jaxtyping import Float
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 from transformer_lens import HookedRootModule
 from transformer_lens.hook_points import HookPoint
 
@@ -41,6 +42,7 @@ class PropagationContext:
     rule: MLPRule
     chunk_size: int | None = None
     checker: Checker | None = None
+    progress: bool = False
 
 
 def chunk_slices(n_comp: int, chunk_size: int | None) -> list[tuple[int, int]]:
@@ -348,7 +350,10 @@ class DecomposedTransformer(HookedRootModule):
             first: DecomposedBlock = self.blocks[layer]  # type: ignore[assignment]
             x = first.hook_resid_post(x)
             layer, stage = layer + 1, "pre"
-        for index in range(layer, adapter.n_layers):
+        layers = range(layer, adapter.n_layers)
+        if ctx.progress:  # shown only if the run takes more than a couple of seconds
+            layers = tqdm(layers, desc="DePass layers", leave=False, delay=2.0)
+        for index in layers:
             x = self.blocks[index](x, index, stage, ctx)
             stage = "pre"
         x = self.ln_final(x, adapter.final_norm(), ctx)
