@@ -196,12 +196,16 @@ class DecomposedMLP(nn.Module):
         rule = ctx.rule
         state = None
         cached: dict[int, tuple[Tensor, Tensor | None]] = {}
-        if not rule.linear:  # first pass: statistics over every component
+        for stage in range(0 if rule.linear else rule.reduce_passes):  # statistics first
             for offset, length in slices:
-                shares = self._shares(x[:, offset : offset + length], offset, n_comp, layer, ctx)
-                if len(slices) == 1:
-                    cached[offset] = shares
-                state = rule.reduce(state, shares[0], offset, n_comp)
+                if offset in cached:
+                    shares = cached[offset]
+                else:
+                    part = x[:, offset : offset + length]
+                    shares = self._shares(part, offset, n_comp, layer, ctx)
+                    if len(slices) == 1:
+                        cached[offset] = shares
+                state = rule.reduce(state, shares[0], offset, n_comp, stage)
         outputs = []
         for offset, length in slices:
             part = x[:, offset : offset + length]

@@ -55,9 +55,14 @@ class MLPRule(ABC):
 
     name: str = "rule"
     linear: bool = False
+    #: How many passes over all components :meth:`reduce` needs before :meth:`split`.
+    reduce_passes: int = 1
 
-    def reduce(self, state: Any, shares: Shares, offset: int, n_comp: int) -> Any:
-        """Fold one chunk of components (``offset`` = index of its first) into the statistics."""
+    def reduce(self, state: Any, shares: Shares, offset: int, n_comp: int, stage: int = 0) -> Any:
+        """Fold one chunk of components (``offset`` = index of its first) into the statistics.
+
+        ``stage`` counts the passes over all components (``reduce_passes`` of them).
+        """
         return state
 
     @abstractmethod
@@ -159,7 +164,7 @@ class SoftmaxRule(MLPRule):
     def __repr__(self) -> str:
         return f"SoftmaxRule(temperature={self.temperature})"
 
-    def reduce(self, state, shares, offset, n_comp):
+    def reduce(self, state, shares, offset, n_comp, stage=0):
         logits = torch.where(shares != 0, shares / self.temperature, -torch.inf)
         chunk_max = logits.amax(dim=1)
         if state is None:
@@ -195,7 +200,7 @@ class MaxRule(MLPRule):
 
     name = "max"
 
-    def reduce(self, state, shares, offset, n_comp):
+    def reduce(self, state, shares, offset, n_comp, stage=0):
         masked = torch.where(shares != 0, shares, -torch.inf)
         chunk_best, chunk_arg = masked.max(dim=1)
         chunk_arg = chunk_arg + offset
@@ -224,7 +229,7 @@ class ReluRule(MLPRule):
 
     name = "relu"
 
-    def reduce(self, state, shares, offset, n_comp):
+    def reduce(self, state, shares, offset, n_comp, stage=0):
         positive, total = (0.0, 0.0) if state is None else state
         return positive + shares.clamp_min(0).sum(dim=1), total + shares.sum(dim=1)
 
@@ -250,26 +255,31 @@ class LinearRule(MLPRule):
     """
 
     name = "linear"
+    reduce_passes = 2  # the minimum first, then the sum of the very shares ``split`` divides
 
-    def reduce(self, state, shares, offset, n_comp):
+    @staticmethod
+    def _centred(shares: Shares, low: PerNeuron) -> Shares:
+        present = shares != 0
+        return torch.where(present, shares - low.unsqueeze(1), torch.zeros_like(shares))
+
+    def reduce(self, state, shares, offset, n_comp, stage=0):
+        if stage == 1:  # exact denominator: the sum of the centred shares themselves
+            low, count, denom = state
+            return low, count, denom + self._centred(shares, low).sum(dim=1)
         present = shares != 0
         chunk_min = torch.where(present, shares, torch.inf).amin(dim=1)
         if state is None:
-            return chunk_min, present.sum(dim=1), shares.sum(dim=1)
-        low, count, total = state
-        return (
-            torch.minimum(low, chunk_min),
-            count + present.sum(dim=1),
-            total + shares.sum(dim=1),
-        )
+            low, count = chunk_min, present.sum(dim=1)
+        else:
+            low, count = torch.minimum(state[0], chunk_min), state[1] + present.sum(dim=1)
+        low = torch.where(count > 0, low, torch.zeros_like(low))
+        return low, count, torch.zeros_like(low)
 
     def split(self, state, shares, up_shares, values, offset, n_comp):
-        low, count, total = state
+        low, count, denom = state
         present = shares != 0
         count_f = count.to(shares.dtype)
-        safe_low = torch.where(count > 0, low, torch.zeros_like(low))
-        denom = total - count_f * safe_low
-        centred = torch.where(present, shares - safe_low.unsqueeze(1), torch.zeros_like(shares))
+        centred = self._centred(shares, low)
         spread = (denom.abs() > 0).unsqueeze(1)
         uniform = present.to(shares.dtype) / count_f.clamp_min(1).unsqueeze(1)
         weights = torch.where(
