@@ -58,6 +58,7 @@ def tokens(
             zmin=-bound,
             zmax=bound,
             reversescale=True,
+            colorbar={"thickness": 12, "len": 1.4, "nticks": 3},
         )
     )
     fig.update_layout(
@@ -92,6 +93,8 @@ def heads(
         title=title or f"Head attribution to {attribution.target_names[target]}",
         xaxis_title="head",
         yaxis_title="layer",
+        xaxis_dtick=1,
+        yaxis_dtick=1,
         yaxis_autorange="reversed",
         template="plotly_white",
     )
@@ -124,6 +127,7 @@ def neurons(
     fig.update_layout(
         title=title or f"Top {len(order)} neurons for {attribution.target_names[target]}",
         xaxis_title="score",
+        yaxis={"type": "category", "dtick": 1},
         template="plotly_white",
         height=max(300, 22 * len(order)),
     )
@@ -144,7 +148,11 @@ def layer_contributions(
     for c, name in enumerate(names):
         fig.add_trace(go.Scatter(x=x, y=values[:, c].tolist(), mode="lines+markers", name=name))
     fig.update_layout(
-        title=title, xaxis_title="layer", yaxis_title="share of target", template="plotly_white"
+        title=title,
+        xaxis_title="layer",
+        yaxis_title="share of target",
+        xaxis_dtick=1,
+        template="plotly_white",
     )
     return fig
 
