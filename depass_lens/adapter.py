@@ -67,6 +67,16 @@ class MLPWeights:
         return self.W_gate is not None
 
 
+@dataclass(frozen=True)
+class MoEWeights:
+    """A mixture-of-experts layer: gated experts and how the (frozen) router's weights are used."""
+
+    experts: list[MLPWeights]
+    experts_per_token: int
+    renormalise: bool
+    weights_hook: str
+
+
 def _tensor(value: object, name: str) -> Tensor:
     """A weight as a tensor; anything else (e.g. a quantised module) is unsupported."""
     if not isinstance(value, Tensor):
@@ -166,7 +176,9 @@ class ModelAdapter:
                 if norm is not None and norm.scale_hook is not None:
                     names.append(norm.scale_hook)
             names.append(f"blocks.{layer}.attn.hook_pattern")
-            if not self.attn_only:
+            if self.is_moe:
+                names.append(self.moe(layer).weights_hook)
+            elif not self.attn_only:
                 mlp = self.mlp(layer)
                 names += [f"blocks.{layer}.mlp.hook_pre", f"blocks.{layer}.mlp.hook_post"]
                 if mlp.gated:
@@ -235,6 +247,36 @@ class ModelAdapter:
         )
 
     @property
+    def is_moe(self) -> bool:
+        """Mixture-of-experts MLPs (TransformerLens ``MoE``): routing is frozen, experts split."""
+        return bool(getattr(self.cfg, "num_experts", None)) and not self.attn_only
+
+    def moe(self, layer: int) -> MoEWeights:
+        mlp = self.model.blocks[layer].mlp
+        experts = []
+        for expert in getattr(mlp, "experts", []):
+            W_in = _tensor(expert.W_in.weight, "W_in").T
+            zeros_in = W_in.new_zeros(W_in.shape[1])
+            W_out = _tensor(expert.W_out.weight, "W_out").T
+            experts.append(
+                MLPWeights(
+                    W_in=W_in,
+                    b_in=zeros_in,
+                    W_out=W_out,
+                    b_out=W_out.new_zeros(W_out.shape[1]),
+                    W_gate=_tensor(expert.W_gate.weight, "W_gate").T,
+                    act_fn=expert.act_fn,
+                    inner_norm=None,
+                )
+            )
+        return MoEWeights(
+            experts=experts,
+            experts_per_token=int(self.cfg.experts_per_token or 1),
+            renormalise=bool(getattr(self.cfg, "norm_topk_prob", False)),
+            weights_hook=f"blocks.{layer}.mlp.hook_expert_weights",
+        )
+
+    @property
     def W_U(self) -> Float[Tensor, "d_model d_vocab"]:
         return self.model.W_U
 
@@ -251,10 +293,8 @@ class ModelAdapter:
 def _unsupported_settings(model: HookedTransformer) -> list[str]:
     cfg = model.cfg
     problems = []
-    if getattr(cfg, "num_experts", None):
-        problems.append(
-            "num_experts (mixture-of-experts MLPs): expert routing is not propagated yet"
-        )
+    if getattr(cfg, "num_experts", None) and cfg.original_architecture == "GptOssForCausalLM":
+        problems.append("GPT-OSS mixture-of-experts (clamped SwiGLU experts with biases)")
     if getattr(cfg, "clip_qkv", None) is not None:
         problems.append("clip_qkv (clamping of values is a nonlinearity on the value path)")
     if getattr(cfg, "load_in_4bit", False):

@@ -19,7 +19,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from depass_lens.adapter import ModelAdapter
+from depass_lens.adapter import MLPWeights, ModelAdapter
 from depass_lens.rules import NeuronValues, TaylorRule
 
 HookFn = Callable[..., Tensor | None]
@@ -52,7 +52,7 @@ def linearising_hooks(adapter: ModelAdapter, rule: TaylorRule) -> list[tuple[str
         return value.detach()
 
     for name in adapter.frozen_hook_names():
-        if name.endswith("hook_scale") or name.endswith("hook_pattern"):
+        if name.endswith(("hook_scale", "hook_pattern", "hook_expert_weights")):
             hooks.append((name, detach))
     if adapter.attn_only:
         return hooks
@@ -64,29 +64,45 @@ def linearising_hooks(adapter: ModelAdapter, rule: TaylorRule) -> list[tuple[str
 def _mlp_linearising_hooks(
     adapter: ModelAdapter, layer: int, rule: TaylorRule
 ) -> list[tuple[str, HookFn]]:
+    """Linearising hooks for one layer's MLP, or for each expert of a mixture-of-experts layer."""
+    prefix = f"blocks.{layer}.mlp"
+    if adapter.is_moe:
+        hooks: list[tuple[str, HookFn]] = []
+        for index, expert in enumerate(adapter.moe(layer).experts):
+            name = f"{prefix}.experts.{index}"
+            hooks += _activation_hooks(
+                f"{name}.hook_gate", f"{name}.hook_pre", f"{name}.hook_post", expert, rule
+            )
+        return hooks
+    mlp = adapter.mlp(layer)
+    post = f"{prefix}.hook_mid" if mlp.inner_norm is not None else f"{prefix}.hook_post"
+    up = f"{prefix}.hook_pre_linear" if mlp.gated else None
+    return _activation_hooks(f"{prefix}.hook_pre", up, post, mlp, rule)
+
+
+def _activation_hooks(
+    gate_hook: str, up_hook: str | None, value_hook: str, mlp: MLPWeights, rule: TaylorRule
+) -> list[tuple[str, HookFn]]:
     """Store the live pre-activations, then replace the activation by its linearisation.
 
     The replacement is ``value.detach() + L(live) - L(live).detach()``: its value is the real one,
     its gradient that of the linear map ``L`` (frozen ratio times each share).
     """
-    mlp = adapter.mlp(layer)
     live: dict[str, Tensor] = {}
-    prefix = f"blocks.{layer}.mlp"
 
-    def store(name: str) -> HookFn:
+    def store(key: str) -> HookFn:
         def fn(value: Tensor, hook) -> None:
-            live[name] = value
+            live[key] = value
 
         return fn
 
     def linearise(value: Tensor, hook) -> Tensor:
-        gate = live["pre"]
-        if mlp.gated:
-            up = live["pre_linear"]
+        gate = live["gate"]
+        if up_hook is not None:
+            up = live["up"]
             g, u = gate.detach(), up.detach()
             act = mlp.act_fn(g)
-            values = NeuronValues(g, act, act * u, u, mlp.act_fn)
-            r = rule.ratio(values)
+            r = rule.ratio(NeuronValues(g, act, act * u, u, mlp.act_fn))
             gate_side = r * u * gate
             up_side = act * up
             linear = {"gate": gate_side, "up": up_side, "symmetric": 0.5 * (gate_side + up_side)}[
@@ -98,11 +114,10 @@ def _mlp_linearising_hooks(
             linear = rule.ratio(values) * gate
         return value.detach() + (linear - linear.detach())
 
-    hooks: list[tuple[str, HookFn]] = [(f"{prefix}.hook_pre", store("pre"))]
-    if mlp.gated:
-        hooks.append((f"{prefix}.hook_pre_linear", store("pre_linear")))
-    activation_hook = f"{prefix}.hook_mid" if mlp.inner_norm is not None else f"{prefix}.hook_post"
-    hooks.append((activation_hook, linearise))
+    hooks: list[tuple[str, HookFn]] = [(gate_hook, store("gate"))]
+    if up_hook is not None:
+        hooks.append((up_hook, store("up")))
+    hooks.append((value_hook, linearise))
     return hooks
 
 

@@ -76,6 +76,16 @@ class FrozenActivations:
     def mlp(self, layer: int, name: str) -> Float[Tensor, "batch pos d_mlp"]:
         return self.cache[f"blocks.{layer}.mlp.hook_{name}"]
 
+    def routing(self, layer: int) -> Float[Tensor, "batch pos expert"]:
+        """Each expert's frozen mixing weight per position (zero where it was not selected)."""
+        moe = self.adapter.moe(layer)
+        batch, n_pos = self.tokens.shape
+        probs = self.cache[moe.weights_hook].reshape(batch, n_pos, -1)
+        top, index = probs.topk(moe.experts_per_token, dim=-1)
+        if moe.renormalise:
+            top = top / top.sum(-1, keepdim=True)
+        return torch.zeros_like(probs).scatter(-1, index, top)
+
 
 def validate_cache(
     adapter: ModelAdapter, cache: ActivationCache, tokens: Int[Tensor, "batch pos"]

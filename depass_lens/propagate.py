@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from transformer_lens import HookedRootModule
 from transformer_lens.hook_points import HookPoint
 
-from depass_lens.adapter import ModelAdapter, NormWeights
+from depass_lens.adapter import MLPWeights, ModelAdapter, NormWeights
 from depass_lens.decomposition import Decomposition
 from depass_lens.errors import DePassInputError
 from depass_lens.frozen import FrozenActivations
@@ -176,22 +176,57 @@ class DecomposedMLP(nn.Module):
         return NeuronValues(gate, act, act, None, mlp.act_fn)
 
     def _shares(
-        self, part: Stream, offset: int, n_comp: int, layer: int, ctx: PropagationContext
+        self, part: Stream, offset: int, n_comp: int, mlp: MLPWeights, hooks: bool
     ) -> tuple[Tensor, Tensor | None]:
-        mlp = ctx.adapter.mlp(layer)
+        pre_hook = self.hook_pre if hooks else _identity
         if mlp.W_gate is not None:
             gate = einops.einsum(part, mlp.W_gate, "b c p d, d n -> b c p n")
             up = einops.einsum(part, mlp.W_in, "b c p d, d n -> b c p n")
-            return self.hook_pre(gate), self.hook_pre_linear(up)
+            return pre_hook(gate), (self.hook_pre_linear if hooks else _identity)(up)
         pre = einops.einsum(part, mlp.W_in, "b c p d, d n -> b c p n")
         pre = pre + bias_indicator(offset, part.shape[1], n_comp, pre) * mlp.b_in
-        return self.hook_pre(pre), None
+        return pre_hook(pre), None
 
     def forward(self, x: Stream, layer: int, ctx: PropagationContext) -> Stream:
-        mlp = ctx.adapter.mlp(layer)
-        values = self.neuron_values(layer, ctx)
+        if ctx.adapter.is_moe:
+            return self._mixture(x, layer, ctx)
+        return self._dense(x, ctx.adapter.mlp(layer), self.neuron_values(layer, ctx), ctx)
+
+    def _mixture(self, x: Stream, layer: int, ctx: PropagationContext) -> Stream:
+        """Mixture of experts: the router's weights are frozen; each expert is a gated MLP.
+
+        An expert's real pre-activations are those of the real input (the sum of the components);
+        its output, split by the rule, is scaled by the frozen routing weight of each position.
+        Expert-internal hook points are not exposed (``hook_mlp_out`` is).
+        """
+        routing = ctx.frozen.routing(layer).to(x.dtype)
+        real = x.sum(dim=1)
+        out = torch.zeros_like(x)
+        for index, expert in enumerate(ctx.adapter.moe(layer).experts):
+            weight = routing[..., index]
+            if not bool((weight != 0).any()):
+                continue
+            assert expert.W_gate is not None
+            gate = real @ expert.W_gate
+            up = real @ expert.W_in
+            act = expert.act_fn(gate)
+            values = NeuronValues(gate, act, act * up, up, expert.act_fn)
+            part = self._dense(x, expert, values, ctx, hooks=False)
+            out = out + part * weight[:, None, :, None]
+        return out
+
+    def _dense(
+        self,
+        x: Stream,
+        mlp: MLPWeights,
+        values: NeuronValues,
+        ctx: PropagationContext,
+        hooks: bool = True,
+    ) -> Stream:
+        """Split each neuron's value among the components (chunked), then project by W_out."""
         n_comp = x.shape[1]
-        hooked = _any_hooks(self.hook_pre, self.hook_pre_linear, self.hook_mid, self.hook_post)
+        points = (self.hook_pre, self.hook_pre_linear, self.hook_mid, self.hook_post)
+        hooked = hooks and _any_hooks(*points)
         slices = chunk_slices(n_comp, None if hooked else ctx.chunk_size)
         rule = ctx.rule
         state = None
@@ -202,7 +237,7 @@ class DecomposedMLP(nn.Module):
                     shares = cached[offset]
                 else:
                     part = x[:, offset : offset + length]
-                    shares = self._shares(part, offset, n_comp, layer, ctx)
+                    shares = self._shares(part, offset, n_comp, mlp, hooks)
                     if len(slices) == 1:
                         cached[offset] = shares
                 state = rule.reduce(state, shares[0], offset, n_comp, stage)
@@ -212,17 +247,22 @@ class DecomposedMLP(nn.Module):
             if offset in cached:
                 gate, up = cached.pop(offset)
             else:
-                gate, up = self._shares(part, offset, n_comp, layer, ctx)
+                gate, up = self._shares(part, offset, n_comp, mlp, hooks)
             post = rule.split(state, gate, up, values, offset, n_comp)
             is_bias = bias_indicator(offset, length, n_comp, post)
             if mlp.inner_norm is not None:  # SoLU-LN: split act(pre), then the frozen inner LN
                 post = self.ln(self.hook_mid(post), mlp.inner_norm, ctx, is_bias)
             if mlp.gated:
                 post = post + is_bias * mlp.b_in
-            post = self.hook_post(post)
+            if hooks:
+                post = self.hook_post(post)
             out = einops.einsum(post, mlp.W_out, "b c p n, n d -> b c p d")
             outputs.append(out + is_bias * mlp.b_out)
         return torch.cat(outputs, dim=1) if len(outputs) > 1 else outputs[0]
+
+
+def _identity(x: Tensor) -> Tensor:
+    return x
 
 
 class DecomposedBlock(nn.Module):

@@ -361,6 +361,11 @@ class Neurons(Source):
     def _layers(self, adapter: ModelAdapter) -> list[int]:
         if adapter.attn_only:
             raise DePassInputError("Neurons: this model is attention-only; it has no MLP neurons")
+        if adapter.is_moe:
+            raise DePassInputError(
+                "Neurons: mixture-of-experts layers have per-expert neurons, which this source "
+                "does not split; use Modules (the whole MLP) or Custom"
+            )
         return _layers(self.layer, adapter, "Neurons")
 
     def _neurons(self, adapter: ModelAdapter) -> list[int]:

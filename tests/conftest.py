@@ -71,6 +71,18 @@ FAMILIES: dict[str, tuple[dict, Callable[[HookedTransformer], None] | None]] = {
     ),
     "solu_ln": (dict(act_fn="solu_ln", normalization_type="LN"), None),
     "no_norm": (dict(act_fn="relu", normalization_type=None), None),
+    "moe": (
+        dict(
+            act_fn="silu",
+            normalization_type="RMS",
+            positional_embedding_type="rotary",
+            rotary_dim=8,
+            gated_mlp=True,
+            num_experts=4,
+            experts_per_token=2,
+        ),
+        None,
+    ),
     "alibi_local": (
         dict(
             act_fn="gelu",
@@ -104,7 +116,10 @@ def make_model(family: str, dtype: torch.dtype = torch.float32, **overrides) -> 
     """A tiny random model of ``family`` in ``dtype``."""
     config, post = FAMILIES[family]
     cfg = HookedTransformerConfig(**{**BASE, **config, **overrides, "dtype": dtype})
-    model = randomise(HookedTransformer(cfg))
+    model = HookedTransformer(cfg)
+    if cfg.num_experts:  # TransformerLens builds MoE experts as default-dtype nn.Linear layers
+        torch.nn.Module.to(model, dtype)
+    model = randomise(model)
     if post is not None:
         post(model)
     model.eval()

@@ -135,11 +135,13 @@ def test_unsupported_configs_are_named():
     cfg = HookedTransformerConfig(**{**BASE, "act_fn": "gelu", "attention_dir": "bidirectional"})
     with pytest.raises(dp.UnsupportedModelError, match="attention_dir"):
         dp.DePass(HookedTransformer(cfg))
-    moe = HookedTransformerConfig(
-        **{**BASE, "act_fn": "silu", "num_experts": 4, "experts_per_token": 2, "gated_mlp": True}
-    )
-    with pytest.raises(dp.UnsupportedModelError, match="num_experts"):
-        dp.DePass(HookedTransformer(moe))
+    clipped = HookedTransformerConfig(**{**BASE, "act_fn": "silu", "clip_qkv": 8.0})
+    with pytest.raises(dp.UnsupportedModelError, match="clip_qkv"):
+        dp.DePass(HookedTransformer(clipped))
+    gpt_oss = make_model("moe")
+    gpt_oss.cfg.original_architecture = "GptOssForCausalLM"
+    with pytest.raises(dp.UnsupportedModelError, match="GPT-OSS"):
+        dp.DePass(gpt_oss)
     with pytest.raises(TypeError, match="HookedTransformer"):
         dp.DePass(torch.nn.Linear(2, 2))
 
