@@ -256,12 +256,22 @@ class DePass:
         return check
 
     def _chunk(self, prepared: Prepared, n_comp: int) -> int | None:
+        """Components per chunk: what fits in the budget beside the stream itself.
+
+        Forward mode holds about four copies of the stream (the start decomposition, its
+        positional part, the running stream and one sublayer output); each chunk of ``c``
+        components needs about ``8 c`` rows of the widest layer for its intermediates.
+        """
         if self.chunk_size is not None:
             return self.chunk_size
-        budget = self.memory_budget or _free_memory(self.adapter.device) // 4
         batch, n_pos = prepared.tokens.shape
+        itemsize = self.adapter.dtype.itemsize
+        stream = batch * n_comp * n_pos * self.adapter.d_model * itemsize
+        budget = self.memory_budget
+        if budget is None:
+            budget = max((_free_memory(self.adapter.device) - 4 * stream) // 2, 2**28)
         width = max(self.adapter.d_model, self.adapter.d_mlp, 1)
-        per_comp = batch * n_pos * width * self.adapter.dtype.itemsize * 4
+        per_comp = batch * n_pos * width * itemsize * 8
         return max(1, min(n_comp, budget // max(per_comp, 1)))
 
     # ------------------------------------------------------------------ forward mode

@@ -99,6 +99,13 @@ class DecomposedNorm(nn.Module):
         return x
 
 
+Prepare = Callable[[Tensor, Tensor], Tensor]  # (chunk of components, is_bias) -> chunk
+
+
+def _keep(x: Tensor, is_bias: Tensor) -> Tensor:
+    return x
+
+
 class DecomposedAttention(nn.Module):
     """Attention with the real pattern: each component's values are mixed, then projected by W_O."""
 
@@ -108,50 +115,43 @@ class DecomposedAttention(nn.Module):
         self.hook_z = HookPoint()  # [batch, comp, pos, head, d_head]
         self.hook_result = HookPoint()  # [batch, comp, pos, head, d_model]
 
-    def forward(self, x: Stream, layer: int, ctx: PropagationContext) -> Stream:
+    def forward(self, part: Stream, layer: int, ctx: PropagationContext, is_bias: Tensor) -> Stream:
+        """One chunk of (normalised) components; ``is_bias`` marks the bias component in it."""
         weights = ctx.adapter.attention(layer)
-        pattern = ctx.frozen.pattern(layer).to(x.dtype)
-        n_comp = x.shape[1]
-        hooked = _any_hooks(self.hook_v, self.hook_z, self.hook_result)
-        outputs = []
-        for offset, length in chunk_slices(n_comp, None if hooked else ctx.chunk_size):
-            part = x[:, offset : offset + length]
-            is_bias = bias_indicator(offset, length, n_comp, part).unsqueeze(-1)
-            v = einops.einsum(
-                part,
-                weights.W_V,
-                "batch comp pos d_model, head d_model d_head -> batch comp pos head d_head",
+        pattern = ctx.frozen.pattern(layer).to(part.dtype)
+        v = einops.einsum(
+            part,
+            weights.W_V,
+            "batch comp pos d_model, head d_model d_head -> batch comp pos head d_head",
+        )
+        v = v + is_bias.unsqueeze(-1) * weights.b_V
+        if weights.kv_repeat > 1:
+            v = torch.repeat_interleave(v, weights.kv_repeat, dim=3)
+        v = self.hook_v(v)
+        z = self.hook_z(
+            einops.einsum(
+                pattern,
+                v,
+                "batch head query key, batch comp key head d_head -> batch comp query head d_head",
             )
-            v = v + is_bias * weights.b_V
-            if weights.kv_repeat > 1:
-                v = torch.repeat_interleave(v, weights.kv_repeat, dim=3)
-            v = self.hook_v(v)
-            z = self.hook_z(
+        )
+        if self.hook_result.has_hooks():
+            result = self.hook_result(
                 einops.einsum(
-                    pattern,
-                    v,
-                    "batch head query key, batch comp key head d_head -> batch comp query head "
-                    "d_head",
-                )
-            )
-            if self.hook_result.has_hooks():
-                result = self.hook_result(
-                    einops.einsum(
-                        z,
-                        weights.W_O,
-                        "batch comp pos head d_head, head d_head d_model -> batch comp pos head "
-                        "d_model",
-                    )
-                )
-                out = result.sum(dim=3)
-            else:
-                out = einops.einsum(
                     z,
                     weights.W_O,
-                    "batch comp pos head d_head, head d_head d_model -> batch comp pos d_model",
+                    "batch comp pos head d_head, head d_head d_model -> "
+                    "batch comp pos head d_model",
                 )
-            outputs.append(out + bias_indicator(offset, length, n_comp, out) * weights.b_O)
-        return torch.cat(outputs, dim=1) if len(outputs) > 1 else outputs[0]
+            )
+            out = result.sum(dim=3)
+        else:
+            out = einops.einsum(
+                z,
+                weights.W_O,
+                "batch comp pos head d_head, head d_head d_model -> batch comp pos d_model",
+            )
+        return out + is_bias * weights.b_O
 
 
 class DecomposedMLP(nn.Module):
@@ -165,6 +165,15 @@ class DecomposedMLP(nn.Module):
         self.hook_post = HookPoint()  # [batch, comp, pos, d_mlp]
         self.ln = DecomposedNorm()
 
+    def hook_points_inside(self) -> tuple[HookPoint, ...]:
+        return (
+            self.hook_pre,
+            self.hook_pre_linear,
+            self.hook_mid,
+            self.hook_post,
+            self.ln.hook_normalized,
+        )
+
     def neuron_values(self, layer: int, ctx: PropagationContext) -> NeuronValues:
         mlp = ctx.adapter.mlp(layer)
         gate = ctx.frozen.mlp(layer, "pre")
@@ -176,7 +185,7 @@ class DecomposedMLP(nn.Module):
         return NeuronValues(gate, act, act, None, mlp.act_fn)
 
     def _shares(
-        self, part: Stream, offset: int, n_comp: int, mlp: MLPWeights, hooks: bool
+        self, part: Stream, is_bias: Tensor, mlp: MLPWeights, hooks: bool
     ) -> tuple[Tensor, Tensor | None]:
         pre_hook = self.hook_pre if hooks else _identity
         if mlp.W_gate is not None:
@@ -184,15 +193,24 @@ class DecomposedMLP(nn.Module):
             up = einops.einsum(part, mlp.W_in, "b c p d, d n -> b c p n")
             return pre_hook(gate), (self.hook_pre_linear if hooks else _identity)(up)
         pre = einops.einsum(part, mlp.W_in, "b c p d, d n -> b c p n")
-        pre = pre + bias_indicator(offset, part.shape[1], n_comp, pre) * mlp.b_in
-        return pre_hook(pre), None
+        return pre_hook(pre + is_bias * mlp.b_in), None
 
-    def forward(self, x: Stream, layer: int, ctx: PropagationContext) -> Stream:
+    def forward(
+        self,
+        x: Stream,
+        layer: int,
+        ctx: PropagationContext,
+        slices: list[tuple[int, int]],
+        prepare: Prepare = _keep,
+        finish: Prepare = _keep,
+    ) -> Stream:
+        """The MLP's decomposed output; ``prepare``/``finish`` apply the frozen norms per chunk."""
         if ctx.adapter.is_moe:
-            return self._mixture(x, layer, ctx)
-        return self._dense(x, ctx.adapter.mlp(layer), self.neuron_values(layer, ctx), ctx)
+            return self._mixture(x, layer, ctx, slices, prepare, finish)
+        values = self.neuron_values(layer, ctx)
+        return self._dense(x, ctx.adapter.mlp(layer), values, ctx, slices, prepare, finish)
 
-    def _mixture(self, x: Stream, layer: int, ctx: PropagationContext) -> Stream:
+    def _mixture(self, x, layer, ctx, slices, prepare, finish) -> Stream:
         """Mixture of experts: the router's weights are frozen; each expert is a gated MLP.
 
         An expert's real pre-activations are those of the real input (the sum of the components);
@@ -200,7 +218,7 @@ class DecomposedMLP(nn.Module):
         Expert-internal hook points are not exposed (``hook_mlp_out`` is).
         """
         routing = ctx.frozen.routing(layer).to(x.dtype)
-        real = x.sum(dim=1)
+        real = prepare(x.sum(dim=1, keepdim=True), torch.ones_like(x[:1, :1, :1, :1]))[:, 0]
         out = torch.zeros_like(x)
         for index, expert in enumerate(ctx.adapter.moe(layer).experts):
             weight = routing[..., index]
@@ -211,9 +229,9 @@ class DecomposedMLP(nn.Module):
             up = real @ expert.W_in
             act = expert.act_fn(gate)
             values = NeuronValues(gate, act, act * up, up, expert.act_fn)
-            part = self._dense(x, expert, values, ctx, hooks=False)
-            out = out + part * weight[:, None, :, None]
-        return out
+            part = self._dense(x, expert, values, ctx, slices, prepare, _keep, hooks=False)
+            out += part * weight[:, None, :, None]
+        return finish(out, bias_indicator(0, x.shape[1], x.shape[1], x))
 
     def _dense(
         self,
@@ -221,33 +239,39 @@ class DecomposedMLP(nn.Module):
         mlp: MLPWeights,
         values: NeuronValues,
         ctx: PropagationContext,
+        slices: list[tuple[int, int]],
+        prepare: Prepare,
+        finish: Prepare,
         hooks: bool = True,
     ) -> Stream:
-        """Split each neuron's value among the components (chunked), then project by W_out."""
+        """Split each neuron's value among the components chunk by chunk, then project by W_out.
+
+        A non-linear rule first reduces statistics over every chunk (``reduce_passes`` passes),
+        recomputing each chunk's shares rather than keeping them all.
+        """
         n_comp = x.shape[1]
-        points = (self.hook_pre, self.hook_pre_linear, self.hook_mid, self.hook_post)
-        hooked = hooks and _any_hooks(*points)
-        slices = chunk_slices(n_comp, None if hooked else ctx.chunk_size)
         rule = ctx.rule
         state = None
         cached: dict[int, tuple[Tensor, Tensor | None]] = {}
+
+        def shares_of(offset: int, length: int) -> tuple[Tensor, Tensor | None]:
+            if offset in cached:
+                return cached[offset]
+            is_bias = bias_indicator(offset, length, n_comp, x)
+            shares = self._shares(
+                prepare(x[:, offset : offset + length], is_bias), is_bias, mlp, hooks
+            )
+            if len(slices) == 1:
+                cached[offset] = shares
+            return shares
+
         for stage in range(0 if rule.linear else rule.reduce_passes):  # statistics first
             for offset, length in slices:
-                if offset in cached:
-                    shares = cached[offset]
-                else:
-                    part = x[:, offset : offset + length]
-                    shares = self._shares(part, offset, n_comp, mlp, hooks)
-                    if len(slices) == 1:
-                        cached[offset] = shares
-                state = rule.reduce(state, shares[0], offset, n_comp, stage)
-        outputs = []
+                state = rule.reduce(state, shares_of(offset, length)[0], offset, n_comp, stage)
+        output = x.new_empty(x.shape) if len(slices) > 1 else None
         for offset, length in slices:
-            part = x[:, offset : offset + length]
-            if offset in cached:
-                gate, up = cached.pop(offset)
-            else:
-                gate, up = self._shares(part, offset, n_comp, mlp, hooks)
+            gate, up = shares_of(offset, length)
+            cached.pop(offset, None)
             post = rule.split(state, gate, up, values, offset, n_comp)
             is_bias = bias_indicator(offset, length, n_comp, post)
             if mlp.inner_norm is not None:  # SoLU-LN: split act(pre), then the frozen inner LN
@@ -256,9 +280,13 @@ class DecomposedMLP(nn.Module):
                 post = post + is_bias * mlp.b_in
             if hooks:
                 post = self.hook_post(post)
-            out = einops.einsum(post, mlp.W_out, "b c p n, n d -> b c p d")
-            outputs.append(out + is_bias * mlp.b_out)
-        return torch.cat(outputs, dim=1) if len(outputs) > 1 else outputs[0]
+            out = einops.einsum(post, mlp.W_out, "b c p n, n d -> b c p d") + is_bias * mlp.b_out
+            out = finish(out, is_bias)
+            if output is None:
+                return out
+            output[:, offset : offset + length] = out
+        assert output is not None
+        return output
 
 
 def _identity(x: Tensor) -> Tensor:
@@ -266,7 +294,12 @@ def _identity(x: Tensor) -> Tensor:
 
 
 class DecomposedBlock(nn.Module):
-    """One transformer block on decomposed streams, with TransformerLens's block hook points."""
+    """One transformer block on decomposed streams, with TransformerLens's block hook points.
+
+    Each sublayer (norm, attention or MLP, post-norm) runs chunk by chunk over the components into
+    one output tensor, so memory stays near two copies of the stream plus one chunk. Residual
+    additions happen in place when no hook can hold the tensor being added to.
+    """
 
     def __init__(self, adapter: ModelAdapter) -> None:
         super().__init__()
@@ -284,44 +317,103 @@ class DecomposedBlock(nn.Module):
             self.hook_mlp_out = HookPoint()
         self.hook_resid_post = HookPoint()
 
-    def _attention(self, x: Stream, layer: int, ctx: PropagationContext) -> Stream:
+    def _norm_fns(
+        self,
+        pre: DecomposedNorm,
+        post: DecomposedNorm,
+        which: tuple[str, str],
+        ctx: PropagationContext,
+        layer: int,
+    ) -> tuple[Prepare, Prepare]:
+        """Per-chunk functions for the norm before a sublayer and the norm(s) after it."""
         norms = ctx.adapter.block_norms(layer)
-        if ctx.adapter.post_norm:  # OLMo 2/3: the norm acts on the attention output
-            out = self.ln1(self.attn(x, layer, ctx), norms["ln1"], ctx)
+        before, after = norms[which[0]], norms[which[1]]
+        if ctx.adapter.post_norm:  # OLMo 2/3: the norm acts on the sublayer's output
+            before, extra_after = None, before
         else:
-            out = self.attn(self.ln1(x, norms["ln1"], ctx), layer, ctx)
-        out = self.ln1_post(out, norms["ln1_post"], ctx)
-        return self.hook_attn_out(out)
+            extra_after = None
+
+        def prepare(part: Tensor, is_bias: Tensor) -> Tensor:
+            return pre(part, before, ctx, is_bias)
+
+        def finish(part: Tensor, is_bias: Tensor) -> Tensor:
+            if extra_after is not None:
+                part = pre(part, extra_after, ctx, is_bias)
+            return post(part, after, ctx, is_bias)
+
+        return prepare, finish
+
+    def _slices(
+        self, ctx: PropagationContext, n_comp: int, *points: HookPoint
+    ) -> list[tuple[int, int]]:
+        hooked = _any_hooks(*points)
+        return chunk_slices(n_comp, None if hooked else ctx.chunk_size)
+
+    def _attention(self, x: Stream, layer: int, ctx: PropagationContext) -> Stream:
+        prepare, finish = self._norm_fns(self.ln1, self.ln1_post, ("ln1", "ln1_post"), ctx, layer)
+        n_comp = x.shape[1]
+        slices = self._slices(
+            ctx,
+            n_comp,
+            self.ln1.hook_normalized,
+            self.ln1_post.hook_normalized,
+            self.attn.hook_v,
+            self.attn.hook_z,
+            self.attn.hook_result,
+        )
+        output = x.new_empty(x.shape) if len(slices) > 1 else None
+        for offset, length in slices:
+            is_bias = bias_indicator(offset, length, n_comp, x)
+            part = prepare(x[:, offset : offset + length], is_bias)
+            part = finish(self.attn(part, layer, ctx, is_bias), is_bias)
+            if output is None:
+                return self.hook_attn_out(part)
+            output[:, offset : offset + length] = part
+        return self.hook_attn_out(output)
 
     def _mlp(self, x: Stream, layer: int, ctx: PropagationContext) -> Stream:
-        norms = ctx.adapter.block_norms(layer)
-        if ctx.adapter.post_norm:
-            out = self.ln2(self.mlp(x, layer, ctx), norms["ln2"], ctx)
-        else:
-            out = self.mlp(self.ln2(x, norms["ln2"], ctx), layer, ctx)
-        out = self.ln2_post(out, norms["ln2_post"], ctx)
-        return self.hook_mlp_out(out)
+        prepare, finish = self._norm_fns(self.ln2, self.ln2_post, ("ln2", "ln2_post"), ctx, layer)
+        slices = self._slices(
+            ctx,
+            x.shape[1],
+            self.ln2.hook_normalized,
+            self.ln2_post.hook_normalized,
+            *self.mlp.hook_points_inside(),
+        )
+        return self.hook_mlp_out(self.mlp(x, layer, ctx, slices, prepare, finish))
 
-    def forward(self, x: Stream, layer: int, start: str, ctx: PropagationContext) -> Stream:
+    @staticmethod
+    def _add(x: Stream, out: Stream, owned: bool) -> Stream:
+        """``x + out``, in place when nobody else can hold ``x``."""
+        return x.add_(out) if owned else x + out
+
+    def forward(
+        self, x: Stream, layer: int, start: str, ctx: PropagationContext, owned: bool = False
+    ) -> Stream:
+        """Run the block from ``start`` (pre or mid); ``owned``: ``x`` is the engine's tensor."""
         adapter = ctx.adapter
         check = ctx.checker or (lambda name, value: None)
         if start == "pre":
             x = self.hook_resid_pre(x)
             check(f"blocks.{layer}.hook_resid_pre", x)
+            owned = owned and not self.hook_resid_pre.has_hooks()
             if adapter.parallel:
                 mlp_out = self._mlp(x, layer, ctx)
-                x = x + self._attention(x, layer, ctx) + mlp_out
+                attn_out = self._attention(x, layer, ctx)
+                x = self._add(self._add(x, attn_out, owned), mlp_out, True)
             else:
-                x = x + self._attention(x, layer, ctx)
+                x = self._add(x, self._attention(x, layer, ctx), owned)
                 if adapter.has_resid_mid:
                     x = self.hook_resid_mid(x)
                     check(f"blocks.{layer}.hook_resid_mid", x)
                     start = "mid"
+            owned = True
         elif start == "mid":
             x = self.hook_resid_mid(x)
             check(f"blocks.{layer}.hook_resid_mid", x)
         if start == "mid":
-            x = x + self._mlp(x, layer, ctx)
+            owned = owned and not self.hook_resid_mid.has_hooks()
+            x = self._add(x, self._mlp(x, layer, ctx), owned)
         x = self.hook_resid_post(x)
         check(f"blocks.{layer}.hook_resid_post", x)
         return x
@@ -383,12 +475,13 @@ class DecomposedTransformer(HookedRootModule):
         adapter = ctx.adapter
         layer, stage = parse_start(decomposition.hook, adapter)
         x = decomposition.components
+        owned = False  # the input belongs to the caller: never modified in place
         if stage == "embed":
             x = self.hook_embed(x)
             if decomposition.pos_components is not None:
                 pos = self.hook_pos_embed(decomposition.pos_components)
                 if adapter.positional == "standard":
-                    x = x + pos
+                    x, owned = x + pos, True
             stage = "pre"
         elif stage == "post":  # the start hook itself fires, then the next block
             first: DecomposedBlock = self.blocks[layer]  # type: ignore[assignment]
@@ -398,7 +491,9 @@ class DecomposedTransformer(HookedRootModule):
         if ctx.progress:  # shown only if the run takes more than a couple of seconds
             layers = tqdm(layers, desc="DePass layers", leave=False, delay=2.0)
         for index in layers:
-            x = self.blocks[index](x, index, stage, ctx)
+            block: DecomposedBlock = self.blocks[index]  # type: ignore[assignment]
+            x = block(x, index, stage, ctx, owned)
+            owned = not block.hook_resid_post.has_hooks()
             stage = "pre"
         x = self.ln_final(x, adapter.final_norm(), ctx)
         return self.unembed.hook_in(x)

@@ -193,26 +193,19 @@ class Tokens(Source):
         hook = self.start_hooks(adapter)[0]
         state = ctx["hook_embed"] if hook == "hook_embed" else ctx[hook]
         batch, n_pos, _ = state.shape
-        eye = torch.eye(n_pos, dtype=state.dtype, device=state.device)
-        diag = einops.einsum(eye, state, "comp pos, b pos d -> b comp pos d")
+        diagonal = torch.arange(n_pos, device=state.device)
         extra = 1 if self._separate(adapter) else 0
-        comps = torch.zeros(
-            batch,
-            n_pos + extra + 1,
-            n_pos,
-            state.shape[-1],
-            dtype=state.dtype,
-            device=state.device,
-        )
-        comps[:, :n_pos] = diag
+        shape = (batch, n_pos + extra + 1, n_pos, state.shape[-1])
+        comps = state.new_zeros(shape)
+        comps[:, diagonal, diagonal] = state  # token t lives at position t only
         pos_comps = None
         if hook == "hook_embed" and adapter.positional in ("standard", "shortformer"):
             pos = ctx["hook_pos_embed"]
-            pos_comps = torch.zeros_like(comps)
+            pos_comps = state.new_zeros(shape)
             if extra:
                 pos_comps[:, n_pos] = pos
             else:
-                pos_comps[:, :n_pos] = einops.einsum(eye, pos, "comp pos, b pos d -> b comp pos d")
+                pos_comps[:, diagonal, diagonal] = pos
         return [Decomposition(hook, comps, self._labels(ctx, n_pos), pos_components=pos_comps)]
 
     def scores(self, ctx, grads):

@@ -89,3 +89,18 @@ def test_persistent_hook_on_engine_and_reset():
     assert seen and seen[0][1] == tokens.shape[1] + 1  # comp axis after batch
     depass.engine.reset_hooks()
     assert not any(hp.has_hooks() for hp in depass.engine.hook_points())
+
+
+def test_inputs_are_never_modified_in_place():
+    """Residual adds are in place only on the engine's own tensors, never on user components."""
+    model = make_model("gpt2", torch.float64)
+    tokens = random_tokens(model, batch=1)
+    _, cache = model.run_with_cache(tokens)
+    state = cache["blocks.1.hook_resid_pre"]
+    comps = torch.stack([0.25 * state, 0.75 * state], dim=1)
+    before = comps.clone()
+    for chunk in (None, 1):
+        dp.DePass(model, chunk_size=chunk).attribute(
+            tokens, dp.Logit(1), dp.Custom("blocks.1.hook_resid_pre", comps), mode="forward"
+        )
+    assert torch.equal(comps, before)
