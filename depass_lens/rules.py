@@ -292,6 +292,60 @@ class LinearRule(MLPRule):
         return _weights_times_value(weights, values)
 
 
+class ReferenceParity(MLPRule):
+    """The DePass reference implementation's conventions around a non-linear rule, for parity.
+
+    The paper's numbers were produced with these; they are off by default and only apply when
+    this wrapper is used explicitly. With components ``[c_0, ..., bias]`` (the reference calls the
+    last one "left"):
+
+    1. at position 0, all of the neuron goes to component 0;
+    2. the bias component's shares below ``1e-5`` in magnitude count as absent;
+    3. where no component is present, the neuron goes to the bias (as every rule here does);
+    4. ``ignore_bos`` (the reference's ``ignore_special_token=True``): component 0 (the BOS
+       token, for a ``Tokens`` source) counts as absent at every position but 0, so it receives
+       no MLP output later in the sequence.
+
+    It stays lossless: the weights at every neuron still sum to one.
+    """
+
+    def __init__(self, rule: MLPRule | str, ignore_bos: bool = True, remainder_floor: float = 1e-5):
+        inner = get_rule(rule)
+        if inner.linear:
+            raise DePassInputError("ReferenceParity wraps the non-linear rules (softmax, max, ...)")
+        self.inner = inner
+        self.ignore_bos = ignore_bos
+        self.remainder_floor = remainder_floor
+        self.name = f"{inner.name}-reference"
+        self.reduce_passes = inner.reduce_passes
+
+    def __repr__(self) -> str:
+        return f"ReferenceParity({self.inner!r}, ignore_bos={self.ignore_bos})"
+
+    def _masked(self, shares: Shares, offset: int, n_comp: int) -> Shares:
+        index = torch.arange(offset, offset + shares.shape[1], device=shares.device).view(
+            1, -1, 1, 1
+        )
+        absent = (index == n_comp - 1) & (shares.abs() < self.remainder_floor)
+        if self.ignore_bos:
+            later = torch.arange(shares.shape[2], device=shares.device).view(1, 1, -1, 1) > 0
+            absent = absent | ((index == 0) & later)
+        return torch.where(absent, torch.zeros_like(shares), shares)
+
+    def reduce(self, state, shares, offset, n_comp, stage=0):
+        return self.inner.reduce(state, self._masked(shares, offset, n_comp), offset, n_comp, stage)
+
+    def split(self, state, shares, up_shares, values, offset, n_comp):
+        out = self.inner.split(
+            state, self._masked(shares, offset, n_comp), up_shares, values, offset, n_comp
+        )
+        first = torch.zeros_like(out[:, :, 0])
+        if offset == 0:
+            first[:, 0] = values.value[:, 0]
+        out[:, :, 0] = first  # position 0: everything to component 0
+        return out
+
+
 _RULES: dict[str, Callable[[], MLPRule]] = {
     "taylor": TaylorRule,
     "softmax": SoftmaxRule,

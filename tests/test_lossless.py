@@ -74,3 +74,21 @@ def test_components_are_not_trivially_split():
     final = dp.DePass(model).run(tokens)["unembed.hook_in"][0, :, -1]  # comp d_model
     norms = final.norm(dim=-1)
     assert (norms[:-1] > 1e-3 * norms.max()).sum() >= tokens.shape[1] // 2
+
+
+@pytest.mark.parametrize("inner", ["softmax", "max", "relu", "linear"])
+def test_reference_parity_conventions(inner):
+    """The reference conventions, behind an explicit wrapper, are lossless and do what they say."""
+    model = make_model("llama", torch.float64)
+    tokens = random_tokens(model, batch=1)
+    _, cache = model.run_with_cache(tokens)
+    rule = dp.ReferenceParity(inner)
+    res = dp.DePass(model, rule=rule).run(tokens, cache=cache, names_filter=lambda n: True)
+    assert max(res.check_lossless(cache).values()) <= 1e-10
+    post = res["blocks.0.mlp.hook_post"][0]  # comp pos d_mlp
+    value = cache["blocks.0.mlp.hook_post"][0, 0] - model.blocks[0].mlp.b_in  # gated: b_in apart
+    torch.testing.assert_close(post[0, 0], value.detach())  # position 0: all to component 0
+    assert post[1:-1, 0].abs().max() == 0
+    assert post[0, 1:].abs().max() == 0  # BOS gets no MLP output after position 0
+    with pytest.raises(dp.DePassInputError, match="non-linear"):
+        dp.ReferenceParity("taylor")
