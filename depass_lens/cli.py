@@ -1,0 +1,82 @@
+"""Command line: ``depass-lens demo`` (offline report on a zoo model) and ``depass-lens eval``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from transformer_lens import HookedTransformer
+
+
+def load_model(name: str, device: str = "cpu") -> HookedTransformer:
+    """A zoo model by name (offline), else a TransformerLens pretrained name (needs internet)."""
+    from depass_lens import zoo  # noqa: PLC0415 - the zoo loads weights lazily
+
+    if name in zoo.list():
+        return zoo.load(name, device=device)
+    return HookedTransformer.from_pretrained(name, device=device)
+
+
+def default_prompt(name: str) -> tuple[str, str | None, str | None]:
+    """The zoo task's example prompt and answer/wrong answer, or a generic sentence."""
+    from depass_lens import zoo  # noqa: PLC0415
+
+    if name in zoo.list():
+        return zoo.example(name)
+    return ("When Mary and John went to the store, John gave a drink to", " Mary", " John")
+
+
+def demo(args: argparse.Namespace) -> int:
+    from depass_lens.demo import make_target, run_demo  # noqa: PLC0415
+
+    model = load_model(args.model, args.device)
+    prompt, target, wrong = default_prompt(args.model)
+    if args.prompt is not None:
+        prompt, target, wrong = args.prompt, None, None
+    target = args.target if args.target is not None else target
+    wrong = args.wrong if args.wrong is not None else wrong
+    result = run_demo(
+        model,
+        prompt,
+        make_target(model, target, wrong, prompt),
+        args.out,
+        title=f"DePass report: {args.model}",
+    )
+    print(result.summary())
+    return 0
+
+
+def evaluate(args: argparse.Namespace) -> int:
+    from depass_lens.evaluation.cli import run_cli  # noqa: PLC0415
+
+    return run_cli(args)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="depass-lens", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="write an HTML report of DePass on one prompt")
+    p.add_argument("--model", default="ioi", help="zoo name (offline) or TransformerLens name")
+    p.add_argument("--prompt", default=None, help="default: the zoo task's example prompt")
+    p.add_argument("--target", default=None, help="target token, e.g. ' Mary'")
+    p.add_argument("--wrong", default=None, help="with --target: explain target - wrong")
+    p.add_argument("--out", default="depass_report.html")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=demo)
+
+    e = sub.add_parser("eval", help="faithfulness evaluation against baselines")
+    e.add_argument("--model", default="ioi")
+    e.add_argument("--level", default="heads", choices=["tokens", "heads", "neurons", "subspace"])
+    e.add_argument("--n", type=int, default=32, help="number of task prompts")
+    e.add_argument("--out", default="depass_eval")
+    e.add_argument("--device", default="cpu")
+    e.set_defaults(func=evaluate)
+
+    args = parser.parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,41 @@
+"""``depass-lens eval --model ioi --level heads``: evaluate on a zoo model, write JSON + HTML."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from depass_lens import zoo
+from depass_lens.evaluation.metrics import TaskBatch
+from depass_lens.evaluation.run import evaluate
+from depass_lens.zoo.ablation import circuit_heads
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    start = time.perf_counter()
+    model = zoo.load(args.model, device=args.device)
+    task = zoo.task(args.model)
+    batch = TaskBatch.from_zoo(
+        task.batch(model, args.n, split="test", seed=21),
+        task.batch(model, args.n, split="train", seed=22),
+    )
+    truth = zoo.ground_truth(args.model)
+    circuit = len(circuit_heads(truth)) if args.level == "heads" else None
+    probe = zoo.info(args.model).get("probe") if args.level == "subspace" else None
+    report = evaluate(
+        model,
+        batch,
+        args.level,
+        ground_truth=truth,
+        circuit_size=circuit or None,
+        probe=probe,
+        name=args.model,
+    )
+    out = Path(args.out)
+    stem = f"{args.model}_{args.level}"
+    json_path = report.to_json(out / f"{stem}.json")
+    html_path = report.to_html(out / f"{stem}.html")
+    print(report.markdown())
+    print(f"wrote {json_path} and {html_path} in {time.perf_counter() - start:.1f} s")
+    return 0

@@ -1,0 +1,89 @@
+"""What every zoo task provides: a vocabulary, training text, and labelled evaluation batches."""
+
+from __future__ import annotations
+
+import random
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+from jaxtyping import Int
+from torch import Tensor
+from transformer_lens import HookedTransformer
+
+
+@dataclass
+class Example:
+    """One prompt (words, without BOS), its answer, a wrong answer and a corrupted prompt."""
+
+    words: list[str]
+    answer: str
+    wrong: str | None = None
+    corrupted: list[str] | None = None
+    label: str | None = None  # e.g. the language, for the bilingual task
+
+
+@dataclass
+class ZooBatch:
+    """A batch of same-length prompts as token ids (BOS first), with answers and counterfactuals.
+
+    All prompts of a zoo task have the same length, so no padding is needed and the answer is
+    always read at the last position.
+    """
+
+    prompts: list[str]
+    tokens: Int[Tensor, "batch pos"]
+    answers: Int[Tensor, " batch"]
+    wrong: Int[Tensor, " batch"] | None
+    corrupted: Int[Tensor, "batch pos"] | None
+    labels: list[str | None]
+
+
+class Task(ABC):
+    """A seeded, deterministic synthetic task."""
+
+    name: str = "task"
+
+    @abstractmethod
+    def words(self) -> list[str]:
+        """Every word the task uses (the tokenizer's vocabulary, after the special tokens)."""
+
+    @abstractmethod
+    def example(self, rng: random.Random, split: str) -> Example:
+        """One evaluation example from ``split`` (``"train"`` or ``"test"``)."""
+
+    def sentence(self, rng: random.Random) -> list[str]:
+        """One training sentence (next-token loss over every position): prompt + answer."""
+        ex = self.example(rng, "train")
+        return [*ex.words, ex.answer]
+
+    def loss_mask(self, length: int) -> list[float]:
+        """Which target positions of a training sentence count in the loss (default: all)."""
+        return [1.0] * length
+
+    def examples(self, n: int, split: str = "test", seed: int = 0) -> list[Example]:
+        rng = random.Random(f"{self.name}-{split}-{seed}")
+        return [self.example(rng, split) for _ in range(n)]
+
+    def batch(
+        self, model: HookedTransformer, n: int = 64, split: str = "test", seed: int = 0
+    ) -> ZooBatch:
+        """``n`` examples as token ids for ``model`` (which carries this task's tokenizer)."""
+        examples = self.examples(n, split, seed)
+
+        def ids(words: list[str]) -> Tensor:
+            return model.to_tokens(" ".join(words), prepend_bos=True)[0]
+
+        def single(word: str) -> int:
+            return int(model.to_single_token(word))
+
+        has_wrong = all(e.wrong is not None for e in examples)
+        has_corrupt = all(e.corrupted is not None for e in examples)
+        return ZooBatch(
+            prompts=[" ".join(e.words) for e in examples],
+            tokens=torch.stack([ids(e.words) for e in examples]),
+            answers=torch.tensor([single(e.answer) for e in examples]),
+            wrong=torch.tensor([single(e.wrong) for e in examples]) if has_wrong else None,  # type: ignore[arg-type]
+            corrupted=torch.stack([ids(e.corrupted) for e in examples]) if has_corrupt else None,  # type: ignore[arg-type]
+            labels=[e.label for e in examples],
+        )

@@ -1,0 +1,228 @@
+"""Train a zoo model, measure it, find its circuit by ablation, and ship weights + card.
+
+    python -m depass_lens.zoo.train ioi                  # full recipe, writes depass_lens/zoo/
+    python -m depass_lens.zoo.train ioi --steps 20 --out /tmp/zoo   # a quick check
+
+Training is next-token prediction over whole sentences (for ``ioi``: IOI sentences, so the name
+mechanism is learnt as part of language modelling rather than as a single answer classifier).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+from transformer_lens import HookedTransformer
+
+from depass_lens.zoo.ablation import ablation_effects, circuit_heads, top_components
+from depass_lens.zoo.registry import SPECS, ZooSpec
+from depass_lens.zoo.store import build_model, save
+from depass_lens.zoo.tasks import TASKS, Task
+
+
+@dataclass
+class TrainResult:
+    model: HookedTransformer
+    losses: list[float]
+    seconds: float
+
+
+def sentences_to_tokens(model: HookedTransformer, sentences: list[list[str]]) -> torch.Tensor:
+    return torch.stack([model.to_tokens(" ".join(s), prepend_bos=True)[0] for s in sentences])
+
+
+def train(
+    spec: ZooSpec, task: Task, steps: int, seed: int = 0, progress: bool = True
+) -> TrainResult:
+    """Next-token training on ``task.sentence`` batches with AdamW and a cosine schedule."""
+    torch.manual_seed(seed)
+    rng = random.Random(f"train-{spec.name}-{seed}")
+    model = build_model(spec, task.words(), seed=seed)
+    model.train()
+    optimiser = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(
+        optimiser, max_lr=spec.lr, total_steps=max(steps, 2), pct_start=0.1
+    )
+    losses: list[float] = []
+    start = time.perf_counter()
+    bar = tqdm(range(steps), desc=f"training {spec.name}", disable=not progress, mininterval=2.0)
+    for _ in bar:
+        tokens = sentences_to_tokens(model, [task.sentence(rng) for _ in range(spec.batch_size)])
+        logits = model(tokens)[:, :-1]
+        targets = tokens[:, 1:]
+        mask = torch.tensor(task.loss_mask(targets.shape[1]), dtype=logits.dtype)
+        loss_per = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
+        loss = (loss_per * mask).sum() / (mask.sum() * len(tokens))
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+        schedule.step()
+        losses.append(float(loss))
+        bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
+    model.eval()
+    return TrainResult(model, losses, time.perf_counter() - start)
+
+
+@torch.no_grad()
+def accuracy(
+    model: HookedTransformer, task: Task, n: int = 500, split: str = "test"
+) -> dict[str, float]:
+    """Top-1 accuracy over the whole vocabulary, and how often answer beats the wrong answer."""
+    batch = task.batch(model, n, split=split, seed=7)
+    last = model(batch.tokens)[:, -1]
+    rows = torch.arange(n)
+    out = {"top1": float((last.argmax(-1) == batch.answers).float().mean())}
+    if batch.wrong is not None:
+        out["beats_wrong"] = float(
+            (last[rows, batch.answers] > last[rows, batch.wrong]).float().mean()
+        )
+        out["logit_diff"] = float((last[rows, batch.answers] - last[rows, batch.wrong]).mean())
+    return out
+
+
+@torch.no_grad()
+def language_probe(model: HookedTransformer, task: Task, hook: str, n: int = 400) -> dict[str, Any]:
+    """Difference-of-means probe for the language label at ``hook`` (last position)."""
+    fit = task.batch(model, n, split="train", seed=3)
+    test = task.batch(model, n, split="test", seed=4)
+
+    def states(batch) -> tuple[torch.Tensor, torch.Tensor]:
+        _, cache = model.run_with_cache(batch.tokens, names_filter=hook)
+        is_b = torch.tensor([label == "B" for label in batch.labels])
+        return cache[hook][:, -1], is_b
+
+    x, is_b = states(fit)
+    direction = x[is_b].mean(0) - x[~is_b].mean(0)
+    direction = direction / direction.norm()
+    threshold = float(((x[is_b] @ direction).mean() + (x[~is_b] @ direction).mean()) / 2)
+    x_test, b_test = states(test)
+    acc = float((((x_test @ direction) > threshold) == b_test).float().mean())
+    return {
+        "hook": hook,
+        "pos": -1,
+        "direction": direction.tolist(),
+        "threshold": threshold,
+        "accuracy": acc,
+        "label": "language B (positive) vs A",
+    }
+
+
+def card_text(spec: ZooSpec, meta: dict[str, Any], effects: dict[str, Any]) -> str:
+    """The model card: config, training command, results and circuit."""
+    acc = meta["accuracy"]
+    lines = [
+        f"# Zoo model `{spec.name}`",
+        "",
+        spec.description + ".",
+        "",
+        "## Config",
+        "",
+        "```json",
+        json.dumps(meta["config"], indent=1),
+        "```",
+        "",
+        "## Training",
+        "",
+        f"- command: `python -m depass_lens.zoo.train {spec.name} --seed {meta['seed']}`",
+        f"- steps: {meta['steps']}, batch {spec.batch_size}, AdamW lr {spec.lr}, weight decay "
+        f"{spec.weight_decay}, one-cycle schedule; seed {meta['seed']}",
+        f"- wall time: {meta['train_seconds']:.0f} s on {meta['threads']} CPU thread(s); final "
+        f"loss {meta['final_loss']:.3f}",
+        f"- parameters: {meta['n_params']:,}; weights file {meta['weights_bytes'] / 1e6:.2f} MB",
+        "",
+        "## Held-out results",
+        "",
+        f"- top-1 accuracy (answer = argmax over all {meta['config']['d_vocab']} tokens): "
+        f"{acc['top1']:.3f}",
+    ]
+    if "beats_wrong" in acc:
+        lines.append(
+            f"- answer logit > wrong-answer logit: {acc['beats_wrong']:.3f}; mean logit "
+            f"difference {acc['logit_diff']:.2f}"
+        )
+    if "probe" in meta:
+        lines.append(
+            f"- language probe at `{meta['probe']['hook']}` (last position): held-out "
+            f"accuracy {meta['probe']['accuracy']:.3f}"
+        )
+    lines += [
+        "",
+        "## Circuit (exhaustive ablation)",
+        "",
+        f"Metric: {effects['metric']}; clean value {effects['clean']:.3f} on "
+        f"{effects['n_examples']} held-out prompts. Effect = metric(ablated) - metric(clean).",
+        "",
+    ]
+    circuit = circuit_heads(effects, "mean")
+    lines.append(
+        f"Heads whose mean-ablation moves the metric by more than 10% of its clean value "
+        f"({len(circuit)}): " + ", ".join(f"{n} ({v:+.2f})" for n, v in circuit)
+    )
+    lines.append("")
+    for key in ("heads_mean", "heads_zero", "neurons_mean"):
+        if key in effects:
+            top = top_components(effects, key)
+            lines.append(
+                f"- top-5 by |{key.replace('_', ' ')} ablation effect|: "
+                + ", ".join(f"{n} ({v:+.2f})" for n, v in top)
+            )
+    return "\n".join(lines) + "\n"
+
+
+def run(name: str, steps: int | None, seed: int, out: Path | None, threads: int) -> dict[str, Any]:
+    torch.set_num_threads(threads)
+    spec = SPECS[name] if out is None else replace(SPECS[name], root=Path(out))
+    task = TASKS[spec.task]()
+    n_steps = steps if steps is not None else spec.steps
+    result = train(spec, task, n_steps, seed)
+    model = result.model
+    meta: dict[str, Any] = {
+        "name": spec.name,
+        "task": spec.task,
+        "seed": seed,
+        "steps": n_steps,
+        "config": {**spec.config, "d_vocab": model.cfg.d_vocab},
+        "train_seconds": result.seconds,
+        "threads": threads,
+        "final_loss": result.losses[-1],
+        "first_loss": result.losses[0],
+        "n_params": sum(p.numel() for p in model.parameters()),
+        "accuracy": accuracy(model, task),
+    }
+    if "probe_hook" in spec.extra:
+        meta["probe"] = language_probe(model, task, spec.extra["probe_hook"])
+    test = task.batch(model, 200, split="test", seed=11)
+    reference = task.batch(model, 200, split="train", seed=12)
+    assert test.wrong is not None
+    effects = ablation_effects(model, test.tokens, test.answers, test.wrong, reference.tokens)
+    save(model, spec, task.words(), meta)
+    meta["weights_bytes"] = spec.weights_path.stat().st_size
+    save(model, spec, task.words(), meta)
+    spec.ablation_path.write_text(json.dumps(effects))
+    spec.card_path.parent.mkdir(parents=True, exist_ok=True)
+    spec.card_path.write_text(card_text(spec, meta, effects))
+    return meta
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("name", choices=sorted(SPECS))
+    parser.add_argument("--steps", type=int, default=None, help="default: the recipe's")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=None, help="default: the package's zoo folder")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    meta = run(args.name, args.steps, args.seed, args.out, args.threads)
+    print(json.dumps({k: v for k, v in meta.items() if k not in ("config", "probe")}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
