@@ -48,7 +48,7 @@ def load_model(spec: ZooSpec, device: str = "cpu") -> HookedTransformer:
     params = {name for name, _ in model.named_parameters()}
     if unexpected or params & set(missing):
         raise RuntimeError(f"zoo weights for {spec.name!r} do not fit: {missing} {unexpected}")
-    model.to(device)
+    if torch.device(device) != model.W_E.device:
+        model.to(device)
     model.eval()
-    torch.set_grad_enabled(True)
     return model
