@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
-from tqdm.auto import tqdm
+from tqdm import tqdm
 from transformer_lens import HookedTransformer
 
 

@@ -1,6 +1,6 @@
 """Markdown summary of the shipped zoo models (for the docs and the README).
 
-    python -m depass_lens.zoo.summary
+python -m depass_lens.zoo.summary
 """
 
 from __future__ import annotations

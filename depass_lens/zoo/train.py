@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
+from tqdm import tqdm
 from transformer_lens import HookedTransformer
 
 from depass_lens.zoo.ablation import ablation_effects, circuit_heads, top_components
