@@ -231,8 +231,14 @@ def depass_components(rule: str, relative: bool = False) -> ComponentMethod:
     return method
 
 
+def depass_tokens_magnitude(model, batch):
+    """DePass (taylor) token shares ranked by magnitude: tokens that matter either way."""
+    return depass_tokens("taylor")(model, batch).abs()
+
+
 TOKEN_METHODS: dict[str, TokenMethod] = {
     **{f"depass-{rule}": depass_tokens(rule) for rule in RULES},
+    "depass-taylor-abs": depass_tokens_magnitude,
     "attention": attention_last_layer,
     "attention-rollout": attention_rollout,
     "gradient-norm": gradient_norm,

@@ -17,7 +17,7 @@ from typing import Any
 
 import plotly.graph_objects as go
 import torch
-from tqdm.auto import tqdm
+from tqdm import tqdm
 from transformer_lens import HookedTransformer
 
 import depass_lens as dp
