@@ -19,7 +19,7 @@ import einops
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
-from tqdm.auto import tqdm
+from tqdm import tqdm
 from transformer_lens import ActivationCache, HookedTransformer
 from transformer_lens.utilities import get_attention_mask
 
@@ -65,6 +65,7 @@ class Readout:
         self.adapter = adapter
         self.prepared = prepared
 
+    @torch.no_grad()
     def logits(
         self, final: Float[Tensor, "batch comp pos d_model"]
     ) -> Float[Tensor, "batch comp pos d_vocab"]:
@@ -75,11 +76,13 @@ class Readout:
     def target_context(self) -> TargetContext:
         return TargetContext(self.adapter, self.prepared.tokens, self.prepared.attention_mask)
 
+    @torch.no_grad()
     def logit_attribution(
         self, final: Tensor, token: Any, pos: int = -1
     ) -> Float[Tensor, "batch comp"]:
         return read_target(final, Logit(token, pos), self.target_context())[:, 0]
 
+    @torch.no_grad()
     def lens(
         self, state: Float[Tensor, "batch comp pos d_model"]
     ) -> Float[Tensor, "batch comp pos d_model"]:

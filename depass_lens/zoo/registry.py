@@ -74,7 +74,7 @@ SPECS: dict[str, ZooSpec] = {
                 attn_only=True,
                 normalization_type="LN",
             ),
-            steps=3000,
+            steps=5000,
             lr=2e-3,
             description="2-layer attention-only model on repeated random sequences",
         ),

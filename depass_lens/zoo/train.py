@@ -55,12 +55,13 @@ def train(
     start = time.perf_counter()
     bar = tqdm(range(steps), desc=f"training {spec.name}", disable=not progress, mininterval=2.0)
     for _ in bar:
-        tokens = sentences_to_tokens(model, [task.sentence(rng) for _ in range(spec.batch_size)])
+        drawn = [task.sentence_with_mask(rng) for _ in range(spec.batch_size)]
+        tokens = sentences_to_tokens(model, [words for words, _ in drawn])
         logits = model(tokens)[:, :-1]
         targets = tokens[:, 1:]
-        mask = torch.tensor(task.loss_mask(targets.shape[1]), dtype=logits.dtype)
+        mask = torch.tensor([m for _, m in drawn], dtype=logits.dtype)  # batch, predicted words
         loss_per = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
-        loss = (loss_per * mask).sum() / (mask.sum() * len(tokens))
+        loss = (loss_per * mask).sum() / mask.sum()
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()

@@ -57,9 +57,10 @@ class Task(ABC):
         ex = self.example(rng, "train")
         return [*ex.words, ex.answer]
 
-    def loss_mask(self, length: int) -> list[float]:
-        """Which target positions of a training sentence count in the loss (default: all)."""
-        return [1.0] * length
+    def sentence_with_mask(self, rng: random.Random) -> tuple[list[str], list[float]]:
+        """A training sentence and, per predicted word, whether it counts in the loss."""
+        words = self.sentence(rng)
+        return words, [1.0] * len(words)
 
     def examples(self, n: int, split: str = "test", seed: int = 0) -> list[Example]:
         rng = random.Random(f"{self.name}-{split}-{seed}")

@@ -1,7 +1,11 @@
 """Induction: a random sequence repeated once; the second copy is predictable from the first.
 
-Prompts are ``[BOS] r_1 .. r_10 r_1 .. r_9`` with answer ``r_10``; the corrupted prompt replaces the
-first copy with fresh random tokens, so copying can no longer work.
+A prompt is ``[BOS] n_1 .. n_k r_1 .. r_L r_1 .. r_{L-1}`` with answer ``r_L``: ``k`` noise tokens,
+then a random sequence of random length ``L`` (5 to 10) and its repeat, always 19 tokens after BOS.
+Because ``L`` varies, the distance back to the earlier copy varies too, so a fixed positional
+offset cannot solve the task: the model has to find the previous occurrence of the current token
+(previous-token head + induction head). The corrupted prompt replaces the first copy with fresh
+tokens, so copying no longer works.
 """
 
 from __future__ import annotations
@@ -11,7 +15,8 @@ import random
 from depass_lens.zoo.tasks.base import Example, Task
 
 VOCAB = [f"t{i}" for i in range(60)]
-LENGTH = 10
+MIN_LENGTH, MAX_LENGTH = 5, 10
+TOTAL = 2 * MAX_LENGTH  # tokens after BOS in a training sentence
 
 
 class InductionTask(Task):
@@ -20,18 +25,27 @@ class InductionTask(Task):
     def words(self) -> list[str]:
         return list(VOCAB)
 
+    def _draw(self, rng: random.Random) -> tuple[list[str], list[str], list[str]]:
+        length = rng.randint(MIN_LENGTH, MAX_LENGTH)
+        seq = rng.sample(VOCAB, length)
+        others = [t for t in VOCAB if t not in seq]
+        noise = rng.sample(others, TOTAL - 2 * length)
+        fresh = rng.sample(others, length)
+        return noise, seq, fresh
+
     def example(self, rng: random.Random, split: str) -> Example:
-        seq = rng.sample(VOCAB, LENGTH)
-        fresh = rng.sample([t for t in VOCAB if t not in seq], LENGTH)
+        noise, seq, fresh = self._draw(rng)
         wrong = rng.choice([t for t in VOCAB if t not in seq])
         return Example(
-            words=seq + seq[:-1], answer=seq[-1], wrong=wrong, corrupted=fresh + seq[:-1]
+            words=noise + seq + seq[:-1],
+            answer=seq[-1],
+            wrong=wrong,
+            corrupted=noise + fresh + seq[:-1],
         )
 
-    def sentence(self, rng: random.Random) -> list[str]:
-        seq = rng.sample(VOCAB, LENGTH)
-        return seq + seq
-
-    def loss_mask(self, length: int) -> list[float]:
-        """Only the second copy is predictable; the first copy is noise."""
-        return [0.0] * LENGTH + [1.0] * (length - LENGTH)
+    def sentence_with_mask(self, rng: random.Random) -> tuple[list[str], list[float]]:
+        """Noise and first copy are unpredictable: only the second copy counts in the loss."""
+        noise, seq, _ = self._draw(rng)
+        words = noise + seq + seq
+        mask = [0.0] * (len(noise) + len(seq)) + [1.0] * len(seq)
+        return words, mask
