@@ -65,13 +65,17 @@ def main() -> None:
     parser.add_argument("--only", default=None, help="a model name, to run its pairs only")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    sections = []
     for name, level in PAIRS:
         if args.only and name != args.only:
             continue
-        text, seconds = run_pair(name, level, args.out)
+        text, _ = run_pair(name, level, args.out)
+        (args.out / f"{name}_{level}.md").write_text(text)
         print(text, flush=True)
-        sections.append(text)
+    sections = [
+        (args.out / f"{name}_{level}.md").read_text()
+        for name, level in PAIRS
+        if (args.out / f"{name}_{level}.md").exists()
+    ]
     (args.out / "tables.md").write_text("\n".join(sections))
 
 
