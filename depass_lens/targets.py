@@ -109,6 +109,18 @@ def resolve_tokens(adapter: ModelAdapter, tokens: TokenSpec, batch: int) -> Int[
     return torch.tensor(resolved, device=adapter.device)
 
 
+def describe_tokens(tokens: TokenSpec) -> str:
+    """A short name for a token spec: the token itself, or "per-prompt" for one per prompt."""
+    if isinstance(tokens, str):
+        return tokens.strip() or repr(tokens)
+    if isinstance(tokens, int):
+        return f"#{tokens}"
+    items = tokens.flatten().tolist() if isinstance(tokens, Tensor) else list(tokens)
+    if len(set(map(str, items))) == 1:
+        return describe_tokens(items[0])
+    return "per-prompt"
+
+
 def _place(
     vectors: Float[Tensor, "batch k d_model"], positions: Int[Tensor, " batch"], n_pos: int
 ) -> Float[Tensor, "batch k pos d_model"]:
@@ -158,7 +170,7 @@ class Logit(Target):
         return _place(vectors, positions, ctx.tokens.shape[1]), ctx.adapter.b_U[ids].unsqueeze(1)
 
     def names(self, ctx):
-        return [f"logit({self.token})"]
+        return [f"logit({describe_tokens(self.token)})"]
 
 
 class LogitDiff(Target):
@@ -182,7 +194,7 @@ class LogitDiff(Target):
         return _place(vectors, positions, ctx.tokens.shape[1]), constants
 
     def names(self, ctx):
-        return [f"logit({self.correct}) - logit({self.wrong})"]
+        return [f"logit({describe_tokens(self.correct)}) - logit({describe_tokens(self.wrong)})"]
 
 
 def _check_vector(vector: Tensor, d_model: int, what: str) -> Tensor:
