@@ -7,8 +7,8 @@ import time
 from pathlib import Path
 
 from depass_lens import zoo
-from depass_lens.evaluation.metrics import TaskBatch
 from depass_lens.evaluation.run import evaluate
+from depass_lens.evaluation.task_batch import TaskBatch
 from depass_lens.zoo.ablation import circuit_heads
 
 
@@ -20,15 +20,15 @@ def run_cli(args: argparse.Namespace) -> int:
         task.batch(model, args.n, split="test", seed=21),
         task.batch(model, args.n, split="train", seed=22),
     )
-    truth = zoo.ground_truth(args.model)
-    circuit = len(circuit_heads(truth)) if args.level == "heads" else None
+    truth = zoo.ground_truth(args.model) if args.level in ("heads", "neurons") else None
+    circuit = len(circuit_heads(truth)) if truth is not None and args.level == "heads" else 0
     probe = zoo.info(args.model).get("probe") if args.level == "subspace" else None
     report = evaluate(
         model,
         batch,
         args.level,
         ground_truth=truth,
-        circuit_size=circuit or None,
+        agreement_ks=[circuit] if circuit else None,
         probe=probe,
         name=args.model,
     )

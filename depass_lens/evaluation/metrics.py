@@ -1,95 +1,153 @@
-"""Task batches, target metrics and the statistics the protocols report (areas, rank agreement)."""
+"""Target metrics: what an attribution explains, as a function of the model's logits.
+
+A :data:`Metric` maps logits ``[batch pos d_vocab]`` to one number per prompt. The constructors
+here return :class:`AnswerMetric` objects, which also know *where* they read (so protocols can
+evaluate them from the final-position logits only, and after tokens were dropped). Positions
+count real tokens like the engine's targets: ``pos=-1`` is the last non-pad token when an
+attention mask is given, ``pos=0`` the first real one (left padding shifts it).
+
+Any other callable works too; protocols then read it at the last real token and call it on a
+length-1 position axis (``logits[:, [p]]``), so it must read position ``-1``.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Literal
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-import depass_lens as dp
+Metric = Callable[[Float[Tensor, "batch pos d_vocab"]], Float[Tensor, " batch"]]
+MetricKind = Literal["logit", "logit_diff", "prob"]
 
 
-@dataclass
-class TaskBatch:
-    """Prompts of equal length (answer read at the last position), with what to explain.
+def real_positions(
+    pos: int | Int[Tensor, " batch"],
+    shape: tuple[int, int],
+    attention_mask: Int[Tensor, "batch pos"] | None = None,
+) -> Int[Tensor, " batch"]:
+    """Absolute indices of a per-prompt position counted among real (non-pad) tokens."""
+    batch, n_pos = shape
+    device = attention_mask.device if attention_mask is not None else None
+    if attention_mask is None:
+        mask = torch.ones(batch, n_pos, dtype=torch.bool, device=device)
+    else:
+        mask = attention_mask.bool()
+    lengths = mask.sum(-1)
+    first = mask.float().argmax(-1)
+    requested = torch.as_tensor(pos, device=mask.device).long().flatten().expand(batch)
+    if ((requested >= lengths) | (requested < -lengths)).any():
+        raise ValueError(f"position {pos} is out of range for prompts of {lengths.tolist()} tokens")
+    return first + torch.where(requested < 0, requested + lengths, requested)
 
-    ``wrong`` makes the target a logit difference ``answer - wrong`` (else the answer's logit);
-    ``corrupted`` prompts feed attribution patching and baseline-relative scores; ``reference``
-    prompts give the means for mean-ablation (default: the batch itself).
-    """
 
-    tokens: Int[Tensor, "batch pos"]
-    answers: Int[Tensor, " batch"]
-    wrong: Int[Tensor, " batch"] | None = None
-    corrupted: Int[Tensor, "batch pos"] | None = None
-    reference: Int[Tensor, "ref pos"] | None = None
+def _per_prompt(ids: int | Tensor, batch: int | None = None) -> Tensor:
+    ids = torch.as_tensor(ids).long()
+    return ids.expand(batch) if batch is not None and ids.ndim == 0 else ids
 
-    @classmethod
-    def from_zoo(cls, batch: Any, reference: Any = None) -> TaskBatch:
-        """From a ``depass_lens.zoo`` batch (and optionally a reference batch)."""
-        return cls(
-            batch.tokens,
-            batch.answers,
-            batch.wrong,
-            batch.corrupted,
-            None if reference is None else reference.tokens,
-        )
 
-    def __len__(self) -> int:
-        return len(self.tokens)
+@dataclass(frozen=True, eq=False)
+class AnswerMetric:
+    """Logit, logit difference or probability of an answer token at one position per prompt."""
 
-    def target(self) -> dp.Target:
-        """The DePass target: logit difference (or logit) at each prompt's last position."""
-        if self.wrong is not None:
-            return dp.LogitDiff(self.answers, self.wrong)
-        return dp.Logit(self.answers)
+    kind: MetricKind
+    answer_ids: Int[Tensor, " batch"] | int
+    wrong_ids: Int[Tensor, " batch"] | int | None = None
+    pos: int | Int[Tensor, " batch"] = -1
+    attention_mask: Int[Tensor, "batch pos"] | None = None
 
-    def metric(self, logits: Float[Tensor, "batch pos vocab"]) -> Float[Tensor, " batch"]:
-        """The same quantity from real logits, per prompt."""
-        last = logits[:, -1]
-        rows = torch.arange(len(self.answers), device=last.device)
-        value = last[rows, self.answers]
-        if self.wrong is not None:
-            value = value - last[rows, self.wrong]
+    def with_mask(self, attention_mask: Tensor | None) -> AnswerMetric:
+        """The same metric with ``pos`` counted among the real tokens of ``attention_mask``."""
+        if attention_mask is None or self.attention_mask is not None:
+            return self
+        return replace(self, attention_mask=attention_mask)
+
+    def positions(self, batch: int, n_pos: int) -> Int[Tensor, " batch"]:
+        """Absolute index of the position read in each prompt."""
+        return real_positions(self.pos, (batch, n_pos), self.attention_mask)
+
+    def read(self, final: Float[Tensor, "batch d_vocab"]) -> Float[Tensor, " batch"]:
+        """The metric from the logits at the read position (one row per prompt)."""
+        rows = torch.arange(final.shape[0], device=final.device)
+        answers = _per_prompt(self.answer_ids, final.shape[0]).to(final.device)
+        if self.kind == "prob":
+            return final.softmax(-1)[rows, answers]
+        value = final[rows, answers]
+        if self.kind == "logit_diff":
+            assert self.wrong_ids is not None
+            value = (
+                value - final[rows, _per_prompt(self.wrong_ids, final.shape[0]).to(final.device)]
+            )
         return value
 
-
-def trapezoid_area(x: Sequence[float], y: Sequence[float]) -> float:
-    """Area under a curve by the trapezoid rule (``x`` in [0, 1] for the protocols)."""
-    return float(sum((x[i + 1] - x[i]) * (y[i + 1] + y[i]) / 2 for i in range(len(x) - 1)))
-
-
-def _ranks(x: Tensor) -> Tensor:
-    """Ranks starting at 1, ties sharing their average rank."""
-    order = x.argsort()
-    ranks = torch.empty_like(x, dtype=torch.float64)
-    ranks[order] = torch.arange(1, len(x) + 1, dtype=torch.float64)
-    for value in x.unique():
-        tied = x == value
-        if tied.sum() > 1:
-            ranks[tied] = ranks[tied].mean()
-    return ranks
+    def __call__(self, logits: Float[Tensor, "batch pos d_vocab"]) -> Float[Tensor, " batch"]:
+        rows = torch.arange(logits.shape[0], device=logits.device)
+        positions = self.positions(logits.shape[0], logits.shape[1]).to(logits.device)
+        return self.read(logits[rows, positions])
 
 
-def spearman(a: Float[Tensor, " n"], b: Float[Tensor, " n"]) -> float:
-    """Spearman rank correlation (ties averaged), without scipy."""
-    ra, rb = _ranks(a.flatten().double()), _ranks(b.flatten().double())
-    ra, rb = ra - ra.mean(), rb - rb.mean()
-    denom = (ra.norm() * rb.norm()).item()
-    return float((ra @ rb).item() / denom) if denom > 0 else 0.0
+def logit_metric(
+    answer_ids: Int[Tensor, " batch"] | int,
+    pos: int | Int[Tensor, " batch"] = -1,
+    *,
+    attention_mask: Tensor | None = None,
+) -> AnswerMetric:
+    """Logit of ``answer_ids`` (one per prompt, or one for all) at ``pos``."""
+    return AnswerMetric("logit", answer_ids, None, pos, attention_mask)
 
 
-def precision_at_k(
-    scores: Float[Tensor, " n"], truth: Float[Tensor, " n"], k: int, by: str = "signed"
-) -> float:
-    """``|top_k(scores) ∩ top_k(truth)| / k``; ``by="abs"`` ranks by magnitude instead of value."""
-    if by not in ("signed", "abs"):
-        raise ValueError(f"by must be 'signed' or 'abs', not {by!r}")
-    key = (lambda t: t.abs()) if by == "abs" else (lambda t: t)
-    top_s = set(key(scores.flatten()).topk(k).indices.tolist())
-    top_t = set(key(truth.flatten()).topk(k).indices.tolist())
-    return len(top_s & top_t) / k
+def logit_diff_metric(
+    answer_ids: Int[Tensor, " batch"] | int,
+    wrong_ids: Int[Tensor, " batch"] | int,
+    pos: int | Int[Tensor, " batch"] = -1,
+    *,
+    attention_mask: Tensor | None = None,
+) -> AnswerMetric:
+    """``logit(answer) - logit(wrong)`` at ``pos``: the usual circuit-discovery metric."""
+    return AnswerMetric("logit_diff", answer_ids, wrong_ids, pos, attention_mask)
+
+
+def prob_metric(
+    answer_ids: Int[Tensor, " batch"] | int,
+    pos: int | Int[Tensor, " batch"] = -1,
+    *,
+    attention_mask: Tensor | None = None,
+) -> AnswerMetric:
+    """Softmax probability of ``answer_ids`` at ``pos``."""
+    return AnswerMetric("prob", answer_ids, None, pos, attention_mask)
+
+
+# ------------------------------------------------------------------ helpers for the protocols
+def bind_mask(metric: Metric, attention_mask: Tensor | None) -> Metric:
+    """Give an :class:`AnswerMetric` without a mask the call's mask (so ``-1`` skips pads)."""
+    return metric.with_mask(attention_mask) if isinstance(metric, AnswerMetric) else metric
+
+
+def metric_positions(
+    metric: Metric | None,
+    shape: tuple[int, int],
+    attention_mask: Tensor | None = None,
+) -> Int[Tensor, " batch"]:
+    """Where ``metric`` reads: its own positions, else the last real token of each prompt."""
+    if isinstance(metric, AnswerMetric):
+        return metric.with_mask(attention_mask).positions(*shape)
+    return real_positions(-1, shape, attention_mask)
+
+
+def metric_at(metric: Metric, final: Float[Tensor, "batch d_vocab"]) -> Float[Tensor, " batch"]:
+    """Evaluate ``metric`` from the logits at its read position only."""
+    if isinstance(metric, AnswerMetric):
+        return metric.read(final)
+    return metric(final.unsqueeze(1))
+
+
+def real_mask(
+    tokens: Int[Tensor, "batch pos"], attention_mask: Tensor | None
+) -> Bool[Tensor, "batch pos"]:
+    """True at real (non-pad) tokens."""
+    if attention_mask is None:
+        return torch.ones_like(tokens, dtype=torch.bool)
+    return attention_mask.to(tokens.device).bool()

@@ -1,214 +1,243 @@
-"""One call to evaluate every registered method at one level, with report files.
+"""One call to evaluate every registered method at one level: ``evaluate(...) -> EvalReport``.
 
-``evaluate(model, batch, "heads")`` times every component method, draws top-k and bottom-k
-masking curves (zero- and mean-ablation), and compares each ranking with exhaustive ablation (the
-ground truth). ``"tokens"`` draws Disrupt-top and Recover-top curves; ``"subspace"`` masks the
-tokens each method ranks highest for a probe and tracks the probe's reading.
+``"heads"`` / ``"neurons"`` / ``("neurons", layer)``: times every component method, draws top-k
+and bottom-k ablation curves (zero and mean) from its importance-oriented scores, and compares
+them with a ground truth (exhaustive ablation) when one is given. ``"tokens"``: Disrupt-top and
+Recover-top curves. ``"subspace"``: masks the tokens each method ranks highest for a probe.
 """
 
 from __future__ import annotations
 
-import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-import plotly.graph_objects as go
 import torch
+from torch import Tensor
 from tqdm import tqdm
 from transformer_lens import HookedTransformer
 
-import depass_lens as dp
-from depass_lens.evaluation import baselines
-from depass_lens.evaluation.metrics import TaskBatch, precision_at_k, spearman
-from depass_lens.evaluation.protocols import Curve, component_curves, probe_curves, token_curves
-from depass_lens.report import Report
+from depass_lens.evaluation.agreement import agreement
+from depass_lens.evaluation.component_level import component_curves
+from depass_lens.evaluation.curves import DEFAULT_GRID
+from depass_lens.evaluation.eval_report import EvalReport, MethodResult
+from depass_lens.evaluation.levels import Level, resolve_level
+from depass_lens.evaluation.metrics import Metric
+from depass_lens.evaluation.registry import (
+    COMPONENT_METHODS,
+    SUBSPACE_METHODS,
+    TOKEN_METHODS,
+    component_sign,
+)
+from depass_lens.evaluation.subspace import Probe, probe_masking_curve
+from depass_lens.evaluation.task_batch import TaskBatch
+from depass_lens.evaluation.token_level import token_curves
+
+__all__ = ["EvalReport", "MethodResult", "component_truth", "evaluate"]
 
 
 @dataclass
-class EvalReport:
-    """Per method: wall time, curves (with areas) and agreement with the ground truth."""
+class _Run:
+    """What every level's loop shares: the model, the batch, and the call's settings."""
 
-    level: str
-    model: str
-    methods: dict[str, dict[str, Any]] = field(default_factory=dict)
-    curves: dict[str, dict[str, Curve]] = field(default_factory=dict)
-    notes: dict[str, Any] = field(default_factory=dict)
+    model: HookedTransformer
+    batch: TaskBatch
+    metric: Metric
+    methods: Sequence[str] | None
+    options: Mapping[str, Mapping[str, Any]]
+    masking: dict[str, Any]
+    progress: bool
+    report: EvalReport
+    extra: dict[str, Any] = field(default_factory=dict)
 
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "level": self.level,
-            "model": self.model,
-            "notes": self.notes,
-            "methods": {
-                name: {**info, "curves": {k: c.to_dict() for k, c in self.curves[name].items()}}
-                for name, info in self.methods.items()
-            },
-        }
-
-    def to_json(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=1))
-        return path
-
-    def table(self) -> list[dict[str, Any]]:
-        """One row per method: areas of every curve, agreement numbers, seconds."""
-        rows = []
-        for name, info in self.methods.items():
-            row: dict[str, Any] = {"method": name, "seconds": round(info["seconds"], 3)}
-            for curve_name, curve in self.curves[name].items():
-                key = next(iter(curve.values))
-                row[f"{curve_name} area ({key})"] = round(curve.area(key), 4)
-            row.update({k: round(v, 3) for k, v in info.get("agreement", {}).items()})
-            rows.append(row)
-        return rows
-
-    def markdown(self) -> str:
-        rows = self.table()
-        if not rows:
-            return ""
-        columns = list(dict.fromkeys(k for r in rows for k in r))
-        lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-        lines += ["| " + " | ".join(str(r.get(c, "")) for c in columns) + " |" for r in rows]
-        return "\n".join(lines) + "\n"
-
-    def to_html(self, path: str | Path) -> Path:
-        report = Report(f"DePass faithfulness: {self.model}, {self.level}")
-        report.add("Summary", self.markdown() + "\n" + json.dumps(self.notes, indent=1))
-        names = {c for per in self.curves.values() for c in per}
-        for curve_name in sorted(names):
-            fig = go.Figure()
-            for method, per in self.curves.items():
-                if curve_name in per:
-                    curve = per[curve_name]
-                    key = next(iter(curve.values))
-                    fig.add_trace(
-                        go.Scatter(
-                            x=curve.grid, y=curve.values[key], mode="lines+markers", name=method
-                        )
-                    )
-            fig.update_layout(
-                xaxis_title="fraction masked", yaxis_title=curve_name, template="plotly_white"
-            )
-            report.add(curve_name, "", fig)
-        return report.write(path)
+    def scores(self, table: Mapping[str, Any], desc: str, first: Any, **kwargs: Any):
+        """Yield ``(name, result, scores)`` for each method that ran (skips are recorded)."""
+        explicit = self.methods is not None
+        for name in tqdm(list(self.methods or table), desc=desc, disable=not self.progress):
+            fn = table[name]
+            call = {**kwargs, **self.options.get(name, {})}
+            start = time.perf_counter()
+            try:
+                scores = fn(self.model, self.batch.tokens, first, **call)
+            except (ValueError, NotImplementedError) as error:
+                if explicit:
+                    raise
+                skipped = f"{type(error).__name__}: {error}"
+                self.report.methods[name] = MethodResult(
+                    time.perf_counter() - start, skipped=skipped
+                )
+                continue
+            result = self.report.methods[name] = MethodResult(time.perf_counter() - start)
+            yield name, result, scores.detach()
 
 
-def _ground_truth_importance(ground_truth: dict[str, Any], level: str) -> torch.Tensor | None:
-    key = "heads_mean" if level == "heads" else "neurons_mean"
-    if key not in ground_truth:
+def component_truth(
+    ground_truth: Tensor | Mapping[str, Any] | str | None,
+    model: HookedTransformer,
+    batch: TaskBatch,
+    metric: Metric,
+    level: Level,
+    *,
+    key: str = "mean",
+) -> Tensor | None:
+    """Ground-truth change effects ``[n_comp]`` or ``[batch n_comp]`` for ``level``.
+
+    A tensor is taken as is; a zoo ablation dict gives ``{kind}_{key}`` (e.g. ``heads_mean``,
+    one layer's row for ``("neurons", layer)``); a method name (``"ablation-mean"``) is run on
+    the batch.
+    """
+    if ground_truth is None:
         return None
-    return -torch.tensor(ground_truth[key], dtype=torch.float64).flatten()  # drop when removed
+    spec = resolve_level(model, level)
+    if isinstance(ground_truth, str):
+        fn = COMPONENT_METHODS[ground_truth]
+        return fn(model, batch.tokens, metric, level=level, **batch.component_inputs())
+    if isinstance(ground_truth, Mapping):
+        table = torch.as_tensor(ground_truth[f"{spec.kind}_{key}"], dtype=torch.float64)
+        if spec.kind == "neurons" and len(spec.layers) == 1:
+            table = table[spec.layers[0]]
+        return table.flatten()
+    return torch.as_tensor(ground_truth)
+
+
+def _describe(ground_truth: Any) -> str | None:
+    if ground_truth is None or isinstance(ground_truth, str):
+        return ground_truth
+    return "zoo ablation effects" if isinstance(ground_truth, Mapping) else "given effects"
+
+
+def _tokens(run: _Run, truth: Tensor | None, ks: Sequence[int]) -> None:
+    run.report.notes.update(
+        {"protocols": "Disrupt-top (lower is better), Recover-top (higher is better)"}
+    )
+    mask = run.batch.attention_mask
+    for _, result, scores in run.scores(
+        TOKEN_METHODS, "token methods", run.metric, attention_mask=mask
+    ):
+        result.curves = token_curves(
+            run.model, run.batch.tokens, scores, metric=run.metric, attention_mask=mask,
+            **run.masking,
+        )  # fmt: skip
+        if truth is not None:
+            result.agreement = agreement(scores, truth, ks=ks, by="signed", per_example=True)
+
+
+def _subspace(run: _Run, probe: Probe) -> None:
+    run.report.notes.update(
+        {"probe_hook": probe.hook, "probe_pos": probe.pos,
+         "protocol": "mask the top |score| tokens; a larger change of the reading is better"}
+    )  # fmt: skip
+    mask = run.batch.attention_mask
+    for _, result, scores in run.scores(
+        SUBSPACE_METHODS, "subspace methods", probe, attention_mask=mask
+    ):
+        curve = probe_masking_curve(
+            run.model, run.batch.tokens, scores, probe, attention_mask=mask, **run.masking
+        )
+        result.curves = {curve.name: curve}
+
+
+def _components(run: _Run, level: Level, truth: Tensor | None, ks: Sequence[int]) -> None:
+    batch = run.batch
+    for name, result, scores in run.scores(
+        COMPONENT_METHODS, f"{run.report.level} methods", run.metric, level=level,
+        **batch.component_inputs(),
+    ):  # fmt: skip
+        importance = component_sign(name) * scores.double()
+        result.curves = component_curves(
+            run.model, batch.tokens, importance, run.metric, level=level,
+            reference_tokens=batch.reference_tokens, attention_mask=batch.attention_mask,
+            wrong_ids=batch.wrong_ids, **run.extra,
+        )  # fmt: skip
+        if truth is not None:
+            result.agreement = agreement(importance, truth, ks=ks, by="signed")
+            by_abs = agreement(importance, truth, ks=ks, by="abs")
+            result.agreement.update(
+                {f"{k} (abs)": v for k, v in by_abs.items() if k.startswith("precision")}
+            )
 
 
 def evaluate(
     model: HookedTransformer,
-    batch: TaskBatch,
-    level: str,
+    task_batch: TaskBatch,
+    level: Level | str,
     methods: Sequence[str] | None = None,
     *,
-    ground_truth: dict[str, Any] | None = None,
+    metric: Metric | None = None,
+    ground_truth: Tensor | Mapping[str, Any] | str | None = None,
+    ground_truth_key: str = "mean",
+    truth_sign: int = -1,
+    agreement_ks: Sequence[int] | None = None,
     circuit_size: int | None = None,
-    probe: dict[str, Any] | None = None,
+    ablations: Sequence[str] = ("zero", "mean"),
+    component_ks: Sequence[int] | None = None,
+    rank: str = "mean",
+    mean_over: str = "all",
+    masking: str = "replace",
+    fill_id: int | None = None,
+    grid: Sequence[float] = DEFAULT_GRID,
+    protect_bos: bool | None = None,
+    protect_query: bool = True,
+    probe: Probe | Mapping[str, Any] | None = None,
+    method_options: Mapping[str, Mapping[str, Any]] | None = None,
     name: str = "model",
+    progress: bool = True,
 ) -> EvalReport:
-    """Run the protocols of ``level`` (tokens, heads, neurons, subspace) for every method."""
-    report = EvalReport(level, name)
-    if level in ("heads", "neurons"):
-        registry = baselines.COMPONENT_METHODS
-        chosen = list(methods) if methods is not None else list(registry)
-        truth = _ground_truth_importance(ground_truth or {}, level)
-        k = circuit_size or (max(1, model.cfg.n_heads) if level == "heads" else 20)
-        report.notes.update(
-            {"circuit_size_k": k, "ranking": "batch-mean score", "n_prompts": len(batch)}
-        )
-        for method in tqdm(chosen, desc=f"{level} methods", leave=False):
-            start = time.perf_counter()
-            scores = registry[method](model, batch, level).detach().float()
-            seconds = time.perf_counter() - start
-            mean = scores.mean(0).double()
-            info: dict[str, Any] = {"seconds": seconds}
-            if truth is not None:
-                info["agreement"] = {
-                    "spearman": spearman(mean, truth),
-                    f"precision@{k}": precision_at_k(mean, truth, k),
-                }
-            report.methods[method] = info
-            report.curves[method] = {
-                f"{which}-k {kind}-ablation": component_curves(
-                    model, batch, scores, level, which=which, kind=kind
-                )
-                for which in ("top", "bottom")
-                for kind in ("zero", "mean")
-            }
-        return report
+    """Run the protocols of ``level`` for every registered method (or those named).
+
+    Args:
+        level: ``"tokens"``, ``"heads"``, ``"neurons"``, ``("neurons", layer)`` or
+            ``"subspace"`` (needs ``probe``: a :class:`Probe` or ``{"hook", "direction"}``).
+        methods: registry names; ``None`` runs all, recording the ones that cannot run on this
+            batch (missing corrupted prompts, unsupported model) as skipped.
+        metric: default ``task_batch.metric()`` (logit difference or answer logit).
+        ground_truth: components: change effects (tensor ``[n_comp]`` / ``[batch n_comp]``, a
+            zoo ablation dict read at ``{kind}_{ground_truth_key}``, or a method name such as
+            ``"ablation-mean"``); tokens: per-prompt effects ``[batch pos]``. Multiplied by
+            ``truth_sign`` (``-1``: a drop when removed = important) and compared with each
+            method's importance-oriented scores (Spearman, precision@k for ``agreement_ks``,
+            default ``[circuit_size]`` or ``[n_heads]`` / 5% of the neurons / ``[3]`` tokens).
+        ablations, component_ks, rank, mean_over: component protocol settings
+            (``component_level.component_masking_curve``).
+        masking, fill_id, grid, protect_bos, protect_query: token and subspace protocol settings
+            (``token_level.token_masking_curve``).
+        method_options: extra keyword arguments per method name (e.g. IG ``steps``).
+    """
+    level_name = level if isinstance(level, str) else f"{level[0]}[{level[1]}]"
+    report = EvalReport(level_name, name)
+    masking_options = dict(
+        masking=masking, fill_id=fill_id, grid=grid, protect_bos=protect_bos,
+        protect_query=protect_query,
+    )  # fmt: skip
+    run = _Run(
+        model, task_batch, task_batch.metric() if metric is None else metric, methods,
+        dict(method_options or {}), masking_options, progress, report,
+    )  # fmt: skip
+    report.notes.update({"n_prompts": len(task_batch), "n_pos": int(task_batch.tokens.shape[1])})
+    if circuit_size is not None and agreement_ks is None:
+        agreement_ks = [circuit_size]
     if level == "tokens":
-        registry_t = baselines.TOKEN_METHODS
-        chosen = list(methods) if methods is not None else list(registry_t)
-        report.notes.update(
-            {
-                "masking": "replace by <pad>",
-                "n_prompts": len(batch),
-                "target": "probability of the model's original answer",
-            }
-        )
-        for method in tqdm(chosen, desc="token methods", leave=False):
-            start = time.perf_counter()
-            scores = registry_t[method](model, batch).detach().float()
-            report.methods[method] = {"seconds": time.perf_counter() - start}
-            report.curves[method] = {
-                mode: token_curves(model, batch, scores, mode=mode)
-                for mode in ("disrupt", "recover")
-            }
+        report.notes.update(masking_options)
+        truth = None if ground_truth is None else truth_sign * torch.as_tensor(ground_truth)
+        _tokens(run, truth, list(agreement_ks or [3]))
         return report
     if level == "subspace":
         if probe is None:
-            raise ValueError("subspace evaluation needs a probe: {'hook', 'direction'}")
-        direction = torch.tensor(probe["direction"], dtype=torch.float32)
-        hook = probe["hook"]
-        target = dp.Direction(direction, pos=-1, hook=hook, name="probe")
-
-        def depass_ranker(rule: str) -> Callable[[], torch.Tensor]:
-            def rank() -> torch.Tensor:
-                depass = dp.DePass(model, rule=rule, progress=False)
-                return depass.attribute(batch.tokens, target, dp.Tokens()).tokens()[:, 0]
-
-            return rank
-
-        rankers = {f"depass-{rule}": depass_ranker(rule) for rule in baselines.RULES}
-        rankers["grad-x-input"] = lambda: _probe_grad_x_input(model, batch.tokens, direction, hook)
-        rankers["attention"] = lambda: baselines.attention_last_layer(model, batch)
-        rankers["random"] = lambda: baselines.random_tokens(model, batch)
-        report.notes.update({"probe_hook": hook, "reading": "<direction, state[-1]>"})
-        for method, fn in rankers.items():
-            start = time.perf_counter()
-            scores = fn().detach().float()
-            report.methods[method] = {"seconds": time.perf_counter() - start}
-            report.curves[method] = {
-                "probe change": probe_curves(model, batch.tokens, scores, direction, hook)
-            }
+            raise ValueError("subspace evaluation needs a probe (Probe or {'hook', 'direction'})")
+        report.notes.update(masking_options)
+        _subspace(run, Probe.coerce(probe))
         return report
-    raise ValueError(f"level must be tokens, heads, neurons or subspace, not {level!r}")
-
-
-def _probe_grad_x_input(model, tokens, direction, hook):
-    """Gradient x input of the probe reading w.r.t. the residual input (embedding + positions)."""
-    store: dict[str, torch.Tensor] = {}
-
-    def grab(value, hook):
-        value = value.detach().requires_grad_(True)
-        store[hook.name] = value
-        return value
-
-    def read(value, hook):
-        store["reading"] = value[:, -1] @ direction.to(value.dtype)
-
-    additive = model.cfg.positional_embedding_type == "standard"
-    names = ["hook_embed"] + (["hook_pos_embed"] if additive else [])
-    with torch.enable_grad():
-        model.run_with_hooks(tokens, fwd_hooks=[(n, grab) for n in names] + [(hook, read)])
-        (grad,) = torch.autograd.grad(store["reading"].sum(), [store["hook_embed"]])
-    return (grad * sum(store[n].detach() for n in names)).sum(-1)
+    spec = resolve_level(model, level)  # type: ignore[arg-type]
+    raw = component_truth(ground_truth, model, task_batch, run.metric, level, key=ground_truth_key)  # type: ignore[arg-type]
+    truth = None if raw is None else truth_sign * raw.double()
+    default_k = model.cfg.n_heads if spec.kind == "heads" else max(1, spec.n_comp // 20)
+    ks = list(agreement_ks or [default_k])
+    run.extra = dict(ablations=ablations, ks=component_ks, rank=rank, mean_over=mean_over)
+    report.notes.update(
+        {"n_comp": spec.n_comp, "ranking": f"{rank} importance (sign-oriented scores)",
+         "ablations": list(ablations), "mean_over": mean_over, "agreement_ks": ks,
+         "ground_truth": _describe(ground_truth), "truth_sign": truth_sign}
+    )  # fmt: skip
+    _components(run, level, truth, ks)  # type: ignore[arg-type]
+    return report

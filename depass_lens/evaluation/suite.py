@@ -13,8 +13,8 @@ import time
 from pathlib import Path
 
 from depass_lens import zoo
-from depass_lens.evaluation.metrics import TaskBatch
 from depass_lens.evaluation.run import evaluate
+from depass_lens.evaluation.task_batch import TaskBatch
 from depass_lens.zoo.ablation import circuit_heads
 
 PAIRS = [

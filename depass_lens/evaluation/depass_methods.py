@@ -1,0 +1,172 @@
+"""DePass as evaluation methods: thin wrappers with the registry signatures.
+
+The engine is imported when a method runs, not when this module is imported. Registered under
+``depass-<rule>`` at every level, plus ``depass-taylor-abs`` (token shares by magnitude) and
+``depass-taylor-relative`` for components (the share minus the mean share on the corrupted or
+reference prompts, see ``agreement.baseline_relative``),
+without replacing methods of the same name registered earlier.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+from transformer_lens import HookedTransformer
+
+from depass_lens.evaluation.agreement import baseline_relative
+from depass_lens.evaluation.levels import Level, resolve_level
+from depass_lens.evaluation.metrics import AnswerMetric, Metric
+from depass_lens.evaluation.registry import (
+    ComponentMethod,
+    SubspaceMethod,
+    TokenMethod,
+    register_component_method,
+    register_subspace_method,
+    register_token_method,
+)
+from depass_lens.evaluation.subspace import Probe
+
+RULES = ("taylor", "softmax", "max", "relu", "linear")
+
+
+def _engine() -> Any:
+    import depass_lens as dp  # noqa: PLC0415
+
+    return dp
+
+
+def _attribute(engine: Any, *args: Any, **kwargs: Any) -> Any:
+    """``engine.attribute`` with autograd on (its adjoint mode needs it even under no_grad)."""
+    with torch.enable_grad():
+        return engine.attribute(*args, **kwargs)
+
+
+def depass_target(metric: Metric) -> Any:
+    """The engine target for a logit or logit-difference :class:`AnswerMetric`."""
+    dp = _engine()
+    if not isinstance(metric, AnswerMetric) or metric.kind == "prob":
+        raise ValueError("DePass methods explain a logit or logit-difference AnswerMetric")
+    if metric.kind == "logit":
+        return dp.Logit(metric.answer_ids, pos=metric.pos)
+    return dp.LogitDiff(metric.answer_ids, metric.wrong_ids, pos=metric.pos)
+
+
+def depass_token_method(rule: str = "taylor") -> TokenMethod:
+    """Token shares of the metric (DePass from the input embeddings)."""
+
+    def method(
+        model: HookedTransformer,
+        tokens: Int[Tensor, "batch pos"],
+        metric: Metric,
+        *,
+        attention_mask: Tensor | None = None,
+    ) -> Float[Tensor, "batch pos"]:
+        dp = _engine()
+        engine = dp.DePass(model, rule=rule, progress=False)
+        attribution = _attribute(
+            engine, tokens, depass_target(metric), dp.Tokens(), attention_mask=attention_mask
+        )
+        return attribution.tokens()[:, 0]
+
+    method.__name__ = f"depass_{rule}_tokens"
+    return method
+
+
+def depass_token_magnitude(rule: str = "taylor") -> TokenMethod:
+    """|token share|: ranks tokens that matter either way (for the masking protocols)."""
+    shares = depass_token_method(rule)
+
+    def method(
+        model: HookedTransformer,
+        tokens: Int[Tensor, "batch pos"],
+        metric: Metric,
+        *,
+        attention_mask: Tensor | None = None,
+    ) -> Float[Tensor, "batch pos"]:
+        return shares(model, tokens, metric, attention_mask=attention_mask).abs()
+
+    method.__name__ = f"depass_{rule}_abs_tokens"
+    return method
+
+
+def depass_component_method(rule: str = "taylor", relative: bool = False) -> ComponentMethod:
+    """Head or neuron shares of the metric, layer-major (``relative``: minus reference mean)."""
+
+    def method(
+        model: HookedTransformer,
+        tokens: Int[Tensor, "batch pos"],
+        metric: Metric,
+        *,
+        level: Level,
+        corrupted_tokens: Tensor | None = None,
+        reference_tokens: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+    ) -> Float[Tensor, "batch n_comp"]:
+        dp = _engine()
+        spec = resolve_level(model, level)
+        engine = dp.DePass(model, rule=rule, progress=False)
+        target = depass_target(metric)
+        if spec.kind == "heads":
+            source = dp.Heads()
+        else:
+            source = dp.Neurons(layer=list(spec.layers))
+
+        def shares(toks: Tensor, mask: Tensor | None = None) -> Tensor:
+            attribution = _attribute(engine, toks, target, source, attention_mask=mask)
+            if spec.kind == "heads":
+                scores = attribution.heads()[:, 0].flatten(1)
+            else:
+                scores = attribution.neurons()[:, 0]
+            if scores.shape[-1] != spec.n_comp:
+                raise ValueError(f"DePass gave {scores.shape[-1]} scores for {spec.n_comp}")
+            return scores
+
+        if not relative:
+            return shares(tokens, attention_mask)
+        if corrupted_tokens is not None:
+            return baseline_relative(lambda t: shares(t, attention_mask), tokens, corrupted_tokens)
+        if reference_tokens is None:
+            raise ValueError("baseline-relative DePass needs corrupted or reference prompts")
+        return shares(tokens, attention_mask) - shares(reference_tokens).mean(0, keepdim=True)
+
+    method.__name__ = f"depass_{rule}{'_relative' if relative else ''}_components"
+    return method
+
+
+def depass_subspace_method(rule: str = "taylor") -> SubspaceMethod:
+    """Token shares of a probe reading (a ``Direction`` target at the probe's hook)."""
+
+    def method(
+        model: HookedTransformer,
+        tokens: Int[Tensor, "batch pos"],
+        probe: Probe,
+        *,
+        attention_mask: Tensor | None = None,
+    ) -> Float[Tensor, "batch pos"]:
+        if probe.pos == "all":
+            raise ValueError("DePass subspace method reads one position, not 'all'")
+        dp = _engine()
+        target = dp.Direction(probe.direction, pos=probe.pos, hook=probe.hook, name="probe")
+        engine = dp.DePass(model, rule=rule, progress=False)
+        attribution = _attribute(engine, tokens, target, dp.Tokens(), attention_mask=attention_mask)
+        return attribution.tokens()[:, 0]
+
+    method.__name__ = f"depass_{rule}_subspace"
+    return method
+
+
+def register_depass_methods(rules: tuple[str, ...] = RULES) -> None:
+    """Register the wrappers (names already taken are left alone)."""
+    for rule in rules:
+        register_token_method(f"depass-{rule}", depass_token_method(rule), overwrite=False)
+        register_component_method(
+            f"depass-{rule}", depass_component_method(rule), sign=1, overwrite=False
+        )
+        register_subspace_method(f"depass-{rule}", depass_subspace_method(rule), overwrite=False)
+    register_token_method("depass-taylor-abs", depass_token_magnitude(), overwrite=False)
+    register_component_method(
+        "depass-taylor-relative", depass_component_method("taylor", True), sign=1, overwrite=False
+    )

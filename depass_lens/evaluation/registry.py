@@ -1,0 +1,71 @@
+"""Registries of attribution methods, one signature per level, so runs compare like with like.
+
+Token methods::
+
+    fn(model, tokens, metric, *, attention_mask=None, **opts) -> Float[Tensor, "batch pos"]
+
+Component methods (``level``: "heads", "neurons" or ("neurons", layer); see ``levels``)::
+
+    fn(model, tokens, metric, *, level, corrupted_tokens=None, reference_tokens=None,
+       attention_mask=None, **opts) -> Float[Tensor, "batch n_comp"]
+
+Subspace methods (rank input tokens for a probe reading; see ``subspace.Probe``)::
+
+    fn(model, tokens, probe, *, attention_mask=None, **opts) -> Float[Tensor, "batch pos"]
+
+A component method also has an orientation ``sign``: ``sign * score`` is an *importance* (high =
+the component pushes the metric up). Shares and gradient x activation are importances (``+1``);
+ablation and patching effects ``metric(ablated) - metric(clean)`` are changes (``-1``). Methods
+must raise ``ValueError`` when an input they need (e.g. ``corrupted_tokens``) is missing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from jaxtyping import Float
+from torch import Tensor
+
+TokenMethod = Callable[..., Float[Tensor, "batch pos"]]
+ComponentMethod = Callable[..., Float[Tensor, "batch n_comp"]]
+SubspaceMethod = Callable[..., Float[Tensor, "batch pos"]]
+
+TOKEN_METHODS: dict[str, TokenMethod] = {}
+COMPONENT_METHODS: dict[str, ComponentMethod] = {}
+SUBSPACE_METHODS: dict[str, SubspaceMethod] = {}
+COMPONENT_SIGNS: dict[str, int] = {}
+
+
+def _register(table: dict[str, Any], name: str, fn: Callable, overwrite: bool) -> bool:
+    if not callable(fn):
+        raise TypeError(f"method {name!r} must be callable")
+    if name in table and not overwrite:
+        return False
+    table[name] = fn
+    return True
+
+
+def register_token_method(name: str, fn: TokenMethod, *, overwrite: bool = True) -> None:
+    """Add (or replace) a token-level method."""
+    _register(TOKEN_METHODS, name, fn, overwrite)
+
+
+def register_component_method(
+    name: str, fn: ComponentMethod, *, sign: int = 1, overwrite: bool = True
+) -> None:
+    """Add (or replace) a component-level method; ``sign`` orients its scores as importance."""
+    if sign not in (1, -1):
+        raise ValueError(f"sign must be +1 or -1, not {sign}")
+    if _register(COMPONENT_METHODS, name, fn, overwrite):
+        COMPONENT_SIGNS[name] = sign
+
+
+def register_subspace_method(name: str, fn: SubspaceMethod, *, overwrite: bool = True) -> None:
+    """Add (or replace) a method ranking input tokens for a probe reading."""
+    _register(SUBSPACE_METHODS, name, fn, overwrite)
+
+
+def component_sign(name: str) -> int:
+    """``+1`` if the method's scores are importances, ``-1`` if they are change effects."""
+    return COMPONENT_SIGNS.get(name, 1)

@@ -1,0 +1,247 @@
+"""Token-level baselines: a score per input token for a metric (or any scalar objective).
+
+Gradient methods differentiate with respect to the *input embeddings*: the stream entering block
+0, ``hook_embed`` plus ``hook_pos_embed`` for additive (standard) positions. Integrated gradients
+integrates from the all-zero input along the straight line, so its scores sum to
+``objective(input) - objective(zero input)`` (completeness). Pad positions score 0.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+from transformer_lens import HookedTransformer
+
+from depass_lens.evaluation.forward import ResidualInput, residual_input
+from depass_lens.evaluation.metrics import Metric, bind_mask, metric_positions, real_mask
+
+#: ``objective(model, resid, forward_kwargs) -> [batch]``: a scalar per prompt, computed by
+#: running ``model`` from the residual input ``resid`` (``start_at_layer=0``).
+Objective = Callable[[HookedTransformer, Tensor, dict[str, Any]], Float[Tensor, " batch"]]
+
+
+def metric_objective(metric: Metric) -> Objective:
+    """The objective "``metric`` of the logits"."""
+
+    def objective(model: HookedTransformer, resid: Tensor, kwargs: dict[str, Any]) -> Tensor:
+        return metric(model(resid, start_at_layer=0, **kwargs))
+
+    return objective
+
+
+def input_gradient(
+    model: HookedTransformer,
+    inp: ResidualInput,
+    objective: Objective,
+    scale: float = 1.0,
+) -> Float[Tensor, "batch pos d_model"]:
+    """Gradient of ``objective`` (summed over prompts) at the input ``scale * inp.resid``."""
+    with torch.enable_grad():
+        x = (inp.resid.detach() * scale).requires_grad_(True)
+        value = objective(model, x, inp.kwargs())
+        (grad,) = torch.autograd.grad(value.sum(), x)
+    return grad
+
+
+def _masked(scores: Tensor, tokens: Tensor, attention_mask: Tensor | None) -> Tensor:
+    return scores * real_mask(tokens, attention_mask).to(scores.dtype)
+
+
+# --------------------------------------------------------------- objective-level implementations
+def gradient_norm_of(
+    model: HookedTransformer,
+    tokens: Int[Tensor, "batch pos"],
+    objective: Objective,
+    attention_mask: Tensor | None = None,
+) -> Float[Tensor, "batch pos"]:
+    grad = input_gradient(model, residual_input(model, tokens, attention_mask), objective)
+    return _masked(grad.norm(dim=-1), tokens, attention_mask)
+
+
+def gradient_x_input_of(
+    model: HookedTransformer,
+    tokens: Int[Tensor, "batch pos"],
+    objective: Objective,
+    attention_mask: Tensor | None = None,
+) -> Float[Tensor, "batch pos"]:
+    inp = residual_input(model, tokens, attention_mask)
+    grad = input_gradient(model, inp, objective)
+    return _masked((grad * inp.resid).sum(-1), tokens, attention_mask)
+
+
+def path_nodes(
+    steps: int, rule: Literal["gausslegendre", "midpoint", "trapezoid"] = "gausslegendre"
+) -> tuple[list[float], list[float]]:
+    """Points ``alpha`` in [0, 1] and weights for integrating along the straight-line path."""
+    if steps < 1 or (rule == "trapezoid" and steps < 2):
+        raise ValueError(f"too few steps ({steps}) for the {rule} rule")
+    if rule == "gausslegendre":
+        nodes, weights = np.polynomial.legendre.leggauss(steps)
+        return [float(x + 1) / 2 for x in nodes], [float(w) / 2 for w in weights]
+    if rule == "midpoint":
+        return [(i + 0.5) / steps for i in range(steps)], [1 / steps] * steps
+    if rule == "trapezoid":
+        w = [1 / (steps - 1)] * steps
+        w[0] = w[-1] = 0.5 / (steps - 1)
+        return [i / (steps - 1) for i in range(steps)], w
+    raise ValueError(f"rule must be 'gausslegendre', 'midpoint' or 'trapezoid', not {rule!r}")
+
+
+def integrated_gradients_of(
+    model: HookedTransformer,
+    tokens: Int[Tensor, "batch pos"],
+    objective: Objective,
+    attention_mask: Tensor | None = None,
+    steps: int = 32,
+    rule: Literal["gausslegendre", "midpoint", "trapezoid"] = "gausslegendre",
+) -> Float[Tensor, "batch pos"]:
+    inp = residual_input(model, tokens, attention_mask)
+    alphas, weights = path_nodes(steps, rule)
+    total = torch.zeros_like(inp.resid)
+    for alpha, weight in zip(alphas, weights):
+        total += weight * input_gradient(model, inp, objective, scale=alpha)
+    return _masked((total * inp.resid).sum(-1), tokens, attention_mask)
+
+
+@torch.no_grad()
+def mean_pattern(
+    model: HookedTransformer,
+    tokens: Int[Tensor, "batch pos"],
+    attention_mask: Tensor | None = None,
+    layer: int = -1,
+) -> Float[Tensor, "batch query key"]:
+    """Attention pattern of ``layer``, averaged over heads."""
+    name = f"blocks.{layer % model.cfg.n_layers}.attn.hook_pattern"
+    _, cache = model.run_with_cache(
+        tokens, names_filter=lambda n: n == name, attention_mask=attention_mask
+    )
+    return cache[name].mean(1)
+
+
+def attention_from(
+    model: HookedTransformer,
+    tokens: Int[Tensor, "batch pos"],
+    query: Int[Tensor, " batch"],
+    attention_mask: Tensor | None = None,
+    layer: int = -1,
+) -> Float[Tensor, "batch pos"]:
+    """Head-mean attention of ``layer`` from one query position per prompt."""
+    pattern = mean_pattern(model, tokens, attention_mask, layer)
+    return pattern[torch.arange(len(tokens)), query.to(pattern.device)]
+
+
+@torch.no_grad()
+def rollout_from(
+    model: HookedTransformer,
+    tokens: Int[Tensor, "batch pos"],
+    query: Int[Tensor, " batch"],
+    attention_mask: Tensor | None = None,
+    n_layers: int | None = None,
+    residual_weight: float = 0.5,
+) -> Float[Tensor, "batch pos"]:
+    n_layers = model.cfg.n_layers if n_layers is None else n_layers
+    _, cache = model.run_with_cache(
+        tokens, names_filter=lambda n: n.endswith("hook_pattern"), attention_mask=attention_mask
+    )
+    n_pos = tokens.shape[1]
+    eye = torch.eye(n_pos, device=tokens.device)
+    rollout = eye.expand(len(tokens), n_pos, n_pos)
+    for layer in range(n_layers):
+        pattern = cache[f"blocks.{layer}.attn.hook_pattern"].mean(1)
+        mixed = residual_weight * eye + (1 - residual_weight) * pattern
+        rollout = mixed @ rollout.to(mixed.dtype)
+    rows = torch.arange(len(tokens))
+    return rollout[rows, query.to(tokens.device)]
+
+
+def seeded_uniform(shape: tuple[int, ...], seed: int) -> Tensor:
+    """Uniform [0, 1) scores from a private generator: the same for the same seed."""
+    return torch.rand(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+# ---------------------------------------------------------------------- registered signatures
+def gradient_norm(
+    model: HookedTransformer,
+    tokens: Int[Tensor, "batch pos"],
+    metric: Metric,
+    *,
+    attention_mask: Tensor | None = None,
+) -> Float[Tensor, "batch pos"]:
+    """L2 norm of the metric's gradient w.r.t. each input embedding (unsigned)."""
+    objective = metric_objective(bind_mask(metric, attention_mask))
+    return gradient_norm_of(model, tokens, objective, attention_mask)
+
+
+def gradient_x_input(
+    model: HookedTransformer,
+    tokens: Int[Tensor, "batch pos"],
+    metric: Metric,
+    *,
+    attention_mask: Tensor | None = None,
+) -> Float[Tensor, "batch pos"]:
+    """``<grad, input embedding>`` per token: first-order contribution of each token."""
+    objective = metric_objective(bind_mask(metric, attention_mask))
+    return gradient_x_input_of(model, tokens, objective, attention_mask)
+
+
+def integrated_gradients(
+    model: HookedTransformer,
+    tokens: Int[Tensor, "batch pos"],
+    metric: Metric,
+    *,
+    attention_mask: Tensor | None = None,
+    steps: int = 32,
+    rule: Literal["gausslegendre", "midpoint", "trapezoid"] = "gausslegendre",
+) -> Float[Tensor, "batch pos"]:
+    """Integrated gradients from the zero embedding (``steps`` backward passes).
+
+    Scores sum to ``metric(input) - metric(zero input)`` up to the quadrature error; with a
+    norm layer the path jumps near 0 (``LN(alpha x)`` is constant but for ``eps``), which needs
+    many more steps.
+    """
+    objective = metric_objective(bind_mask(metric, attention_mask))
+    return integrated_gradients_of(model, tokens, objective, attention_mask, steps, rule)
+
+
+def attention_weights(
+    model: HookedTransformer,
+    tokens: Int[Tensor, "batch pos"],
+    metric: Metric,
+    *,
+    attention_mask: Tensor | None = None,
+    layer: int = -1,
+) -> Float[Tensor, "batch pos"]:
+    """Attention from the metric's position in ``layer`` (default: last), mean over heads."""
+    query = metric_positions(metric, tuple(tokens.shape), attention_mask)  # type: ignore[arg-type]
+    return attention_from(model, tokens, query, attention_mask, layer)
+
+
+def attention_rollout(
+    model: HookedTransformer,
+    tokens: Int[Tensor, "batch pos"],
+    metric: Metric,
+    *,
+    attention_mask: Tensor | None = None,
+    residual_weight: float = 0.5,
+) -> Float[Tensor, "batch pos"]:
+    """Abnar & Zuidema's rollout: product over layers of ``w I + (1 - w) mean_heads(A)``."""
+    query = metric_positions(metric, tuple(tokens.shape), attention_mask)  # type: ignore[arg-type]
+    return rollout_from(model, tokens, query, attention_mask, residual_weight=residual_weight)
+
+
+def random_tokens(
+    model: HookedTransformer,
+    tokens: Int[Tensor, "batch pos"],
+    metric: Metric,
+    *,
+    attention_mask: Tensor | None = None,
+    seed: int = 0,
+) -> Float[Tensor, "batch pos"]:
+    """Uniform random scores (seeded, so the baseline is reproducible)."""
+    scores = seeded_uniform(tuple(tokens.shape), seed).to(tokens.device)
+    return _masked(scores, tokens, attention_mask)
