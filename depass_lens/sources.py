@@ -72,6 +72,20 @@ def _norm_bias(norm: NormWeights | None, like: Tensor) -> Tensor:
     return norm.b.expand_as(like)
 
 
+def _through_norms(
+    ctx: SourceContext,
+    norms: Sequence[NormWeights],
+    parts: Float[Tensor, "batch comp pos d"],
+    bias: Float[Tensor, "batch pos d"],
+) -> tuple[Float[Tensor, "batch comp pos d"], Float[Tensor, "batch pos d"]]:
+    """Apply frozen post-sublayer norms: linear part to each component, constants to the bias."""
+    for norm in norms:
+        scale = _scale(ctx, norm)
+        parts = _norm_map(parts, norm, scale)
+        bias = _norm_map(bias.unsqueeze(1), norm, scale)[:, 0] + _norm_bias(norm, bias)
+    return parts, bias
+
+
 def _scale(ctx: SourceContext, norm: NormWeights | None) -> Tensor | None:
     if norm is None or norm.scale_hook is None:
         return None
@@ -283,11 +297,8 @@ class Heads(Source):
         per_head = einops.einsum(z, weights.W_O[self._heads(adapter)], "b p h e, h e d -> b h p d")
         bias = weights.b_O.expand(z.shape[0], z.shape[1], -1)
         norms = adapter.block_norms(layer)
-        for norm in _post_attention_norms(adapter, norms["ln1"], norms["ln1_post"]):
-            scale = _scale(ctx, norm)
-            per_head = _norm_map(per_head, norm, scale)
-            bias = _norm_map(bias.unsqueeze(1), norm, scale)[:, 0] + _norm_bias(norm, bias)
-        return per_head, bias
+        post = _post_attention_norms(adapter, norms["ln1"], norms["ln1_post"])
+        return _through_norms(ctx, post, per_head, bias)
 
     def label_groups(self, ctx):
         return [
@@ -402,10 +413,7 @@ class Neurons(Source):
             post = ctx[f"blocks.{layer}.mlp.hook_post"][..., neurons]
             per_neuron = einops.einsum(post, mlp.W_out[neurons], "b p n, n d -> b n p d")
             bias = mlp.b_out.expand(post.shape[0], post.shape[1], -1)
-            for norm in self._norms(ctx, layer):
-                scale = _scale(ctx, norm)
-                per_neuron = _norm_map(per_neuron, norm, scale)
-                bias = _norm_map(bias.unsqueeze(1), norm, scale)[:, 0] + _norm_bias(norm, bias)
+            per_neuron, bias = _through_norms(ctx, self._norms(ctx, layer), per_neuron, bias)
             rest = ctx[hook] - per_neuron.sum(1) - bias
             comps = torch.cat([per_neuron, rest.unsqueeze(1), bias.unsqueeze(1)], dim=1)
             out.append(Decomposition(hook, comps, labels))
@@ -432,12 +440,9 @@ class Neurons(Source):
             bias = mlp.b_out.expand(post.shape[0], post.shape[1], -1)
             selected_out = einops.einsum(
                 post[..., neurons], mlp.W_out[neurons], "b p n, n d -> b p d"
-            )
-            for norm in norms:
-                scale = _scale(ctx, norm)
-                bias = _norm_map(bias.unsqueeze(1), norm, scale)[:, 0] + _norm_bias(norm, bias)
-                selected_out = _norm_map(selected_out.unsqueeze(1), norm, scale)[:, 0]
-            rest = ctx[hook] - selected_out - bias
+            ).unsqueeze(1)
+            selected_out, bias = _through_norms(ctx, norms, selected_out, bias)
+            rest = ctx[hook] - selected_out[:, 0] - bias
             rest_score = (grad * rest).sum((-1, -2))
             out.append(
                 torch.cat(

@@ -160,22 +160,9 @@ WORDS = [
 
 def word_tokenizer():
     """A word-level Hugging Face tokenizer built offline (special tokens + ``WORDS``)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+    from depass_lens.zoo.tokenizer import build_tokenizer
 
-    specials = ["<pad>", "<bos>", "<unk>"]
-    vocab = {w: i for i, w in enumerate(specials + WORDS)}
-    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=core,
-        bos_token="<bos>",
-        eos_token="<bos>",
-        pad_token="<pad>",
-        unk_token="<unk>",
-        name_or_path="word-level-test",
-        add_bos_token=True,
-    )
+    return build_tokenizer(WORDS, "test")
 
 
 def make_text_model(family: str = "gpt2", dtype: torch.dtype = torch.float64) -> HookedTransformer:
