@@ -251,6 +251,16 @@ def test_random_baselines_are_seeded(model, batch):
     assert c.shape == (4, 8)
 
 
+def test_occlusion_is_leave_one_out(model, batch):
+    metric = batch.metric()
+    scores = B.occlusion(model, batch.tokens, metric)
+    masked = batch.tokens.clone()
+    masked[:, 3] = 0
+    expected = metric(model(batch.tokens)) - metric(model(masked))
+    torch.testing.assert_close(scores[:, 3], expected)
+    assert (scores[:, [0, -1]] == 0).all()  # BOS and the query are protected
+
+
 def test_padding_changes_nothing(model):
     """A left- or right-padded prompt scores like the same prompt alone."""
     prompt = random_tokens(1, 6, seed=9)
@@ -334,6 +344,22 @@ def test_component_curve_end_points_and_ranking(model, batch):
     assert curve.values["metric"][1] == pytest.approx(one)
 
 
+def test_per_example_ranking_ablates_each_prompts_own_top(model, batch):
+    metric = batch.metric()
+    scores = torch.zeros(4, 8)
+    scores[torch.arange(4), torch.tensor([0, 5, 2, 7])] = 1.0  # a different top head per prompt
+    curve = ev.component_masking_curve(
+        model, batch.tokens, scores, metric, level="heads", ablation="zero", ks=[1],
+        rank="per_example",
+    )  # fmt: skip
+    values = []
+    for row, head in enumerate([0, 5, 2, 7]):
+        hook = (f"blocks.{head // 4}.attn.hook_z", hook_replacing(head % 4))
+        logits = model.run_with_hooks(batch.tokens[row : row + 1], fwd_hooks=[hook])
+        values.append(ev.logit_diff_metric(batch.answer_ids[row], batch.wrong_ids[row])(logits))
+    assert curve.values["metric"][0] == pytest.approx(float(torch.cat(values).mean()))
+
+
 def test_neuron_curves_cover_top_and_bottom(model, batch):
     metric = batch.metric()
     scores = B.gradient_x_activation(model, batch.tokens, metric, level=("neurons", 1))
@@ -382,6 +408,16 @@ def test_ranking_by_the_truth_is_perfect(model, batch):
     oracle = report.methods["oracle"].agreement
     assert oracle["precision@1"] == oracle["precision@3"] == oracle["precision@3 (abs)"] == 1.0
     assert oracle["spearman"] == pytest.approx(1.0)
+
+
+def test_token_agreement_with_occlusion(model, batch):
+    report = ev.evaluate(
+        model, batch, "tokens", ["occlusion", "grad-x-input"], ground_truth="occlusion",
+        grid=[0, 0.5, 1], progress=False,
+    )  # fmt: skip
+    assert report.methods["occlusion"].agreement["precision@3"] == 1.0
+    assert report.methods["occlusion"].agreement["spearman"] == pytest.approx(1.0)
+    assert report.curves["occlusion"]["disrupt"].grid == [0, 0.5, 1]
 
 
 def test_evaluate_writes_reports(model, batch, tmp_path):

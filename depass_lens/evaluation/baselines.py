@@ -1,7 +1,8 @@
 """The baselines of the paper's comparisons, registered under their report names.
 
 Token level (``token_baselines``): ``attention``, ``attention-rollout``, ``gradient-norm``,
-``grad-x-input``, ``integrated-gradients``, ``random``. Component level
+``grad-x-input``, ``integrated-gradients``, ``random``, ``occlusion`` (leave-one-out masking,
+the exhaustive ground truth). Component level
 (``component_baselines``): ``attribution-patching``, ``grad-x-activation``, ``activation-norm``,
 ``random``, ``ablation-zero``, ``ablation-mean`` (exact, one component at a time) and
 ``activation-patching`` (exact patching from the corrupted prompts). Subspace level
@@ -45,6 +46,7 @@ from depass_lens.evaluation.token_baselines import (
     gradient_norm,
     gradient_x_input,
     integrated_gradients,
+    occlusion,
     random_tokens,
 )
 
@@ -63,6 +65,7 @@ __all__ = [
     "gradient_x_activation",
     "gradient_x_input",
     "integrated_gradients",
+    "occlusion",
     "random_components",
     "random_tokens",
     "register_component_method",
@@ -78,6 +81,7 @@ for _name, _fn in {
     "grad-x-input": gradient_x_input,
     "integrated-gradients": integrated_gradients,
     "random": random_tokens,
+    "occlusion": occlusion,
 }.items():
     register_token_method(_name, _fn, overwrite=False)
 

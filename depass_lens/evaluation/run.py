@@ -101,6 +101,18 @@ def component_truth(
     return torch.as_tensor(ground_truth)
 
 
+def token_truth(ground_truth: Tensor | str | Any, run: _Run, truth_sign: int) -> Tensor | None:
+    """Token importance ``[batch pos]``: a method's scores (e.g. ``"occlusion"``) as they are, or
+    given change effects times ``truth_sign``."""
+    if ground_truth is None:
+        return None
+    if isinstance(ground_truth, str):
+        fn = TOKEN_METHODS[ground_truth]
+        mask = run.batch.attention_mask
+        return fn(run.model, run.batch.tokens, run.metric, attention_mask=mask).detach()
+    return truth_sign * torch.as_tensor(ground_truth)
+
+
 def _describe(ground_truth: Any) -> str | None:
     if ground_truth is None or isinstance(ground_truth, str):
         return ground_truth
@@ -194,7 +206,8 @@ def evaluate(
         metric: default ``task_batch.metric()`` (logit difference or answer logit).
         ground_truth: components: change effects (tensor ``[n_comp]`` / ``[batch n_comp]``, a
             zoo ablation dict read at ``{kind}_{ground_truth_key}``, or a method name such as
-            ``"ablation-mean"``); tokens: per-prompt effects ``[batch pos]``. Multiplied by
+            ``"ablation-mean"``); tokens: per-prompt effects ``[batch pos]`` or a token method
+            name (``"occlusion"``, taken as importance). Effects are multiplied by
             ``truth_sign`` (``-1``: a drop when removed = important) and compared with each
             method's importance-oriented scores (Spearman, precision@k for ``agreement_ks``,
             default ``[circuit_size]`` or ``[n_heads]`` / 5% of the neurons / ``[3]`` tokens).
@@ -218,9 +231,8 @@ def evaluate(
     if circuit_size is not None and agreement_ks is None:
         agreement_ks = [circuit_size]
     if level == "tokens":
-        report.notes.update(masking_options)
-        truth = None if ground_truth is None else truth_sign * torch.as_tensor(ground_truth)
-        _tokens(run, truth, list(agreement_ks or [3]))
+        report.notes.update({**masking_options, "ground_truth": _describe(ground_truth)})
+        _tokens(run, token_truth(ground_truth, run, truth_sign), list(agreement_ks or [3]))
         return report
     if level == "subspace":
         if probe is None:

@@ -3,7 +3,8 @@
 Gradient methods differentiate with respect to the *input embeddings*: the stream entering block
 0, ``hook_embed`` plus ``hook_pos_embed`` for additive (standard) positions. Integrated gradients
 integrates from the all-zero input along the straight line, so its scores sum to
-``objective(input) - objective(zero input)`` (completeness). Pad positions score 0.
+``objective(input) - objective(zero input)`` (completeness). Occlusion masks one token at a time
+(the exhaustive ground truth of the masking protocols). Pad positions score 0.
 """
 
 from __future__ import annotations
@@ -17,8 +18,16 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from depass_lens.evaluation.forward import ResidualInput, residual_input
-from depass_lens.evaluation.metrics import Metric, bind_mask, metric_positions, real_mask
+from depass_lens.evaluation.forward import ResidualInput, final_logits, residual_input
+from depass_lens.evaluation.metrics import (
+    Metric,
+    bind_mask,
+    metric_at,
+    metric_positions,
+    real_mask,
+)
+from depass_lens.evaluation.token_level import masked_final_logits
+from depass_lens.evaluation.token_masking import Masking, default_fill_id, maskable_positions
 
 #: ``objective(model, resid, forward_kwargs) -> [batch]``: a scalar per prompt, computed by
 #: running ``model`` from the residual input ``resid`` (``start_at_layer=0``).
@@ -245,3 +254,41 @@ def random_tokens(
     """Uniform random scores (seeded, so the baseline is reproducible)."""
     scores = seeded_uniform(tuple(tokens.shape), seed).to(tokens.device)
     return _masked(scores, tokens, attention_mask)
+
+
+@torch.no_grad()
+def occlusion(
+    model: HookedTransformer,
+    tokens: Int[Tensor, "batch pos"],
+    metric: Metric,
+    *,
+    attention_mask: Tensor | None = None,
+    masking: Masking = "replace",
+    fill_id: int | None = None,
+    protect_bos: bool | None = None,
+    protect_query: bool = True,
+    batch_size: int = 256,
+) -> Float[Tensor, "batch pos"]:
+    """Leave-one-out: ``metric(clean) - metric(token masked)`` for each token, alone.
+
+    The exhaustive token-level ground truth for the masking protocols (same masking and
+    protected positions; protected and pad positions score 0).
+    """
+    metric = bind_mask(metric, attention_mask)
+    fill_id = default_fill_id(model) if fill_id is None else fill_id
+    protect_bos = model.cfg.default_prepend_bos if protect_bos is None else protect_bos
+    positions = metric_positions(metric, tuple(tokens.shape), attention_mask)  # type: ignore[arg-type]
+    maskable = maskable_positions(
+        tokens, attention_mask, positions, protect_bos=protect_bos, protect_query=protect_query
+    )
+    clean = metric_at(metric, final_logits(model, tokens, positions, attention_mask=attention_mask))
+    masks = []
+    for j in range(tokens.shape[1]):
+        one = torch.zeros_like(maskable)
+        one[:, j] = maskable[:, j]
+        masks.append(one)
+    finals = masked_final_logits(
+        model, tokens, masks, positions, masking=masking, fill_id=fill_id,
+        attention_mask=attention_mask, batch_size=batch_size,
+    )  # fmt: skip
+    return torch.stack([clean - metric_at(metric, final) for final in finals], 1)
