@@ -103,8 +103,8 @@ def component_truth(
 
 def token_truth(ground_truth: Tensor | str | Any, run: _Run, truth_sign: int) -> Tensor | None:
     """Token importance ``[batch pos]``: a method's scores (e.g. ``"occlusion"``) as they are, or
-    given change effects times ``truth_sign``."""
-    if ground_truth is None:
+    given change effects times ``truth_sign``. A component table (zoo ablation dict) is ignored."""
+    if ground_truth is None or isinstance(ground_truth, Mapping):
         return None
     if isinstance(ground_truth, str):
         fn = TOKEN_METHODS[ground_truth]
@@ -211,10 +211,15 @@ def evaluate(
             ``truth_sign`` (``-1``: a drop when removed = important) and compared with each
             method's importance-oriented scores (Spearman, precision@k for ``agreement_ks``,
             default ``[circuit_size]`` or ``[n_heads]`` / 5% of the neurons / ``[3]`` tokens).
-        ablations, component_ks, rank, mean_over: component protocol settings
-            (``component_level.component_masking_curve``).
-        masking, fill_id, grid, protect_bos, protect_query: token and subspace protocol settings
-            (``token_level.token_masking_curve``).
+        ablations: component protocol setting (``component_level.component_masking_curve``).
+        component_ks: component protocol setting (as above).
+        rank: component protocol setting (as above).
+        mean_over: component protocol setting (as above).
+        masking: token and subspace protocol setting (``token_level.token_masking_curve``).
+        fill_id: token and subspace protocol setting (as above).
+        grid: token and subspace protocol setting (as above).
+        protect_bos: token and subspace protocol setting (as above).
+        protect_query: token and subspace protocol setting (as above).
         method_options: extra keyword arguments per method name (e.g. IG ``steps``).
     """
     level_name = level if isinstance(level, str) else f"{level[0]}[{level[1]}]"

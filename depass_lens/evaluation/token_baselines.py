@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
+from tqdm import tqdm
 from transformer_lens import HookedTransformer
 
 from depass_lens.evaluation.forward import ResidualInput, final_logits, residual_input
@@ -108,11 +109,15 @@ def integrated_gradients_of(
     attention_mask: Tensor | None = None,
     steps: int = 32,
     rule: Literal["gausslegendre", "midpoint", "trapezoid"] = "gausslegendre",
+    progress: bool = True,
 ) -> Float[Tensor, "batch pos"]:
     inp = residual_input(model, tokens, attention_mask)
     alphas, weights = path_nodes(steps, rule)
     total = torch.zeros_like(inp.resid)
-    for alpha, weight in zip(alphas, weights):
+    nodes = tqdm(
+        list(zip(alphas, weights)), desc="integrated gradients", disable=not progress, delay=2
+    )
+    for alpha, weight in nodes:
         total += weight * input_gradient(model, inp, objective, scale=alpha)
     return _masked((total * inp.resid).sum(-1), tokens, attention_mask)
 
