@@ -490,10 +490,11 @@ class DePass:
         ):
             weights, constants = functionals[id(t)]
             state = passed.live[t.read_hook(adapter)]
-            value = target_scalar(
-                state, weights[:, k].to(state.dtype), constants[:, k].to(state.dtype)
-            )
-            grads = passed.gradients(value.sum(), grad_hooks, retain_graph=i < len(jobs) - 1)
+            with torch.enable_grad():  # also under a caller's torch.no_grad()
+                value = target_scalar(
+                    state, weights[:, k].to(state.dtype), constants[:, k].to(state.dtype)
+                )
+                grads = passed.gradients(value.sum(), grad_hooks, retain_graph=i < len(jobs) - 1)
             with torch.no_grad():
                 parts = source.scores(sctx, grads)
             value = value.detach()

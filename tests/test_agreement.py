@@ -155,3 +155,12 @@ def test_logit_lens_matches_accumulated_resid(family):
         acc = cache.accumulated_resid(layer=layer + 1, apply_ln=True, pos_slice=-1)[-1]
         torch.testing.assert_close(lens[layer].sum(-1), (acc @ direction).detach() + constant)
     torch.testing.assert_close(lens[-1].sum(-1), logits[:, -1, 3].detach())
+
+
+def test_adjoint_mode_works_under_no_grad():
+    model = make_model("gpt2", torch.float64)
+    tokens = random_tokens(model)
+    expected = dp.DePass(model).attribute(tokens, dp.Logit(2), dp.Heads(), mode="adjoint")
+    with torch.no_grad():
+        inside = dp.DePass(model).attribute(tokens, dp.Logit(2), dp.Heads(), mode="adjoint")
+    torch.testing.assert_close(inside.scores, expected.scores)

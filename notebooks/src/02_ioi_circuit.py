@@ -64,7 +64,14 @@ for layer in range(model.cfg.n_layers):
 # ## Other methods on the same question
 
 # %%
-atp = baselines.attribution_patching(model, batch, "heads").mean(0).view_as(grid)
+# AtP estimates the change when a head is patched from the corrupted run: importance = -change
+atp = (
+    -baselines.COMPONENT_METHODS["attribution-patching"](
+        model, batch.tokens, batch.metric(), level="heads", corrupted_tokens=batch.corrupted
+    )
+    .mean(0)
+    .view_as(grid)
+)
 stack = cache.stack_head_results(layer=model.cfg.n_layers, pos_slice=-1, apply_ln=True)
 direction = (model.W_U[:, batch.answers] - model.W_U[:, batch.wrong]).T  # batch d_model
 dla = (stack * direction).sum(-1).mean(-1).view_as(grid)  # direct effect only

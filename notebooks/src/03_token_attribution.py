@@ -17,7 +17,7 @@ from depass_lens.evaluation import TaskBatch, evaluate
 model = zoo.load("ioi")
 task = zoo.task("ioi")
 batch = TaskBatch.from_zoo(task.batch(model, 24, seed=9))
-report = evaluate(model, batch, "tokens", name="ioi")
+report = evaluate(model, batch, "tokens", name="ioi", progress=False)
 print(report.markdown())
 
 # %%
