@@ -9,6 +9,7 @@ markdown table collects their areas and agreement numbers.
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 
@@ -59,6 +60,63 @@ def run_pair(name: str, level: str, out: Path) -> tuple[str, float]:
     return header + report.markdown(), seconds
 
 
+#: The curve key each protocol is judged on, and whether lower areas are better.
+PRIMARY = {"tokens": "prob", "subspace": "relative_change"}
+
+
+def _judge(curve_name: str, level: str) -> tuple[str, bool]:
+    key = PRIMARY.get(level, "metric_fraction")
+    lower = curve_name.startswith(("top", "disrupt"))
+    return key, lower
+
+
+def winners(out: Path) -> str:
+    """DePass (its best rule) against the best baseline, for every curve area of every pair."""
+    lines = [
+        "| model, level | curve (area) | DePass (taylor) | best DePass rule | best baseline "
+        "| DePass best? |",
+        "|---|---|---|---|---|---|",
+    ]
+    total = won = 0
+    for name, level in PAIRS:
+        path = out / f"{name}_{level}.json"
+        if not path.exists():
+            continue
+        methods = {
+            m: r
+            for m, r in json.loads(path.read_text())["methods"].items()
+            if not r.get("skipped")
+            and not m.startswith(("ablation", "activation-patching", "occlusion"))
+        }
+        curve_names = next(iter(methods.values()))["curves"]
+        for curve_name in curve_names:
+            key, lower = _judge(curve_name, level)
+            areas = {m: r["curves"][curve_name]["areas"].get(key) for m, r in methods.items()}
+            areas = {m: a for m, a in areas.items() if a is not None}
+            pick = min if lower else max
+            ours = {m: a for m, a in areas.items() if m.startswith("depass")}
+            theirs = {m: a for m, a in areas.items() if not m.startswith("depass")}
+            if not ours or not theirs:
+                continue
+            best_ours = pick(ours, key=lambda m: ours[m])
+            best_theirs = pick(theirs, key=lambda m: theirs[m])
+            ok = (
+                ours[best_ours] <= theirs[best_theirs]
+                if lower
+                else (ours[best_ours] >= theirs[best_theirs])
+            )
+            total += 1
+            won += ok
+            lines.append(
+                f"| {name}, {level} | {curve_name} ({key}, {'lower' if lower else 'higher'} is "
+                f"better) | {ours.get('depass-taylor', float('nan')):.3f} | {best_ours} "
+                f"{ours[best_ours]:.3f} | {best_theirs} {theirs[best_theirs]:.3f} | "
+                f"{'yes' if ok else '**no**'} |"
+            )
+    lines.append(f"\nDePass (its best rule) is best on {won} of {total} curve areas.")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/faithfulness"))
@@ -77,6 +135,8 @@ def main() -> None:
         if (args.out / f"{name}_{level}.md").exists()
     ]
     (args.out / "tables.md").write_text("\n".join(sections))
+    (args.out / "winners.md").write_text(winners(args.out))
+    print(winners(args.out))
 
 
 if __name__ == "__main__":
