@@ -54,3 +54,33 @@ def test_task_batches_are_deterministic_and_aligned():
     held_out = {tuple(sorted((e.answer, e.wrong))) for e in task.examples(200, "test")}
     trained = {tuple(sorted((e.answer, e.wrong))) for e in task.examples(200, "train")}
     assert not held_out & trained  # test name pairs never occur together in training
+
+
+def test_induction_model_has_previous_token_and_induction_heads():
+    """The card's head roles hold for the shipped weights (TransformerLens's head detector)."""
+    from depass_lens.zoo.roles import head_role_scores, heads_with_role
+
+    model = zoo.load("induction")
+    scores = head_role_scores(model, zoo.task("induction").words())
+    shipped = zoo.info("induction")["head_roles"]
+    for role, grid in scores.items():
+        torch.testing.assert_close(
+            torch.tensor(grid), torch.tensor(shipped[role]), atol=1e-4, rtol=0
+        )
+    previous = heads_with_role(scores, "previous_token_head", threshold=0.5)
+    induction = heads_with_role(scores, "induction_head", threshold=0.4)
+    assert [name for name, _ in previous] == ["L0H1"]
+    assert {name for name, _ in induction} == {f"L1H{h}" for h in range(4)}
+    # and the circuit by ablation runs through the previous-token head
+    truth = zoo.ground_truth("induction")
+    assert min(truth["heads_mean"][0]) == truth["heads_mean"][0][1]
+
+
+def test_induction_prompts_are_unambiguous():
+    """The query token occurs exactly once before the last position; corrupting removes it."""
+    for example in zoo.task("induction").examples(100, seed=5):
+        query = example.words[-1]
+        assert example.words.count(query) == 2
+        earlier = example.words.index(query)
+        assert example.words[earlier + 1] == example.answer
+        assert example.corrupted is not None and example.corrupted.count(query) == 1

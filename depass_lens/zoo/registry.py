@@ -74,9 +74,10 @@ SPECS: dict[str, ZooSpec] = {
                 attn_only=True,
                 normalization_type="LN",
             ),
-            steps=5000,
+            steps=4000,
             lr=2e-3,
             description="2-layer attention-only model on repeated random sequences",
+            extra={"head_roles": True},
         ),
         ZooSpec(
             "recall",

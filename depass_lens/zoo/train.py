@@ -24,6 +24,7 @@ from transformer_lens import HookedTransformer
 
 from depass_lens.zoo.ablation import ablation_effects, circuit_heads, top_components
 from depass_lens.zoo.registry import SPECS, ZooSpec
+from depass_lens.zoo.roles import ROLES, head_role_scores, heads_with_role
 from depass_lens.zoo.store import build_model, save
 from depass_lens.zoo.tasks import TASKS, Task
 
@@ -66,7 +67,7 @@ def train(
         loss.backward()
         optimiser.step()
         schedule.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
         bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
     model.eval()
     return TrainResult(model, losses, time.perf_counter() - start)
@@ -168,6 +169,17 @@ def card_text(spec: ZooSpec, meta: dict[str, Any], effects: dict[str, Any]) -> s
         f"({len(circuit)}): " + ", ".join(f"{n} ({v:+.2f})" for n, v in circuit)
     )
     lines.append("")
+    if "head_roles" in meta:
+        lines += [
+            "Head roles (TransformerLens `detect_head` on repeated random sequences; score = share "
+            "of attention where the role predicts it, heads above 0.3):",
+            "",
+        ]
+        for role in ROLES:
+            found = heads_with_role(meta["head_roles"], role)
+            named = ", ".join(f"{n} ({v:.2f})" for n, v in found) or "none"
+            lines.append(f"- {role.replace('_', ' ')}: {named}")
+        lines.append("")
     for key in ("heads_mean", "heads_zero", "neurons_mean"):
         if key in effects:
             top = top_components(effects, key)
@@ -200,6 +212,8 @@ def run(name: str, steps: int | None, seed: int, out: Path | None, threads: int)
     }
     if "probe_hook" in spec.extra:
         meta["probe"] = language_probe(model, task, spec.extra["probe_hook"])
+    if spec.extra.get("head_roles"):
+        meta["head_roles"] = head_role_scores(model, task.words(), seed=seed)
     test = task.batch(model, 200, split="test", seed=11)
     reference = task.batch(model, 200, split="train", seed=12)
     assert test.wrong is not None
