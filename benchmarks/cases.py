@@ -3,7 +3,7 @@
 Run one case (what ``benchmarks/run.py`` does, in a fresh subprocess so that peak memory belongs to
 that case alone)::
 
-    python -m benchmarks.cases --config gpt2 --case adjoint_all --n-pos 128
+    python -m benchmarks.cases --config gpt2 --case adjoint_all --n-pos 128 [--device cuda]
 
 It prints one JSON line: median seconds over the repeats, the peak resident memory above the loaded
 model, and, for cases that sample a subset of an exhaustive method, the extrapolation factor.
@@ -64,9 +64,9 @@ REFERENCE_GROUP = 64
 NEURON_LAYER = 6
 
 
-def build(config: str) -> HookedTransformer:
+def build(config: str, device: str = "cpu") -> HookedTransformer:
     torch.manual_seed(0)
-    cfg = HookedTransformerConfig(**CONFIGS[config], seed=0)
+    cfg = HookedTransformerConfig(**CONFIGS[config], seed=0, device=device)
     model = HookedTransformer(cfg)
     model.eval()
     return model
@@ -177,6 +177,59 @@ def make_case(name: str, model: HookedTransformer, tokens: torch.Tensor):
     raise SystemExit(f"unknown case {name!r}")
 
 
+def _synchronise(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(
+    model: HookedTransformer,
+    config: str,
+    case: str,
+    n_pos: int,
+    repeats: int = 3,
+    warmup: bool = True,
+) -> dict:
+    """Time one case (median of ``repeats``) and its peak memory above the loaded model.
+
+    On CUDA the peak is the allocator's (``max_memory_allocated``), which is per case even when
+    several cases share a process; on the CPU it is the process's peak resident memory, so each CPU
+    case runs in its own subprocess (``benchmarks/run.py`` does that).
+    """
+    device = model.W_E.device
+    gen = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, model.cfg.d_vocab, (1, n_pos), generator=gen).to(device)
+    fn, scale = make_case(case, model, tokens)
+    if warmup:
+        fn()  # warm-up (also allocates caches)
+    _synchronise(device)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+    else:
+        base = rss_bytes()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        _synchronise(device)
+        times.append(time.perf_counter() - start)
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else peak_rss_bytes()
+    return {
+        "config": config,
+        "case": case,
+        "n_pos": n_pos,
+        "device": device.type,
+        "seconds": statistics.median(times) * scale,
+        "measured_seconds": statistics.median(times),
+        "extrapolation": scale,
+        "repeats": repeats,
+        "peak_extra_bytes": max(0, peak - base),
+        "threads": torch.get_num_threads(),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--config", choices=sorted(CONFIGS), default="gpt2")
@@ -184,37 +237,14 @@ def main() -> None:
     parser.add_argument("--n-pos", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--device", default="cpu")
     parser.add_argument("--no-warmup", action="store_true", help="for long loops of forwards")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = build(args.config)
-    gen = torch.Generator().manual_seed(1)
-    tokens = torch.randint(0, model.cfg.d_vocab, (1, args.n_pos), generator=gen)
-    fn, scale = make_case(args.case, model, tokens)
-    if not args.no_warmup:
-        fn()  # warm-up (also allocates caches)
-    base = rss_bytes()
-    times = []
-    for _ in range(args.repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    print(
-        json.dumps(
-            {
-                "config": args.config,
-                "case": args.case,
-                "n_pos": args.n_pos,
-                "seconds": statistics.median(times) * scale,
-                "measured_seconds": statistics.median(times),
-                "extrapolation": scale,
-                "repeats": args.repeats,
-                "peak_extra_bytes": max(0, peak_rss_bytes() - base),
-                "threads": torch.get_num_threads(),
-            }
-        )
-    )
+    model = build(args.config, args.device)
+    result = measure(model, args.config, args.case, args.n_pos, args.repeats, not args.no_warmup)
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":

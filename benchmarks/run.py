@@ -2,10 +2,13 @@
 
     python -m benchmarks.run            # full matrix (about 15 minutes on 2 CPU cores)
     python -m benchmarks.run --quick    # 128 tokens only, one repeat
+    python -m benchmarks.run --device cuda   # on a GPU: results/cuda/
 
-Every case runs in its own subprocess (see ``benchmarks/cases.py``), so its peak memory is its own.
-Ratios compare cases measured in this same run. Results go to ``benchmarks/results/``: the raw
-JSON, a markdown table and a plotly chart of cost against prompt length.
+On the CPU every case runs in its own subprocess (see ``benchmarks/cases.py``), so its peak memory
+is its own; on CUDA the cases share one process and each reads the allocator's peak. Ratios compare
+cases measured in this same run. Results go to ``benchmarks/results/`` (``results/cuda/`` for
+``--device cuda``): the raw JSON, a markdown table and a plotly chart of cost against prompt
+length.
 """
 
 from __future__ import annotations
@@ -72,6 +75,7 @@ RATIOS = [
 
 
 def run_case(config: str, case: str, n_pos: int, repeats: int, warmup: bool) -> dict:
+    """One CPU case in a fresh subprocess, so its peak resident memory is its own."""
     cmd = [
         sys.executable,
         "-m",
@@ -144,7 +148,7 @@ def markdown(results: list[dict], rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def chart(results: list[dict]) -> go.Figure:
+def chart(results: list[dict], device: str = "cpu") -> go.Figure:
     fig = go.Figure()
     for config in sorted({r["config"] for r in results}):
         for case in ("forward", "adjoint_all", "atp"):
@@ -163,7 +167,7 @@ def chart(results: list[dict]) -> go.Figure:
                     )
                 )
     fig.update_layout(
-        title="Cost vs prompt length (random-weight GPT-2-small / LLaMA-style, CPU)",
+        title=f"Cost vs prompt length (random-weight GPT-2-small / LLaMA-style, {device})",
         xaxis_title="prompt tokens",
         yaxis_title="seconds (median)",
         xaxis_type="log",
@@ -173,19 +177,39 @@ def chart(results: list[dict]) -> go.Figure:
     return fig
 
 
+def run_in_process(matrix: list[tuple], device: str) -> list[dict]:
+    """Every case in this process on ``device`` (CUDA), one model per config."""
+    from benchmarks.cases import build, measure  # noqa: PLC0415 - imports torch models
+
+    models: dict[str, object] = {}
+    results = []
+    for config, case, n_pos, repeats, warmup in tqdm(matrix, desc=f"benchmark cases ({device})"):
+        if config not in models:
+            models.clear()  # one model on the device at a time
+            models[config] = build(config, device)
+        results.append(measure(models[config], config, case, n_pos, repeats, warmup))
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="128 tokens, one repeat")
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--device", default="cpu", help="cpu (subprocess per case) or cuda")
+    parser.add_argument("--out", type=Path, default=None, help="default: results/[cuda/]")
     args = parser.parse_args()
     matrix = QUICK if args.quick else FULL
-    results = [run_case(*spec) for spec in tqdm(matrix, desc="benchmark cases")]
+    if args.out is None:
+        args.out = RESULTS if args.device == "cpu" else RESULTS / args.device
+    if args.device == "cpu":
+        results = [run_case(*spec) for spec in tqdm(matrix, desc="benchmark cases")]
+    else:
+        results = run_in_process(matrix, args.device)
     rows = ratio_rows(results)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps({"cases": results, "ratios": rows}, indent=1))
     table = markdown(results, rows)
     (args.out / "results.md").write_text(table)
-    chart(results).write_html(args.out / "cost_vs_length.html", include_plotlyjs=True)
+    chart(results, args.device).write_html(args.out / "cost_vs_length.html", include_plotlyjs=True)
     print(table)
 
 
