@@ -20,6 +20,7 @@ from depass_lens.errors import (
     UnsupportedModelError,
 )
 from depass_lens.generation import Generation
+from depass_lens.qk import AttentionSplit
 from depass_lens.results import Attribution, DecomposedCache
 from depass_lens.rules import (
     LinearRule,
@@ -41,7 +42,14 @@ from depass_lens.sources import (
     Subspace,
     Tokens,
 )
-from depass_lens.targets import Direction, HiddenState, Logit, LogitDiff, Target
+from depass_lens.targets import (
+    AttentionScore,
+    Direction,
+    HiddenState,
+    Logit,
+    LogitDiff,
+    Target,
+)
 
 __version__ = "0.1.0"
 
@@ -56,6 +64,8 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "BIAS",
+    "AttentionScore",
+    "AttentionSplit",
     "Attribution",
     "Combined",
     "Generation",

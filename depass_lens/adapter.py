@@ -7,6 +7,7 @@ hook names and ``ActivationCache``) can be added without touching the engine.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
@@ -19,10 +20,13 @@ from transformer_lens import HookedTransformer
 from depass_lens.errors import UnsupportedModelError
 
 NormKind = Literal["LN", "LNPre", "RMS", "RMSPre", "none"]
+_BLOCK_HOOK = re.compile(r"^blocks\.(\d+)\.(.+)$")
 Stage = Literal["pre", "mid", "post"]
 
 #: Architectures where TransformerLens applies ``ln1``/``ln2`` to the sublayer *output* (OLMo 2/3).
 POST_NORM_ARCHITECTURES = frozenset({"Olmo2ForCausalLM", "Olmo3ForCausalLM"})
+#: Architectures whose QK norm acts on the whole ``head * d_head`` query/key vector (OLMo family).
+QK_FULL_NORM_ARCHITECTURES = frozenset({"OlmoeForCausalLM", "Olmo2ForCausalLM", "Olmo3ForCausalLM"})
 
 
 @dataclass(frozen=True)
@@ -48,6 +52,27 @@ class AttentionWeights:
     W_O: Float[Tensor, "head d_head d_model"]
     b_O: Float[Tensor, " d_model"]
     kv_repeat: int
+
+
+@dataclass(frozen=True)
+class QKWeights:
+    """Query/key path of one attention layer, for the QK circuit (scores are bilinear in it).
+
+    ``norm_style`` says how a QK norm is applied: per head on ``d_head`` (Gemma 3, Qwen 3),
+    over the full ``head * d_head`` vector (OLMo), or not at all. ``module`` is TransformerLens's
+    attention module, whose own rotary and log-n code the QK path calls.
+    """
+
+    W_Q: Float[Tensor, "head d_model d_head"]
+    b_Q: Float[Tensor, "head d_head"]
+    W_K: Float[Tensor, "kv_head d_model d_head"]
+    b_K: Float[Tensor, "kv_head d_head"]
+    kv_repeat: int
+    q_norm: NormWeights | None
+    k_norm: NormWeights | None
+    norm_style: Literal["none", "head", "full"]
+    attn_scale: float
+    module: torch.nn.Module
 
 
 @dataclass(frozen=True)
@@ -164,6 +189,35 @@ class ModelAdapter:
     def resid_hook(layer: int, stage: Stage) -> str:
         return f"blocks.{layer}.hook_resid_{stage}"
 
+    def hook_position(self, name: str) -> tuple[int, int]:
+        """Where a hook sits in the forward pass, as ``(layer, step)``: comparable by order.
+
+        The embedding is layer -1; the final norm and unembedding are layer ``n_layers``. Within a
+        block: resid_pre, attention input and attention, attention output, resid_mid, MLP input
+        and MLP, MLP output, resid_post (a parallel block's MLP reads resid_pre, so it sorts with
+        the attention).
+        """
+        if name in ("hook_embed", "hook_pos_embed", "hook_tokens"):
+            return (-1, 0)
+        match = _BLOCK_HOOK.match(name)
+        if match is None:
+            return (self.n_layers, 0)
+        layer, rest = int(match.group(1)), match.group(2)
+        parallel_mlp = self.parallel and rest.startswith(("ln2.", "mlp."))
+        steps = (
+            (("hook_resid_pre",), 0),
+            (("ln1_post.", "hook_attn_out"), 2),
+            (("ln1.", "attn.", "hook_attn_in", "hook_q_input", "hook_k_input", "hook_v_input"), 1),
+            (("hook_resid_mid",), 3),
+            (("ln2_post.", "hook_mlp_out"), 5),
+            (("ln2.", "mlp.", "hook_mlp_in"), 4),
+            (("hook_resid_post",), 6),
+        )
+        for prefixes, step in steps:
+            if rest.startswith(prefixes):
+                return (layer, 1 if parallel_mlp else step)
+        return (layer, 6)
+
     def after_attention_hook(self, layer: int) -> str:
         """Where a layer's attention output has just been added to the stream."""
         return self.resid_hook(layer, "mid" if self.has_resid_mid else "post")
@@ -229,6 +283,72 @@ class ModelAdapter:
             b_O=_tensor(attn.b_O, "b_O"),
             kv_repeat=self.n_heads // int(W_V.shape[0]),
         )
+
+    def qk(self, layer: int) -> QKWeights:
+        """The query/key weights of ``layer`` (raises for settings the QK path cannot follow)."""
+        problems = qk_unsupported_settings(self.model)
+        if problems:
+            raise UnsupportedModelError(
+                "the QK circuit of this model cannot be decomposed exactly. Unsupported "
+                "setting(s): " + "; ".join(problems)
+            )
+        attn = self.model.blocks[layer].attn
+        grouped = hasattr(attn, "_W_K") and not self.cfg.ungroup_grouped_query_attention
+        W_K = _tensor(attn._W_K if grouped else attn.W_K, "W_K")
+        b_K = _tensor(attn._b_K if grouped else attn.b_K, "b_K")
+        prefix = f"blocks.{layer}.attn"
+        q_norm = self._norm(getattr(attn, "q_norm", None), f"{prefix}.q_norm")
+        k_norm = self._norm(getattr(attn, "k_norm", None), f"{prefix}.k_norm")
+        style: Literal["none", "head", "full"] = "none"
+        if q_norm is not None and self.cfg.original_architecture in QK_FULL_NORM_ARCHITECTURES:
+            style = "full"
+        elif q_norm is not None and self.cfg.use_qk_norm:
+            style = "head"
+        return QKWeights(
+            W_Q=_tensor(attn.W_Q, "W_Q"),
+            b_Q=_tensor(attn.b_Q, "b_Q"),
+            W_K=W_K,
+            b_K=b_K,
+            kv_repeat=self.n_heads // int(W_K.shape[0]),
+            q_norm=q_norm if style != "none" else None,
+            k_norm=k_norm if style != "none" else None,
+            norm_style=style,
+            attn_scale=float(attn.attn_scale),
+            module=attn,
+        )
+
+    def attention_input_hook(self, layer: int) -> str:
+        """Where the (normalised) stream that queries, keys and values read is exposed.
+
+        ``ln1.hook_normalized`` (before the norm's weight and bias) where ``ln1`` normalises the
+        attention input, else ``hook_resid_pre`` (no norm, or OLMo-style post-norm).
+        """
+        ln1 = self.block_norms(layer)["ln1"]
+        if self.post_norm or ln1 is None or ln1.kind == "none":
+            return self.resid_hook(layer, "pre")
+        return f"blocks.{layer}.ln1.hook_normalized"
+
+    def attention_input_norm(self, layer: int) -> NormWeights | None:
+        """The weight/bias applied after :meth:`attention_input_hook` (``None``: none)."""
+        if self.attention_input_hook(layer).endswith("hook_resid_pre"):
+            return None
+        return self.block_norms(layer)["ln1"]
+
+    def qk_hook_names(self, layer: int) -> list[str]:
+        """Cache entries the QK path of ``layer`` reads (its input, QK-norm scales, scores)."""
+        prefix = f"blocks.{layer}.attn"
+        names = [
+            self.attention_input_hook(layer),
+            f"{prefix}.hook_attn_scores",
+            f"{prefix}.hook_pattern",
+            f"{prefix}.hook_v",
+        ]
+        qk = self.qk(layer)
+        if qk.norm_style != "none":
+            names += [f"{prefix}.q_norm.hook_scale", f"{prefix}.k_norm.hook_scale"]
+        if self.positional == "shortformer":
+            names.append("hook_pos_embed")
+        return names
 
     def mlp(self, layer: int) -> MLPWeights:
         mlp = self.model.blocks[layer].mlp
@@ -308,6 +428,19 @@ def _unsupported_settings(model: HookedTransformer) -> list[str]:
         )
     if not cfg.attn_only and cfg.d_mlp is None:
         problems.append("d_mlp=None on a model with MLPs")
+    return problems
+
+
+def qk_unsupported_settings(model: HookedTransformer) -> list[str]:
+    """Settings under which the QK path (scores as bilinear forms) is not reproduced exactly."""
+    cfg = model.cfg
+    problems = []
+    if cfg.use_split_qkv_input or cfg.use_attn_in:
+        problems.append("use_split_qkv_input / use_attn_in (per-head attention inputs)")
+    if cfg.positional_embedding_type == "relative_positional_bias":
+        problems.append("relative_positional_bias (position bias passed in at run time)")
+    if getattr(cfg, "use_attention_sinks", False):
+        problems.append("use_attention_sinks (the sink logit joins the softmax)")
     return problems
 
 

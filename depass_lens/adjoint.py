@@ -15,11 +15,19 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+import einops
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
 from depass_lens.adapter import MLPWeights, ModelAdapter
+from depass_lens.qk import (
+    AttentionSplit,
+    IntegratedSoftmax,
+    attention_input,
+    layer_qk,
+    score_shares,
+)
 from depass_lens.rules import NeuronValues, TaylorRule
 
 HookFn = Callable[..., Tensor | None]
@@ -44,7 +52,12 @@ class AdjointPass:
         }
 
 
-def linearising_hooks(adapter: ModelAdapter, rule: TaylorRule) -> list[tuple[str, HookFn]]:
+def linearising_hooks(
+    adapter: ModelAdapter,
+    rule: TaylorRule,
+    split: AttentionSplit | None = None,
+    attention_mask: Tensor | None = None,
+) -> list[tuple[str, HookFn]]:
     """TransformerLens forward hooks that turn the model into its frozen-linearised version."""
     hooks: list[tuple[str, HookFn]] = []
 
@@ -54,10 +67,69 @@ def linearising_hooks(adapter: ModelAdapter, rule: TaylorRule) -> list[tuple[str
     for name in adapter.frozen_hook_names():
         if name.endswith(("hook_scale", "hook_pattern", "hook_expert_weights")):
             hooks.append((name, detach))
+    if split is not None and split.uses_pattern:
+        for layer in range(adapter.n_layers):
+            hooks += _attention_hooks(adapter, layer, split, attention_mask)
     if adapter.attn_only:
         return hooks
     for layer in range(adapter.n_layers):
         hooks += _mlp_linearising_hooks(adapter, layer, rule)
+    return hooks
+
+
+def _attention_hooks(
+    adapter: ModelAdapter, layer: int, split: AttentionSplit, attention_mask: Tensor | None
+) -> list[tuple[str, HookFn]]:
+    """Pattern-side split on the real model: ``z`` keeps its value, its gradient follows the split.
+
+    Queries and keys are rebuilt from the live attention input with frozen norm scales (the QK
+    path of :mod:`depass_lens.qk`); at ``hook_z`` the term
+    ``(P_v - A) v + w_p M(s) v_real`` is added and subtracted (value zero), so ``v`` is mixed by
+    the split's value pattern ``P_v`` and the scores reach the output through ``M``.
+    """
+    prefix = f"blocks.{layer}.attn"
+    input_hook = adapter.attention_input_hook(layer)
+    weights = adapter.attention(layer)
+    seen: dict[str, Tensor] = {}
+
+    def store(key: str, frozen: bool = False) -> HookFn:
+        def fn(value: Tensor, hook) -> Tensor:
+            seen[key] = value.detach() if frozen else value
+            return seen[key]
+
+        return fn
+
+    def steer(z: Tensor, hook) -> Tensor:
+        live = seen[input_hook]
+        real_acts = {name: value.detach() for name, value in seen.items()}
+        real = layer_qk(adapter, layer, real_acts, attention_mask)
+        pattern = seen[f"{prefix}.hook_pattern"].to(real.scores.dtype)
+        integrated = IntegratedSoftmax.build(real.scores, real.allowed, pattern, split.nodes)
+        one = live.new_ones(1, 1, 1, 1)
+        x = attention_input(adapter, layer, live.unsqueeze(1), one, real.pos_embed)
+        moved = integrated.apply(score_shares(real, x, one))[:, 0]  # live M(s): b h q k
+        v = seen[f"{prefix}.hook_v"]
+        if weights.kv_repeat > 1:
+            v = torch.repeat_interleave(v, weights.kv_repeat, dim=2)
+        mixing = split.value_pattern(pattern, integrated.uniform) - pattern
+        correction = einops.einsum(mixing.to(v.dtype), v, "b h q k, b k h d -> b q h d")
+        correction = correction + split.pattern_weight * einops.einsum(
+            moved.to(v.dtype), v.detach(), "b h q k, b k h d -> b q h d"
+        )
+        return z + (correction - correction.detach())
+
+    hooks: list[tuple[str, HookFn]] = [
+        (input_hook, store(input_hook)),
+        (f"{prefix}.hook_v", store(f"{prefix}.hook_v")),
+        (f"{prefix}.hook_attn_scores", store(f"{prefix}.hook_attn_scores", frozen=True)),
+    ]
+    for name in adapter.qk_hook_names(layer):
+        if name.endswith("hook_scale") or name == "hook_pos_embed":
+            hooks.append((name, store(name, frozen=name.endswith("hook_scale"))))
+    hooks += [
+        (f"{prefix}.hook_pattern", store(f"{prefix}.hook_pattern", frozen=True)),
+        (f"{prefix}.hook_z", steer),
+    ]
     return hooks
 
 
@@ -128,6 +200,7 @@ def linearised_forward(
     rule: TaylorRule,
     store: Iterable[str],
     stop_at_layer: int | None = None,
+    split: AttentionSplit | None = None,
 ) -> AdjointPass:
     """Run the frozen-linearised model once, keeping the named activations (live and detached).
 
@@ -147,7 +220,9 @@ def linearised_forward(
     def keep(value: Tensor, hook) -> None:
         live[hook.name] = value
 
-    fwd_hooks: list[tuple[str | Callable, Callable]] = list(linearising_hooks(adapter, rule))
+    fwd_hooks: list[tuple[str | Callable, Callable]] = list(
+        linearising_hooks(adapter, rule, split, attention_mask)
+    )
     fwd_hooks.append(("hook_embed", leaf))
     if adapter.positional in ("standard", "shortformer"):
         fwd_hooks.append(("hook_pos_embed", leaf))

@@ -30,6 +30,7 @@ from depass_lens.errors import CacheMismatchError, DePassInputError, Losslessnes
 from depass_lens.frozen import FrozenActivations, run_frozen_cache
 from depass_lens.generation import Generation, generate_and_cite
 from depass_lens.propagate import DecomposedTransformer, PropagationContext, frozen_norm_linear
+from depass_lens.qk import AttentionSplit, get_attention_split
 from depass_lens.results import Attribution, DecomposedCache
 from depass_lens.rules import MLPRule, TaylorRule, get_rule
 from depass_lens.sources import Source, SourceContext, Tokens, as_source
@@ -125,6 +126,9 @@ class DePass:
             :class:`~depass_lens.errors.UnsupportedModelError` naming them.
         rule: default MLP split rule (``"taylor"``, ``"softmax"``, ``"max"``, ``"relu"``,
             ``"linear"`` or an :class:`~depass_lens.rules.MLPRule`).
+        attention: default attention split: ``"value"`` (DePass as published: patterns frozen,
+            credit through the values), ``"pattern"`` or ``"symmetric"`` (also credit for moving
+            the pattern, through the QK circuit), or an :class:`~depass_lens.qk.AttentionSplit`.
         chunk_size: components propagated at once in forward mode; ``None`` picks one from
             ``memory_budget``.
         memory_budget: bytes forward mode may use for intermediates (default: a quarter of the free
@@ -138,6 +142,7 @@ class DePass:
         model: HookedTransformer,
         rule: str | MLPRule = "taylor",
         *,
+        attention: str | AttentionSplit = "value",
         chunk_size: int | None = None,
         memory_budget: int | None = None,
         check: bool = True,
@@ -146,6 +151,9 @@ class DePass:
         self.adapter = ModelAdapter(model)
         self.model = model
         self.rule = get_rule(rule)
+        self.attention = get_attention_split(attention)
+        if self.attention.uses_pattern:
+            self.adapter.qk(0)  # refuses settings the QK path cannot follow, up front
         self.chunk_size = chunk_size
         self.memory_budget = memory_budget
         self.check = check
@@ -153,7 +161,10 @@ class DePass:
         self.engine = DecomposedTransformer(self.adapter)
 
     def __repr__(self) -> str:
-        return f"DePass({self.model.cfg.model_name!r}, rule={self.rule!r})"
+        return (
+            f"DePass({self.model.cfg.model_name!r}, rule={self.rule!r}, "
+            f"attention={self.attention.side!r})"
+        )
 
     # ------------------------------------------------------------------ input
     def prepare(
@@ -227,9 +238,16 @@ class DePass:
             missing = [n for n in names if n not in cache.cache_dict]
             if missing:
                 raise CacheMismatchError(
-                    f"the ActivationCache lacks entries this source reads: {missing[:4]}"
+                    f"the ActivationCache lacks entries this run reads: {missing[:4]}; cache them "
+                    "(names_filter=None caches everything) or let DePass run the model"
                 )
         return FrozenActivations(self.adapter, cache, prepared.tokens), user_cache
+
+    def _qk_hooks(self) -> list[str]:
+        """Cache entries the QK path reads at every layer (pattern-side split, score hooks)."""
+        return [
+            n for layer in range(self.adapter.n_layers) for n in self.adapter.qk_hook_names(layer)
+        ]
 
     def _resid_hooks(self) -> list[str]:
         names = []
@@ -258,12 +276,15 @@ class DePass:
 
         return check
 
-    def _chunk(self, prepared: Prepared, n_comp: int) -> int | None:
+    def _chunk(
+        self, prepared: Prepared, n_comp: int, split: AttentionSplit | None = None
+    ) -> int | None:
         """Components per chunk: what fits in the budget beside the stream itself.
 
         Forward mode holds about four copies of the stream (the start decomposition, its
         positional part, the running stream and one sublayer output); each chunk of ``c``
-        components needs about ``8 c`` rows of the widest layer for its intermediates.
+        components needs about ``8 c`` rows of the widest layer for its intermediates, and, on the
+        pattern side, about four ``head x pos x pos`` score tensors per component.
         """
         if self.chunk_size is not None:
             return self.chunk_size
@@ -275,6 +296,8 @@ class DePass:
             budget = max((_free_memory(self.adapter.device) - 4 * stream) // 2, 2**28)
         width = max(self.adapter.d_model, self.adapter.d_mlp, 1)
         per_comp = batch * n_pos * width * itemsize * 8
+        if split is not None and split.uses_pattern:
+            per_comp += batch * self.adapter.n_heads * n_pos * n_pos * itemsize * 4
         return max(1, min(n_comp, budget // max(per_comp, 1)))
 
     # ------------------------------------------------------------------ forward mode
@@ -285,6 +308,7 @@ class DePass:
         *,
         cache: ActivationCache | None = None,
         rule: str | MLPRule | None = None,
+        attention: str | AttentionSplit | None = None,
         names_filter: Callable[[str], bool] | Sequence[str] | str | None = None,
         fwd_hooks: Sequence[tuple[str | Callable, Callable]] = (),
         attention_mask: Tensor | None = None,
@@ -296,11 +320,14 @@ class DePass:
             source: the initial decomposition (default ``Tokens()``); must have one start point.
             cache: an ``ActivationCache`` of this model on this input, reused for frozen values.
             rule: MLP split rule for this run (default: the wrapper's).
+            attention: attention split for this run (default: the wrapper's).
             names_filter: which decomposed hooks to keep (default: residual stream, sublayer
                 outputs and ``unembed.hook_in``). Same forms as TransformerLens's ``names_filter``.
+                Keeping ``attn.hook_attn_scores`` also splits every score among the components.
             fwd_hooks: ``(name, fn)`` hooks on the decomposed run, e.g. to zero a component.
         """
         source = source or Tokens()
+        split = get_attention_split(attention) if attention is not None else self.attention
         prepared = self.prepare(input, attention_mask)
         starts = source.start_hooks(self.adapter)
         if len(starts) != 1:
@@ -308,13 +335,24 @@ class DePass:
                 f"{source!r} has {len(starts)} start points; run() decomposes from one. Pick one "
                 "layer, or use attribute(), which handles every start point."
             )
-        frozen, user_cache = self._frozen(prepared, cache, source.needed_hooks(self.adapter))
+        names_filter = _names_filter(names_filter)
+        names = list(source.needed_hooks(self.adapter))
+        hooked = {str(name) for name, _ in fwd_hooks} | {
+            n for n, hp in self.engine.hook_dict.items() if hp.has_hooks()
+        }
+        scores_read = any(
+            names_filter(n) or n in hooked
+            for n in self.engine.hook_dict
+            if n.endswith("attn.hook_attn_scores")
+        ) or any(callable(name) for name, _ in fwd_hooks)
+        if split.uses_pattern or scores_read:
+            names += self._qk_hooks()
+        frozen, user_cache = self._frozen(prepared, cache, names)
         sctx = SourceContext(self.adapter, frozen.cache, prepared.tokens, prepared.str_tokens)
         (decomposition,) = source.decompositions(sctx)
-        ctx = self._context(prepared, frozen, user_cache, rule, decomposition.n_components)
+        ctx = self._context(prepared, frozen, user_cache, rule, decomposition.n_components, split)
         if fwd_hooks or any(hp.has_hooks() for hp in self.engine.hook_points()):
             ctx.checker = None  # an intervention changes the sums on purpose
-        names_filter = _names_filter(names_filter)
         cache_dict, caching_hooks, _ = self.engine.get_caching_hooks(names_filter)
         with torch.no_grad(), self.engine.hooks(fwd_hooks=list(fwd_hooks) + list(caching_hooks)):
             self.engine(decomposition, ctx)
@@ -329,14 +367,17 @@ class DePass:
         user_cache: bool,
         rule: str | MLPRule | None,
         n_comp: int,
+        split: AttentionSplit,
     ) -> PropagationContext:
         return PropagationContext(
             adapter=self.adapter,
             frozen=frozen,
             rule=get_rule(rule) if rule is not None else self.rule,
-            chunk_size=self._chunk(prepared, n_comp),
+            chunk_size=self._chunk(prepared, n_comp, split),
             checker=self._checker(frozen, user_cache),
             progress=self.progress,
+            attention=split,
+            attention_mask=prepared.attention_mask,
         )
 
     # ------------------------------------------------------------------ generation
@@ -388,6 +429,7 @@ class DePass:
         *,
         mode: Mode = "auto",
         rule: str | MLPRule | None = None,
+        attention: str | AttentionSplit | None = None,
         cache: ActivationCache | None = None,
         attention_mask: Tensor | None = None,
     ) -> Attribution:
@@ -395,12 +437,15 @@ class DePass:
 
         Returns an :class:`Attribution` with ``scores`` of shape ``batch target comp``; for each
         start point, the scores (with ``rest`` and ``bias``) sum to the real target value.
+        ``rule`` and ``attention`` override the wrapper's MLP rule and attention split.
         """
         source = as_source(source)
         targets = as_targets(target)
         the_rule = get_rule(rule) if rule is not None else self.rule
+        split = get_attention_split(attention) if attention is not None else self.attention
         prepared = self.prepare(input, attention_mask)
         self._validate_read_hooks(targets)
+        self._validate_order(source, targets)
         chosen = (
             self.choose_mode(source, targets, the_rule, prepared.tokens.shape[1])
             if mode == "auto"
@@ -417,16 +462,31 @@ class DePass:
                     "adjoint mode runs its own linearised forward pass and takes no cache; "
                     "use mode='forward' to reuse a cache"
                 )
-            return self._attribute_adjoint(prepared, targets, source, the_rule)
+            return self._attribute_adjoint(prepared, targets, source, the_rule, split)
         if chosen != "forward":
             raise DePassInputError(f"mode must be 'auto', 'forward' or 'adjoint', not {mode!r}")
-        return self._attribute_forward(prepared, targets, source, the_rule, cache)
+        return self._attribute_forward(prepared, targets, source, the_rule, split, cache)
 
     def _validate_read_hooks(self, targets: Sequence[Target]) -> None:
         for t in targets:
             hook = t.read_hook(self.adapter)
             if hook != FINAL and hook not in self.model.hook_dict:
                 raise DePassInputError(f"{t!r} reads hook {hook!r}, which this model does not have")
+
+    def _validate_order(self, source: Source, targets: Sequence[Target]) -> None:
+        """A target read before a start point cannot be explained by that start's components."""
+        position = self.adapter.hook_position
+        for t in targets:
+            read = t.read_hook(self.adapter)
+            for start in source.start_hooks(self.adapter):
+                if position(read) < position(start):
+                    raise DePassInputError(
+                        f"{t!r} reads {read!r}, which comes before the source's start point "
+                        f"{start!r}: those components cannot have shaped it"
+                    )
+
+    def _target_hooks(self, targets: Sequence[Target]) -> list[str]:
+        return [name for t in targets for name in t.needed_hooks(self.adapter)]
 
     @torch.no_grad()
     def _attribute_forward(
@@ -435,18 +495,26 @@ class DePass:
         targets: list[Target],
         source: Source,
         rule: MLPRule,
+        split: AttentionSplit,
         cache: ActivationCache | None,
     ) -> Attribution:
-        frozen, user_cache = self._frozen(prepared, cache, source.needed_hooks(self.adapter))
+        names = list(source.needed_hooks(self.adapter)) + self._target_hooks(targets)
+        if split.uses_pattern:
+            names += self._qk_hooks()
+        frozen, user_cache = self._frozen(prepared, cache, names)
         sctx = SourceContext(self.adapter, frozen.cache, prepared.tokens, prepared.str_tokens)
-        tctx = TargetContext(self.adapter, prepared.tokens, prepared.attention_mask)
+        tctx = TargetContext(
+            self.adapter, prepared.tokens, prepared.attention_mask, activations=frozen.cache
+        )
         decompositions = source.decompositions(sctx)
         read_hooks = {t.read_hook(self.adapter) for t in targets} - {FINAL}
         per_start: list[Tensor] = []
         labels: list[ComponentLabel] = []
         starts: list[slice] = []
         for decomposition in _progress(decompositions, self.progress, "DePass forward"):
-            ctx = self._context(prepared, frozen, user_cache, rule, decomposition.n_components)
+            ctx = self._context(
+                prepared, frozen, user_cache, rule, decomposition.n_components, split
+            )
             cache_dict, hooks, _ = self.engine.get_caching_hooks(lambda n: n in read_hooks)
             with torch.no_grad(), self.engine.hooks(fwd_hooks=hooks):
                 final = self.engine(decomposition, ctx)
@@ -466,21 +534,37 @@ class DePass:
         all_scores = torch.cat(per_start, dim=-1)
         values = all_scores[..., starts[0]].sum(-1)
         return Attribution(
-            all_scores, labels, _target_names(targets, tctx), values, "forward", rule.name, starts
+            all_scores,
+            labels,
+            _target_names(targets, tctx),
+            values,
+            "forward",
+            rule.name,
+            starts,
+            attention=split.side,
         )
 
     def _attribute_adjoint(
-        self, prepared: Prepared, targets: list[Target], source: Source, rule: TaylorRule
+        self,
+        prepared: Prepared,
+        targets: list[Target],
+        source: Source,
+        rule: TaylorRule,
+        split: AttentionSplit,
     ) -> Attribution:
         adapter = self.adapter
         grad_hooks = source.gradient_hooks(adapter)
         store = set(source.needed_hooks(adapter)) | set(grad_hooks)
-        store |= {t.read_hook(adapter) for t in targets}
+        store |= {t.read_hook(adapter) for t in targets} | set(self._target_hooks(targets))
         if any(h == "hook_embed" for h in source.start_hooks(adapter)):
             store |= {"hook_embed"}
-        passed = linearised_forward(adapter, prepared.tokens, prepared.attention_mask, rule, store)
+        passed = linearised_forward(
+            adapter, prepared.tokens, prepared.attention_mask, rule, store, split=split
+        )
         sctx = SourceContext(adapter, passed.activations, prepared.tokens, prepared.str_tokens)
-        tctx = TargetContext(adapter, prepared.tokens, prepared.attention_mask)
+        tctx = TargetContext(
+            adapter, prepared.tokens, prepared.attention_mask, activations=passed.activations
+        )
         labels, starts = _labels_of(source, sctx)
         jobs = [(t, k) for t in targets for k in range(t.size(adapter))]
         all_scores, all_values = [], []
@@ -514,6 +598,7 @@ class DePass:
             "adjoint",
             rule.name,
             starts,
+            attention=split.side,
         )
 
 
@@ -545,7 +630,7 @@ def _names_filter(names_filter: Any) -> Callable[[str], bool]:
 def _progress(items: Sequence, enabled: bool, desc: str):
     if not enabled or len(items) <= 1:
         return items
-    return tqdm(items, desc=desc, leave=False, mininterval=2.0)
+    return tqdm(items, desc=desc, leave=False, mininterval=2.0, delay=2.0)
 
 
 def _free_memory(device: torch.device) -> int:

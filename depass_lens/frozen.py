@@ -8,6 +8,7 @@ entries are needed, computes them when no cache is given, and refuses caches tha
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Protocol
 
 import torch
 from jaxtyping import Float, Int
@@ -16,6 +17,12 @@ from transformer_lens import ActivationCache
 
 from depass_lens.adapter import ModelAdapter
 from depass_lens.errors import CacheMismatchError
+
+
+class Activations(Protocol):
+    """Real activations by hook name: an ``ActivationCache``, a dict, :class:`FrozenActivations`."""
+
+    def __getitem__(self, name: str, /) -> Tensor: ...
 
 
 def run_frozen_cache(

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import einops
 import torch
@@ -27,6 +27,7 @@ from depass_lens.adapter import MLPWeights, ModelAdapter, NormWeights
 from depass_lens.decomposition import Decomposition
 from depass_lens.errors import DePassInputError
 from depass_lens.frozen import FrozenActivations
+from depass_lens.qk import AttentionSplit, IntegratedSoftmax, LayerQK, layer_qk, score_shares
 from depass_lens.rules import MLPRule, NeuronValues
 
 Stream = Float[Tensor, "batch comp pos d_model"]
@@ -43,6 +44,22 @@ class PropagationContext:
     chunk_size: int | None = None
     checker: Checker | None = None
     progress: bool = False
+    attention: AttentionSplit = field(default_factory=AttentionSplit)
+    attention_mask: Tensor | None = None
+    memo: dict = field(default_factory=dict)  # per-layer QK quantities, shared by all chunks
+
+    def qk(self, layer: int) -> tuple[LayerQK, IntegratedSoftmax | None]:
+        """The real QK quantities of ``layer`` (and the integrated softmax for the pattern side)."""
+        if layer not in self.memo:
+            real = layer_qk(self.adapter, layer, self.frozen, self.attention_mask)
+            integrated = None
+            if self.attention.uses_pattern:
+                pattern = self.frozen.pattern(layer).to(real.scores.dtype)
+                integrated = IntegratedSoftmax.build(
+                    real.scores, real.allowed, pattern, self.attention.nodes
+                )
+            self.memo[layer] = (real, integrated)
+        return self.memo[layer]
 
 
 def chunk_slices(n_comp: int, chunk_size: int | None) -> list[tuple[int, int]]:
@@ -107,13 +124,55 @@ def _keep(x: Tensor, is_bias: Tensor) -> Tensor:
 
 
 class DecomposedAttention(nn.Module):
-    """Attention with the real pattern: each component's values are mixed, then projected by W_O."""
+    """Attention with the real pattern: each component's values are mixed, then projected by W_O.
+
+    With a pattern-side :class:`~depass_lens.qk.AttentionSplit`, each component also receives its
+    share of the pattern's move away from uniform (``hook_pattern``), computed from its share of
+    the scores (``hook_attn_scores``); see :mod:`depass_lens.qk`.
+    """
 
     def __init__(self) -> None:
         super().__init__()
         self.hook_v = HookPoint()  # [batch, comp, pos, head, d_head]
+        self.hook_attn_scores = HookPoint()  # [batch, comp, head, query, key] score shares
+        self.hook_pattern = HookPoint()  # [batch, comp, head, query, key] pattern shares
         self.hook_z = HookPoint()  # [batch, comp, pos, head, d_head]
         self.hook_result = HookPoint()  # [batch, comp, pos, head, d_model]
+
+    def _mix(
+        self,
+        part: Stream,
+        v: Float[Tensor, "batch comp pos head d_head"],
+        pattern: Float[Tensor, "batch head query key"],
+        layer: int,
+        ctx: PropagationContext,
+        is_bias: Tensor,
+    ) -> Float[Tensor, "batch comp pos head d_head"]:
+        """``z_c``: the values mixed by the pattern, plus (pattern side) the pattern shares."""
+        split = ctx.attention
+        if not split.uses_pattern and not self.hook_attn_scores.has_hooks():
+            return einops.einsum(
+                pattern, v, "batch head query key, batch comp key head d -> batch comp query head d"
+            )
+        real, integrated = ctx.qk(layer)
+        x = part
+        if real.pos_embed is not None:  # shortformer: positions join queries and keys only
+            x = x + is_bias * real.pos_embed.unsqueeze(1).to(x.dtype)
+        shares = self.hook_attn_scores(score_shares(real, x, is_bias))
+        if integrated is None:
+            return einops.einsum(pattern, v, "b h q k, b c k h d -> b c q h d")
+        bias = is_bias.unsqueeze(-1)
+        uniform = integrated.uniform.unsqueeze(1).to(part.dtype)
+        moved = integrated.apply(shares) + bias * integrated.remainder.unsqueeze(1).to(part.dtype)
+        moved = self.hook_pattern(moved + bias * uniform) - bias * uniform  # sums to the pattern
+        weights = ctx.adapter.attention(layer)
+        v_real = ctx.frozen[f"blocks.{layer}.attn.hook_v"].to(part.dtype)
+        if weights.kv_repeat > 1:
+            v_real = torch.repeat_interleave(v_real, weights.kv_repeat, dim=2)
+        mixing = split.value_pattern(pattern, integrated.uniform.to(pattern.dtype))
+        own = einops.einsum(mixing, v, "b h q k, b c k h d -> b c q h d")
+        steered = einops.einsum(moved, v_real, "b c h q k, b k h d -> b c q h d")
+        return own + split.pattern_weight * steered
 
     def forward(self, part: Stream, layer: int, ctx: PropagationContext, is_bias: Tensor) -> Stream:
         """One chunk of (normalised) components; ``is_bias`` marks the bias component in it."""
@@ -128,13 +187,7 @@ class DecomposedAttention(nn.Module):
         if weights.kv_repeat > 1:
             v = torch.repeat_interleave(v, weights.kv_repeat, dim=3)
         v = self.hook_v(v)
-        z = self.hook_z(
-            einops.einsum(
-                pattern,
-                v,
-                "batch head query key, batch comp key head d_head -> batch comp query head d_head",
-            )
-        )
+        z = self.hook_z(self._mix(part, v, pattern, layer, ctx, is_bias))
         if self.hook_result.has_hooks():
             result = self.hook_result(
                 einops.einsum(
@@ -358,6 +411,8 @@ class DecomposedBlock(nn.Module):
             self.ln1.hook_normalized,
             self.ln1_post.hook_normalized,
             self.attn.hook_v,
+            self.attn.hook_attn_scores,
+            self.attn.hook_pattern,
             self.attn.hook_z,
             self.attn.hook_result,
         )

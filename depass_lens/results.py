@@ -29,7 +29,8 @@ class Attribution:
             and ``bias`` once per layer).
         target_names: one name per scalar target.
         target_values: the real value of each target, ``batch target``.
-        mode: ``"forward"`` or ``"adjoint"``; ``rule``: the MLP rule's name.
+        mode: ``"forward"`` or ``"adjoint"``; ``rule``: the MLP rule's name; ``attention``: the
+            attention split's side.
     """
 
     scores: Float[Tensor, "batch target comp"]
@@ -39,12 +40,13 @@ class Attribution:
     mode: str
     rule: str
     starts: list[slice] = field(default_factory=list)
+    attention: str = "value"
 
     def __repr__(self) -> str:
         b, t, c = self.scores.shape
         return (
             f"Attribution(batch={b}, targets={t}, components={c}, mode={self.mode!r}, "
-            f"rule={self.rule!r})"
+            f"rule={self.rule!r}, attention={self.attention!r})"
         )
 
     def _select(self, kind: str) -> list[int]:

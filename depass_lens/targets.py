@@ -14,6 +14,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from jaxtyping import Float, Int
@@ -21,6 +22,7 @@ from torch import Tensor
 
 from depass_lens.adapter import ModelAdapter
 from depass_lens.errors import DePassInputError
+from depass_lens.frozen import Activations
 
 FINAL = "unembed.hook_in"
 TokenSpec = str | int | Sequence[str | int] | Tensor
@@ -33,6 +35,7 @@ class TargetContext:
     adapter: ModelAdapter
     tokens: Int[Tensor, "batch pos"]
     attention_mask: Int[Tensor, "batch pos"] | None
+    activations: Activations | None = None  # real activations, for targets that read them
 
     @property
     def batch(self) -> int:
@@ -109,16 +112,16 @@ def resolve_tokens(adapter: ModelAdapter, tokens: TokenSpec, batch: int) -> Int[
     return torch.tensor(resolved, device=adapter.device)
 
 
-def describe_tokens(tokens: TokenSpec) -> str:
-    """A short name for a token spec: the token itself, or "per-prompt" for one per prompt."""
+def describe_tokens(tokens: TokenSpec, role: str = "token") -> str:
+    """A short name for a token spec: the token itself, or ``role`` for one token per prompt."""
     if isinstance(tokens, str):
         return tokens.strip() or repr(tokens)
     if isinstance(tokens, int):
         return f"#{tokens}"
     items = tokens.flatten().tolist() if isinstance(tokens, Tensor) else list(tokens)
     if len(set(map(str, items))) == 1:
-        return describe_tokens(items[0])
-    return "per-prompt"
+        return describe_tokens(items[0], role)
+    return role
 
 
 def _place(
@@ -152,13 +155,21 @@ class Target(ABC):
     def size(self, adapter: ModelAdapter) -> int:
         return 1
 
+    def needed_hooks(self, adapter: ModelAdapter) -> list[str]:
+        """Real activations :meth:`functional` reads from ``ctx.activations`` (most need none)."""
+        return []
+
 
 class Logit(Target):
-    """The logit of ``token`` (one for all prompts, or one per prompt) at ``pos``."""
+    """The logit of ``token`` (one for all prompts, or one per prompt) at ``pos``.
 
-    def __init__(self, token: TokenSpec, pos: int | Sequence[int] = -1):
+    ``name`` labels the target in results and figures (default: from the token).
+    """
+
+    def __init__(self, token: TokenSpec, pos: int | Sequence[int] = -1, name: str | None = None):
         self.token = token
         self.pos = pos
+        self.name = name
 
     def __repr__(self) -> str:
         return f"Logit({self.token!r}, pos={self.pos})"
@@ -170,16 +181,26 @@ class Logit(Target):
         return _place(vectors, positions, ctx.tokens.shape[1]), ctx.adapter.b_U[ids].unsqueeze(1)
 
     def names(self, ctx):
-        return [f"logit({describe_tokens(self.token)})"]
+        return [self.name or f"logit({describe_tokens(self.token, 'target')})"]
 
 
 class LogitDiff(Target):
-    """``logit(correct) - logit(wrong)`` at ``pos`` (each a token or one token per prompt)."""
+    """``logit(correct) - logit(wrong)`` at ``pos`` (each a token or one token per prompt).
 
-    def __init__(self, correct: TokenSpec, wrong: TokenSpec, pos: int | Sequence[int] = -1):
+    ``name`` labels the target in results and figures (e.g. ``"IO - S"``; default: from the tokens).
+    """
+
+    def __init__(
+        self,
+        correct: TokenSpec,
+        wrong: TokenSpec,
+        pos: int | Sequence[int] = -1,
+        name: str | None = None,
+    ):
         self.correct = correct
         self.wrong = wrong
         self.pos = pos
+        self.name = name
 
     def __repr__(self) -> str:
         return f"LogitDiff({self.correct!r}, {self.wrong!r}, pos={self.pos})"
@@ -194,7 +215,9 @@ class LogitDiff(Target):
         return _place(vectors, positions, ctx.tokens.shape[1]), constants
 
     def names(self, ctx):
-        return [f"logit({describe_tokens(self.correct)}) - logit({describe_tokens(self.wrong)})"]
+        correct = describe_tokens(self.correct, "correct")
+        wrong = describe_tokens(self.wrong, "wrong")
+        return [self.name or f"logit({correct}) - logit({wrong})"]
 
 
 def _check_vector(vector: Tensor, d_model: int, what: str) -> Tensor:
@@ -278,6 +301,96 @@ class HiddenState(Target):
         return [f"{self.read_at}[{i}]" for i in range(ctx.adapter.d_model)]
 
 
+def _describe_pos(pos: int | Sequence[int] | Tensor) -> str:
+    return str(pos) if isinstance(pos, int) else "per-prompt"
+
+
+class AttentionScore(Target):
+    """Where a head looks: its pre-softmax score from ``query_pos`` to ``key_pos``.
+
+    The score (``hook_attn_scores``: scaled, soft-capped, ALiBi added) is bilinear in the
+    attention input; with the norm scales frozen, fixing the real keys makes it affine in the
+    query's input (``side="query"``), fixing the real queries makes it affine in the key's input
+    (``side="key"``), and ``"symmetric"`` averages the two. Every source then gets its exact share
+    of the score: which tokens, heads or neurons make the head attend there (the QK circuit that a
+    frozen pattern cannot credit). Read at ``ln1.hook_normalized`` (or ``hook_resid_pre``).
+    """
+
+    def __init__(
+        self,
+        layer: int,
+        head: int,
+        query_pos: int | Sequence[int] | Tensor,
+        key_pos: int | Sequence[int] | Tensor,
+        side: Literal["query", "key", "symmetric"] = "symmetric",
+        name: str | None = None,
+    ):
+        if side not in ("query", "key", "symmetric"):
+            raise DePassInputError(f"side must be 'query', 'key' or 'symmetric', not {side!r}")
+        self.layer = layer
+        self.head = head
+        self.query_pos = query_pos
+        self.key_pos = key_pos
+        self.side = side
+        self.name = name
+
+    def __repr__(self) -> str:
+        return (
+            f"AttentionScore(layer={self.layer}, head={self.head}, query_pos={self.query_pos}, "
+            f"key_pos={self.key_pos}, side={self.side!r})"
+        )
+
+    def _layer(self, adapter: ModelAdapter) -> int:
+        n = adapter.n_layers
+        if not isinstance(self.layer, int) or not -n <= self.layer < n:
+            raise DePassInputError(
+                f"AttentionScore: layer {self.layer!r} is out of range (0..{n - 1})"
+            )
+        if not isinstance(self.head, int) or not 0 <= self.head < adapter.n_heads:
+            raise DePassInputError(
+                f"AttentionScore: head {self.head!r} is out of range (0..{adapter.n_heads - 1})"
+            )
+        return self.layer % n
+
+    def read_hook(self, adapter):
+        return adapter.attention_input_hook(self._layer(adapter))
+
+    def needed_hooks(self, adapter):
+        return adapter.qk_hook_names(self._layer(adapter))
+
+    def functional(self, ctx):
+        from depass_lens.qk import (  # noqa: PLC0415 - qk imports the adapter like this module
+            attention_input,
+            check_positions,
+            layer_qk,
+            score_shares,
+        )
+
+        adapter = ctx.adapter
+        layer = self._layer(adapter)
+        if ctx.activations is None:
+            raise DePassInputError("AttentionScore needs the real activations of the run")
+        real = layer_qk(adapter, layer, ctx.activations, ctx.attention_mask)
+        query = resolve_positions(self.query_pos, ctx)
+        key = resolve_positions(self.key_pos, ctx)
+        check_positions(query, key, real.allowed, self.head)
+        normalized = ctx.activations[self.read_hook(adapter)].detach()
+        rows = torch.arange(ctx.batch, device=normalized.device)
+        one = normalized.new_ones(1, 1, 1, 1)
+        with torch.enable_grad():  # the score is affine in the input: its gradient is the map
+            leaf = normalized.clone().requires_grad_(True)
+            x = attention_input(adapter, layer, leaf.unsqueeze(1), one, real.pos_embed)
+            shares = score_shares(real, x, one, self.side)[:, 0]
+            (weights,) = torch.autograd.grad(shares[rows, self.head, query, key].sum(), leaf)
+        value = real.scores[rows, self.head, query, key]
+        constants = value - (weights * normalized).sum((-1, -2))
+        return weights.unsqueeze(1), constants.unsqueeze(1)
+
+    def names(self, ctx):
+        where = f"{_describe_pos(self.query_pos)}->{_describe_pos(self.key_pos)}"
+        return [self.name or f"L{self.layer}H{self.head} score {where} ({self.side})"]
+
+
 def as_targets(target: Target | Sequence[Target]) -> list[Target]:
     """Accept one target or several."""
     if isinstance(target, Target):
@@ -285,6 +398,7 @@ def as_targets(target: Target | Sequence[Target]) -> list[Target]:
     targets = list(target)
     if not targets or not all(isinstance(t, Target) for t in targets):
         raise DePassInputError(
-            "target must be a Target (Logit, LogitDiff, Direction, HiddenState) or a list of them"
+            "target must be a Target (Logit, LogitDiff, Direction, HiddenState, AttentionScore) "
+            "or a list of them"
         )
     return targets

@@ -9,9 +9,13 @@ families.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor
 from transformer_lens import HookedTransformer
+
+#: Fixed quadrature for the naive pattern side (the engine is given the same count to compare).
+NODES = 64
 
 
 def _norm(comps: list[Tensor], module, scale: Tensor) -> list[Tensor]:
@@ -29,20 +33,74 @@ def _norm(comps: list[Tensor], module, scale: Tensor) -> list[Tensor]:
     return out
 
 
-def _attention(comps: list[Tensor], attn, pattern: Tensor) -> list[Tensor]:
-    """Each component's values mixed by the real pattern and projected by W_O (biases to bias)."""
-    W_V = attn._W_V if hasattr(attn, "_W_V") else attn.W_V  # [kv_head, d, d_head]
-    b_V = attn._b_V if hasattr(attn, "_b_V") else attn.b_V
+def _grouped(attn, name: str) -> Tensor:
+    return getattr(attn, f"_{name}") if hasattr(attn, f"_{name}") else getattr(attn, name)
+
+
+def _qk(attn, c: Tensor, with_bias: bool) -> tuple[Tensor, Tensor]:
+    """Rotated queries and keys (keys repeated per head) of one component ``[pos, d]``."""
+    W_K, b_K = _grouped(attn, "W_K"), _grouped(attn, "b_K")
+    q = torch.einsum("pd,hde->phe", c, attn.W_Q) + (attn.b_Q if with_bias else 0)
+    k = torch.einsum("pd,hde->phe", c, W_K) + (b_K if with_bias else 0)
+    if attn.cfg.positional_embedding_type == "rotary":
+        q, k = attn.apply_rotary(q[None])[0], attn.apply_rotary(k[None])[0]
+    k = k.repeat_interleave(attn.W_Q.shape[0] // W_K.shape[0], dim=1)
+    return q, k
+
+
+def _moved(scores: Tensor, share: Tensor) -> Tensor:
+    """int_0^1 J(a s) share da for one head, row by row (causal rows), by Gauss-Legendre."""
+    nodes, weights = np.polynomial.legendre.leggauss(NODES)
+    out = torch.zeros_like(share)
+    for i in range(scores.shape[0]):
+        s, v = scores[i, : i + 1], share[i, : i + 1]
+        for x, w in zip(nodes, weights):
+            p = torch.softmax((x + 1) / 2 * s, 0)
+            out[i, : i + 1] += w / 2 * (p * v - p * (p @ v))
+    return out
+
+
+def _attention(comps: list[Tensor], attn, pattern: Tensor, side: str = "value") -> list[Tensor]:
+    """Each component's values mixed by the real pattern and projected by W_O (biases to bias);
+    on the pattern side also its share of the pattern's move from uniform, applied to the values.
+    """
+    W_V, b_V = _grouped(attn, "W_V"), _grouped(attn, "b_V")
     n_heads = attn.W_O.shape[0]
     repeat = n_heads // W_V.shape[0]
+    last = len(comps) - 1
+    values = [
+        torch.stack(
+            [c @ W_V[h // repeat] + (b_V[h // repeat] if i == last else 0) for h in range(n_heads)]
+        )
+        for i, c in enumerate(comps)
+    ]  # each [head, pos, d_head]
+    v_real = sum(values)
+    n_pos = comps[0].shape[0]
+    causal = torch.ones(n_pos, n_pos, dtype=torch.bool).tril()
+    uniform = causal.to(pattern.dtype) / causal.sum(-1, keepdim=True)
+    q, k = _qk(attn, sum(comps), True)
+    scores = torch.einsum("ihe,jhe->hij", q, k) / attn.attn_scale
+    w_pattern = {"value": 0.0, "pattern": 1.0, "symmetric": 0.5}[side]
+    mixing = {"value": pattern, "pattern": uniform.expand_as(pattern)}.get(
+        side, 0.5 * (pattern + uniform)
+    )
     out = []
     for i, c in enumerate(comps):
         total = torch.zeros_like(c)
+        q_c, k_c = _qk(attn, c, i == last)
         for h in range(n_heads):
-            v = c @ W_V[h // repeat]
-            if i == len(comps) - 1:
-                v = v + b_V[h // repeat]
-            total = total + (pattern[h] @ v) @ attn.W_O[h]
+            z = mixing[h] @ values[i][h]
+            if w_pattern:
+                share = (q_c[:, h] @ k[:, h].T + q[:, h] @ k_c[:, h].T) / (2 * attn.attn_scale)
+                moved = _moved(scores[h], torch.where(causal, share, 0.0))
+                if i == last:  # the quadrature's remainder keeps the split exact
+                    moved = (
+                        moved
+                        + (pattern[h] - uniform)
+                        - _moved(scores[h], torch.where(causal, scores[h], 0.0))
+                    )
+                z = z + w_pattern * moved @ v_real[h]
+            total = total + z @ attn.W_O[h]
         out.append(total)
     out[-1] = out[-1] + attn.b_O
     return out
@@ -110,7 +168,11 @@ def _mlp(comps: list[Tensor], mlp, rule: str, parity: bool) -> list[Tensor]:
 
 @torch.no_grad()
 def naive_token_depass(
-    model: HookedTransformer, tokens: Tensor, rule: str, parity: bool = False
+    model: HookedTransformer,
+    tokens: Tensor,
+    rule: str,
+    parity: bool = False,
+    attention: str = "value",
 ) -> Tensor:
     """Token components (one per position + bias) at ``unembed.hook_in``: ``[comp, pos, d]``."""
     assert tokens.shape[0] == 1, "batch 1 only"
@@ -129,7 +191,7 @@ def naive_token_depass(
         s1 = cache[f"blocks.{layer}.ln1.hook_scale"][0]
         s2 = cache[f"blocks.{layer}.ln2.hook_scale"][0]
         pattern = cache[f"blocks.{layer}.attn.hook_pattern"][0]
-        attn_out = _attention(_norm(comps, block.ln1, s1), block.attn, pattern)
+        attn_out = _attention(_norm(comps, block.ln1, s1), block.attn, pattern, attention)
         comps = [c + a for c, a in zip(comps, attn_out)]
         mlp_out = _mlp(_norm(comps, block.ln2, s2), block.mlp, rule, parity)
         comps = [c + m for c, m in zip(comps, mlp_out)]

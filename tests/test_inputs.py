@@ -142,3 +142,16 @@ def test_attribution_helpers():
     assert len(top) == 3 and abs(top[0][1]) >= abs(top[1][1])
     records = attr.to_records()
     assert len(records) == attr.scores.numel() and records[0]["kind"] == "head"
+
+
+def test_target_names_label_results():
+    model = make_model("gpt2", torch.float64)
+    tokens = random_tokens(model)
+    depass = dp.DePass(model)
+    targets = [
+        dp.LogitDiff([4, 5], [9, 9]),  # one correct token per prompt, one wrong token for all
+        dp.LogitDiff(4, 9, name="IO - S"),
+        dp.Logit(torch.tensor([1, 2])),
+    ]
+    names = depass.attribute(tokens, targets, dp.Heads()).target_names
+    assert names == ["logit(correct) - logit(#9)", "IO - S", "logit(target)"]

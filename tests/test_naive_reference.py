@@ -12,7 +12,7 @@ import torch
 
 import depass_lens as dp
 from tests.conftest import make_model, random_tokens
-from tests.naive_depass import naive_token_depass
+from tests.naive_depass import NODES, naive_token_depass
 
 RULES = ["taylor", "softmax", "max", "relu", "linear"]
 
@@ -31,6 +31,19 @@ def test_engine_equals_naive(family, rule, chunk_size):
     engine = dp.DePass(model, rule=rule, chunk_size=chunk_size)
     got = engine.run(tokens)["unembed.hook_in"][0]
     assert _gap(got, expected) <= 1e-10
+
+
+@pytest.mark.parametrize("rule", ["taylor", "softmax"])
+@pytest.mark.parametrize("side", ["pattern", "symmetric"])
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_attention_split_equals_naive(family, side, rule):
+    """The QK-aware splits against per-head, per-component loops with their own quadrature."""
+    model = make_model(family, torch.float64, n_layers=2)
+    tokens = random_tokens(model, batch=1, n_pos=7)
+    expected = naive_token_depass(model, tokens, rule, attention=side)
+    split = dp.AttentionSplit(side, nodes=NODES)
+    got = dp.DePass(model, rule=rule, attention=split, chunk_size=3).run(tokens)
+    assert _gap(got["unembed.hook_in"][0], expected) <= 1e-10
 
 
 @pytest.mark.parametrize("rule", ["softmax", "max", "relu", "linear"])

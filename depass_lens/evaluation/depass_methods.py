@@ -1,10 +1,12 @@
 """DePass as evaluation methods: thin wrappers with the registry signatures.
 
 The engine is imported when a method runs, not when this module is imported. Registered under
-``depass-<rule>`` at every level, plus ``depass-taylor-abs`` (token shares by magnitude) and
+``depass-<rule>`` at every level (patterns frozen, as published), ``depass-taylor-pattern`` and
+``depass-taylor-symmetric`` (the attention splits that also credit the QK circuit, see
+``depass_lens.qk.AttentionSplit``), plus ``depass-taylor-abs`` (token shares by magnitude) and
 ``depass-taylor-relative`` for components (the share minus the mean share on the corrupted or
-reference prompts, see ``agreement.baseline_relative``),
-without replacing methods of the same name registered earlier.
+reference prompts, see ``agreement.baseline_relative``), without replacing methods of the same name
+registered earlier.
 """
 
 from __future__ import annotations
@@ -30,6 +32,13 @@ from depass_lens.evaluation.registry import (
 from depass_lens.evaluation.subspace import Probe
 
 RULES = ("taylor", "softmax", "max", "relu", "linear")
+#: Attention splits evaluated besides the published one (``value``), with the linear rule.
+ATTENTION_SIDES = ("pattern", "symmetric")
+
+
+def method_name(rule: str, attention: str = "value") -> str:
+    """``depass-<rule>`` or ``depass-<rule>-<attention>`` for a non-default attention split."""
+    return f"depass-{rule}" if attention == "value" else f"depass-{rule}-{attention}"
 
 
 def _engine() -> Any:
@@ -54,7 +63,7 @@ def depass_target(metric: Metric) -> Any:
     return dp.LogitDiff(metric.answer_ids, metric.wrong_ids, pos=metric.pos)
 
 
-def depass_token_method(rule: str = "taylor") -> TokenMethod:
+def depass_token_method(rule: str = "taylor", attention: str = "value") -> TokenMethod:
     """Token shares of the metric (DePass from the input embeddings)."""
 
     def method(
@@ -65,13 +74,13 @@ def depass_token_method(rule: str = "taylor") -> TokenMethod:
         attention_mask: Tensor | None = None,
     ) -> Float[Tensor, "batch pos"]:
         dp = _engine()
-        engine = dp.DePass(model, rule=rule, progress=False)
+        engine = dp.DePass(model, rule=rule, attention=attention, progress=False)
         attribution = _attribute(
             engine, tokens, depass_target(metric), dp.Tokens(), attention_mask=attention_mask
         )
         return attribution.tokens()[:, 0]
 
-    method.__name__ = f"depass_{rule}_tokens"
+    method.__name__ = method_name(rule, attention).replace("-", "_") + "_tokens"
     return method
 
 
@@ -92,7 +101,9 @@ def depass_token_magnitude(rule: str = "taylor") -> TokenMethod:
     return method
 
 
-def depass_component_method(rule: str = "taylor", relative: bool = False) -> ComponentMethod:
+def depass_component_method(
+    rule: str = "taylor", relative: bool = False, attention: str = "value"
+) -> ComponentMethod:
     """Head or neuron shares of the metric, layer-major (``relative``: minus reference mean)."""
 
     def method(
@@ -107,7 +118,7 @@ def depass_component_method(rule: str = "taylor", relative: bool = False) -> Com
     ) -> Float[Tensor, "batch n_comp"]:
         dp = _engine()
         spec = resolve_level(model, level)
-        engine = dp.DePass(model, rule=rule, progress=False)
+        engine = dp.DePass(model, rule=rule, attention=attention, progress=False)
         target = depass_target(metric)
         if spec.kind == "heads":
             source = dp.Heads()
@@ -132,11 +143,12 @@ def depass_component_method(rule: str = "taylor", relative: bool = False) -> Com
             raise ValueError("baseline-relative DePass needs corrupted or reference prompts")
         return shares(tokens, attention_mask) - shares(reference_tokens).mean(0, keepdim=True)
 
-    method.__name__ = f"depass_{rule}{'_relative' if relative else ''}_components"
+    name = method_name(rule, attention).replace("-", "_")
+    method.__name__ = f"{name}{'_relative' if relative else ''}_components"
     return method
 
 
-def depass_subspace_method(rule: str = "taylor") -> SubspaceMethod:
+def depass_subspace_method(rule: str = "taylor", attention: str = "value") -> SubspaceMethod:
     """Token shares of a probe reading (a ``Direction`` target at the probe's hook)."""
 
     def method(
@@ -150,11 +162,11 @@ def depass_subspace_method(rule: str = "taylor") -> SubspaceMethod:
             raise ValueError("DePass subspace method reads one position, not 'all'")
         dp = _engine()
         target = dp.Direction(probe.direction, pos=probe.pos, hook=probe.hook, name="probe")
-        engine = dp.DePass(model, rule=rule, progress=False)
+        engine = dp.DePass(model, rule=rule, attention=attention, progress=False)
         attribution = _attribute(engine, tokens, target, dp.Tokens(), attention_mask=attention_mask)
         return attribution.tokens()[:, 0]
 
-    method.__name__ = f"depass_{rule}_subspace"
+    method.__name__ = method_name(rule, attention).replace("-", "_") + "_subspace"
     return method
 
 
@@ -166,6 +178,13 @@ def register_depass_methods(rules: tuple[str, ...] = RULES) -> None:
             f"depass-{rule}", depass_component_method(rule), sign=1, overwrite=False
         )
         register_subspace_method(f"depass-{rule}", depass_subspace_method(rule), overwrite=False)
+    for side in ATTENTION_SIDES:
+        name = method_name("taylor", side)
+        register_token_method(name, depass_token_method("taylor", side), overwrite=False)
+        register_component_method(
+            name, depass_component_method("taylor", attention=side), sign=1, overwrite=False
+        )
+        register_subspace_method(name, depass_subspace_method("taylor", side), overwrite=False)
     register_token_method("depass-taylor-abs", depass_token_magnitude(), overwrite=False)
     register_component_method(
         "depass-taylor-relative", depass_component_method("taylor", True), sign=1, overwrite=False
