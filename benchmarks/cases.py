@@ -103,6 +103,10 @@ def make_case(name: str, model: HookedTransformer, tokens: torch.Tensor):
     if name == "adjoint_all":  # every token, head and neuron to one logit
         sources = [dp.Tokens(), dp.Heads(), dp.Neurons()]
         return (lambda: depass.attribute(tokens, target, sources, mode="adjoint")), 1.0
+    if name == "adjoint_all_qk":  # the same with the QK-aware (symmetric) attention split
+        sources = [dp.Tokens(), dp.Heads(), dp.Neurons()]
+        qk = dp.DePass(model, attention="symmetric", progress=False)
+        return (lambda: qk.attribute(tokens, target, sources, mode="adjoint")), 1.0
     if name == "atp":  # attribution patching: clean fwd, corrupted fwd, one backward
         corrupted = torch.roll(tokens, 1, dims=1)
 

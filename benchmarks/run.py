@@ -30,7 +30,7 @@ FULL = (
         (c, case, n, 3, True)
         for c in ("gpt2", "llama")
         for n in (128, 512, 1024)
-        for case in ("forward", "adjoint_all", "atp")
+        for case in ("forward", "adjoint_all", "adjoint_all_qk", "atp")
     ]
     + [
         (c, case, 128, 1, True)
@@ -55,6 +55,13 @@ QUICK = [(c, case, 128, 1, True) for (c, case, n, _, _) in FULL if n == 128]
 RATIOS = [
     ("(a) adjoint all tokens+heads+neurons / run_with_cache", "adjoint_all", "forward", 2.5, "<="),
     ("(a) adjoint all / attribution patching", "adjoint_all", "atp", 1.0, "<="),
+    (
+        "(a') adjoint all, QK-aware (symmetric) split / run_with_cache",
+        "adjoint_all_qk",
+        "forward",
+        None,
+        "<=",
+    ),
     (
         "(b) forward mode, n comps / n plain forwards",
         "forward_mode_tokens",
@@ -151,7 +158,7 @@ def markdown(results: list[dict], rows: list[dict]) -> str:
 def chart(results: list[dict], device: str = "cpu") -> go.Figure:
     fig = go.Figure()
     for config in sorted({r["config"] for r in results}):
-        for case in ("forward", "adjoint_all", "atp"):
+        for case in ("forward", "adjoint_all", "adjoint_all_qk", "atp"):
             pts = sorted(
                 (r["n_pos"], r["seconds"])
                 for r in results

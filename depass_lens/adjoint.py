@@ -104,7 +104,7 @@ def _attention_hooks(
         real_acts = {name: value.detach() for name, value in seen.items()}
         real = layer_qk(adapter, layer, real_acts, attention_mask)
         pattern = seen[f"{prefix}.hook_pattern"].to(real.scores.dtype)
-        integrated = IntegratedSoftmax.build(real.scores, real.allowed, pattern, split.nodes)
+        integrated = IntegratedSoftmax(real.scores, real.allowed, pattern, split.nodes)
         one = live.new_ones(1, 1, 1, 1)
         x = attention_input(adapter, layer, live.unsqueeze(1), one, real.pos_embed)
         moved = integrated.apply(score_shares(real, x, one))[:, 0]  # live M(s): b h q k

@@ -55,7 +55,7 @@ class PropagationContext:
             integrated = None
             if self.attention.uses_pattern:
                 pattern = self.frozen.pattern(layer).to(real.scores.dtype)
-                integrated = IntegratedSoftmax.build(
+                integrated = IntegratedSoftmax(
                     real.scores, real.allowed, pattern, self.attention.nodes
                 )
             self.memo[layer] = (real, integrated)

@@ -279,16 +279,6 @@ class IntegratedSoftmax:
         if self.alphas.numel() * scores.numel() * scores.element_size() <= KEEP_PATTERNS_BYTES:
             self._patterns = torch.stack([self._pattern(a) for a in self.alphas])
 
-    @classmethod
-    def build(
-        cls,
-        scores: Float[Tensor, "batch head query key"],
-        allowed: Bool[Tensor, "batch head query key"],
-        pattern: Float[Tensor, "batch head query key"],
-        nodes: int | None = None,
-    ) -> IntegratedSoftmax:
-        return cls(scores, allowed, pattern, nodes)
-
     @property
     def n_nodes(self) -> int:
         return int(self.alphas.numel())

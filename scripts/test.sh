@@ -7,4 +7,4 @@ cd "$(dirname "$0")/.."
 ruff check depass_lens tests benchmarks notebooks
 ruff format --check depass_lens tests benchmarks notebooks
 mypy
-python -m pytest -q --durations=10
+python -m pytest -v --durations=10

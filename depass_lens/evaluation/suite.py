@@ -78,6 +78,7 @@ def winners(out: Path) -> str:
         "|---|---|---|---|---|---|",
     ]
     total = won = 0
+    alone: dict[str, int] = {}  # curves where one DePass variant on its own beats every baseline
     for name, level in PAIRS:
         path = out / f"{name}_{level}.json"
         if not path.exists():
@@ -107,13 +108,24 @@ def winners(out: Path) -> str:
             )
             total += 1
             won += ok
+            for method, area in ours.items():
+                best = theirs[best_theirs]
+                alone[method] = alone.get(method, 0) + (area <= best if lower else area >= best)
             lines.append(
                 f"| {name}, {level} | {curve_name} ({key}, {'lower' if lower else 'higher'} is "
                 f"better) | {ours.get('depass-taylor', float('nan')):.3f} | {best_ours} "
                 f"{ours[best_ours]:.3f} | {best_theirs} {theirs[best_theirs]:.3f} | "
                 f"{'yes' if ok else '**no**'} |"
             )
-    lines.append(f"\nDePass (its best rule) is best on {won} of {total} curve areas.")
+    lines.append(f"\nDePass (its best variant) is best on {won} of {total} curve areas.")
+    lines.append(
+        "\nEach DePass variant on its own, curves where it is at least as good as every baseline:"
+    )
+    lines.append("")
+    lines.append("| variant | curves |")
+    lines.append("|---|---|")
+    for method, count in sorted(alone.items(), key=lambda item: -item[1]):
+        lines.append(f"| {method} | {count} of {total} |")
     return "\n".join(lines) + "\n"
 
 
