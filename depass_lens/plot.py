@@ -101,6 +101,60 @@ def heads(
     return fig
 
 
+def attention_shares(
+    attribution: Attribution, *, batch: int | None = None, title: str | None = None
+) -> go.Figure:
+    """Targets (rows) x components (columns) heatmap of scores, e.g. of ``AttentionScore`` targets.
+
+    Meant for a few targets and a few dozen components (say ``dp.Heads(layer)``). Every component
+    is shown, ``rest`` and ``bias`` included, so each row sums (per start point) to its target's
+    value. Scores are the mean over the batch unless ``batch`` is given; the colour scale is
+    centred at 0 (red +, blue -), and small grids print each value in its cell.
+    """
+    grid = attribution.scores.detach().float().cpu()
+    grid = grid.mean(0) if batch is None else grid[batch]
+    bound = _symmetric_range(grid)
+    columns = [str(label) for label in attribution.labels]
+    rows = list(attribution.target_names)
+    # Positions, not names, on the axes: labels may repeat (one ``bias`` per start point).
+    fig = go.Figure(
+        go.Heatmap(
+            z=grid.tolist(),
+            x=list(range(len(columns))),
+            y=list(range(len(rows))),
+            text=[[f"{row} <- {col}" for col in columns] for row in rows],
+            texttemplate="%{z:.2f}" if grid.numel() <= 200 else None,
+            hovertemplate="%{text}: %{z:.4f}<extra></extra>",
+            colorscale=DIVERGING,
+            reversescale=True,
+            zmin=-bound,
+            zmax=bound,
+        )
+    )
+    n_prompts = attribution.scores.shape[0]
+    default = f"Shares of {rows[0]}" if len(rows) == 1 else f"Shares of {len(rows)} targets"
+    if batch is None and n_prompts > 1:
+        default += f" (mean of {n_prompts} prompts)"
+    fig.update_layout(
+        title=title or default,
+        xaxis={
+            "title": "component",
+            "tickmode": "array",
+            "tickvals": list(range(len(columns))),
+            "ticktext": columns,
+        },
+        yaxis={
+            "title": "target",
+            "tickmode": "array",
+            "tickvals": list(range(len(rows))),
+            "ticktext": rows,
+            "autorange": "reversed",
+        },
+        template="plotly_white",
+    )
+    return fig
+
+
 def neurons(
     attribution: Attribution,
     *,

@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/setup_env.sh "dev,docs"
-ruff check depass_lens tests benchmarks notebooks
-ruff format --check depass_lens tests benchmarks notebooks
+ruff check depass_lens tests benchmarks notebooks docs/make_figures.py
+ruff format --check depass_lens tests benchmarks notebooks docs/make_figures.py
 mypy
 python -m pytest -v --durations=10

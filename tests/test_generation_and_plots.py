@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import plotly.graph_objects as go
+import pytest
 import torch
 
 import depass_lens as dp
@@ -60,3 +61,28 @@ def test_figures_carry_the_scores():
     assert len(lines.data) == 2
     scatter = plot.subspace_scatter(torch.randn(6, 2), ["x", "y"] * 3)
     assert len(scatter.data) == 2
+
+
+def test_attention_shares_heatmap_shows_the_scores():
+    model = make_model("gpt2", torch.float64)
+    tokens = random_tokens(model, batch=3)
+    targets = [dp.AttentionScore(2, h, -1, 3, side="key") for h in (0, 2)]
+    shares = dp.DePass(model).attribute(tokens, targets, dp.Heads(1))
+    labels = [str(lab) for lab in shares.labels]
+    assert labels == ["L1H0", "L1H1", "L1H2", "L1H3", "L1.rest", "bias"]
+    fig = plot.attention_shares(shares)
+    heat = fig.data[0]
+    torch.testing.assert_close(
+        torch.tensor(heat.z, dtype=torch.float64), shares.scores.mean(0), rtol=1e-6, atol=1e-7
+    )
+    assert list(fig.layout.xaxis.ticktext) == labels
+    assert list(fig.layout.yaxis.ticktext) == shares.target_names
+    assert list(heat.x) == list(range(len(labels))) and list(heat.y) == [0, 1]
+    assert heat.zmin == -heat.zmax  # centred at 0
+    assert heat.zmax == pytest.approx(float(shares.scores.mean(0).abs().max()), rel=1e-6)
+    for b in (1, -1):
+        one = plot.attention_shares(shares, batch=b, title="one prompt")
+        torch.testing.assert_close(
+            torch.tensor(one.data[0].z, dtype=torch.float64), shares.scores[b], rtol=1e-6, atol=1e-7
+        )
+        assert one.layout.title.text == "one prompt"

@@ -1,0 +1,279 @@
+"""Regenerate the screenshots of docs/figures.md from the zoo models.
+
+Usage: ``python docs/make_figures.py [--out docs/img] [--html build/figures]``
+
+Every figure of the gallery is built from the shipped zoo models with fixed prompts and seeds,
+written as self-contained HTML (plotly.js embedded, so no network is needed) and, when Chromium is
+installed, screenshotted with headless Chromium into ``--out`` as PNG. Without Chromium (on Debian:
+``apt-get install -y chromium``) it says so and writes the HTML only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import plotly.graph_objects as go
+import torch
+
+import depass_lens as dp
+from depass_lens import plot, zoo
+
+ROOT = Path(__file__).resolve().parent.parent
+CHROMIUM = "/usr/bin/chromium"
+WIDTH = 950
+IOI_PROMPT = "When Mary and John went to the store , John gave a drink to"
+CITE_PROMPT = "When Alice and Bob went to the park , Bob gave a ball to"
+N_PROMPTS = 48  # prompts averaged in the batch figures
+SEED = 0  # seed of the zoo task batches
+
+
+@dataclass
+class Figure:
+    name: str  # file stem in docs/img
+    fig: go.Figure
+    height: int  # pixels; the width is WIDTH
+    note: str  # the numbers worth checking in the picture, printed when it is written
+
+
+def _quiet(model) -> dp.DePass:
+    return dp.DePass(model, progress=False)
+
+
+def ioi_figures() -> list[Figure]:
+    """Tokens, heads, neurons and layer-by-layer shares of the IO - S logit difference."""
+    model = zoo.load("ioi")
+    depass = _quiet(model)
+    target = dp.LogitDiff("Mary", "John")
+    tokens = depass.attribute(IOI_PROMPT, target)
+    str_tokens = depass.prepare(IOI_PROMPT).str_tokens[0]
+    token_scores = tokens.tokens()[0, 0]
+    top_tokens = ", ".join(f"{name} {value:+.1f}" for name, value in tokens.top(3))
+    figures = [
+        Figure(
+            "tokens",
+            plot.tokens(
+                tokens,
+                str_tokens,
+                title=f"Token shares of {tokens.target_names[0]}, zoo ioi model",
+            ),
+            240,
+            f"target {float(tokens.target_values[0, 0]):.2f}; top tokens {top_tokens}",
+        )
+    ]
+
+    batch = zoo.task("ioi").batch(model, N_PROMPTS, seed=SEED)
+    io_s = dp.LogitDiff(batch.answers, batch.wrong, name="IO - S")
+    heads = depass.attribute(batch.tokens, io_s, dp.Heads())
+    grid = heads.heads()[:, 0].mean(0)
+    figures.append(
+        Figure(
+            "heads",
+            plot.heads(
+                heads,
+                title=f"Head shares of the IO - S logit difference (mean of {N_PROMPTS} prompts)",
+            ),
+            440,
+            f"L1H0 {float(grid[1, 0]):.2f}, L1H1 {float(grid[1, 1]):.2f}, "
+            f"largest elsewhere {float(grid[[0, 2]].abs().max()):.2f}",
+        )
+    )
+
+    k = 15
+    neurons = depass.attribute(batch.tokens, io_s, dp.Neurons())
+    mean = neurons.scores[:, 0].mean(0)
+    index = [i for i, label in enumerate(neurons.labels) if label.kind == "neuron"]
+    best = sorted(index, key=lambda i: -abs(float(mean[i])))[:3]
+    top_neurons = ", ".join(f"{neurons.labels[i]} {float(mean[i]):+.3f}" for i in best)
+    figures.append(
+        Figure(
+            "neurons",
+            plot.neurons(
+                neurons,
+                k=k,
+                title=f"Top {k} neurons for {neurons.target_names[0]} "
+                f"(mean of {N_PROMPTS} prompts), zoo ioi model",
+            ),
+            480,
+            f"mean IO - S {float(neurons.target_values.mean()):.2f}; "
+            f"largest mean shares {top_neurons}",
+        )
+    )
+
+    lens = depass.run(IOI_PROMPT, dp.Tokens()).logit_lens(target)[:, 0].detach()  # layer comp
+    order = lens[-1, :-1].abs().argsort(descending=True)[:5].tolist()
+    names = [f"{i}:{str_tokens[i]}" for i in order]
+    figures.append(
+        Figure(
+            "layers",
+            plot.layer_contributions(
+                lens[:, order],
+                names,
+                title=f"Token shares of {tokens.target_names[0]}, read out after each layer",
+            ),
+            460,
+            "last layer: "
+            + ", ".join(f"{n} {float(lens[-1, i]):+.1f}" for n, i in zip(names, order))
+            + f"; all tokens + bias {float(lens[-1].sum()):.2f} = "
+            f"{float(token_scores.sum() + tokens.bias[0, 0]):.2f}",
+        )
+    )
+
+    gen = depass.generate(CITE_PROMPT, 3)
+    figures.append(
+        Figure(
+            "generation",
+            gen.figure(),
+            540,
+            f"generated {gen.generated}; first token's top citation: position "
+            f"{int(gen.scores[0].argmax())} ({gen.str_tokens[int(gen.scores[0].argmax())]!r}) "
+            f"{float(gen.scores[0].max()):+.1f}",
+        )
+    )
+    return figures
+
+
+def subspace_figure() -> Figure:
+    """The bilingual model's stream on its language probe vs the top PC of the rest."""
+    model = zoo.load("bilingual")
+    probe = zoo.info("bilingual")["probe"]
+    direction = torch.tensor(probe["direction"])
+    batch = zoo.task("bilingual").batch(model, 200, seed=3)
+    _, cache = model.run_with_cache(batch.tokens, names_filter=probe["hook"])
+    states = cache[probe["hook"]][:, -1]
+    along = states @ direction
+    rest = states - along[:, None] * direction
+    torch.manual_seed(0)  # pca_lowrank is randomised
+    _, _, v = torch.pca_lowrank(rest, q=1)
+    points = torch.stack([along, (rest @ v)[:, 0]], dim=1)
+    labels = [str(label) for label in batch.labels]
+    means = {g: float(along[[lab == g for lab in labels]].mean()) for g in sorted(set(labels))}
+    return Figure(
+        "subspace",
+        plot.subspace_scatter(
+            points,
+            labels,
+            axis_names=("language probe", "top PC of the rest"),
+            title="bilingual model: residual stream at the probe layer, by language",
+        ),
+        500,
+        "mean probe reading " + ", ".join(f"{g} {m:+.2f}" for g, m in means.items()),
+    )
+
+
+def qk_figure() -> Figure:
+    """K-composition: which layer-0 head writes the keys each induction head matches."""
+    model = zoo.load("induction")
+    task = zoo.task("induction")
+    examples = task.examples(N_PROMPTS, seed=SEED)
+    batch = task.batch(model, N_PROMPTS, seed=SEED)
+    # the token after the earlier copy of the last token (BOS is position 0)
+    key = torch.tensor([ex.words.index(ex.words[-1]) + 2 for ex in examples])
+    targets = [
+        dp.AttentionScore(1, h, -1, key, side="key", name=f"L1H{h}")
+        for h in range(model.cfg.n_heads)
+    ]
+    shares = _quiet(model).attribute(batch.tokens, targets, dp.Heads(0))
+    prev = [str(label) for label in shares.labels].index("L0H1")
+    fraction = shares.scores[..., prev].mean(0) / shares.target_values.mean(0)
+    return Figure(
+        "qk",
+        plot.attention_shares(
+            shares,
+            title="Who writes the keys the induction heads look for<br><sup>key-side shares of "
+            "each layer-1 head's score from the last token to the token after its earlier copy "
+            f"(mean of {N_PROMPTS} prompts)</sup>",
+        ),
+        420,
+        "L0H1's fraction of each head's mean score: "
+        + ", ".join(f"{n} {float(f):.0%}" for n, f in zip(shares.target_names, fraction))
+        + f"; mean scores {[round(float(v), 2) for v in shares.target_values.mean(0)]}",
+    )
+
+
+BUILDERS: list[Callable[[], list[Figure]]] = [
+    ioi_figures,
+    lambda: [subspace_figure()],
+    lambda: [qk_figure()],
+]
+
+
+def write_html(figure: Figure, folder: Path) -> Path:
+    """Self-contained HTML sized exactly like the screenshot, without plotly's toolbar."""
+    figure.fig.update_layout(width=WIDTH, height=figure.height)
+    html = figure.fig.to_html(
+        full_html=True, include_plotlyjs=True, config={"displayModeBar": False}
+    )
+    style = "<style>html, body { margin: 0; padding: 0; overflow: hidden; }</style>"
+    html = html.replace("<head>", f"<head>{style}", 1)
+    path = folder / f"{figure.name}.html"
+    path.write_text(html, encoding="utf-8")
+    return path
+
+
+def screenshot(chromium: str, html: Path, png: Path, width: int, height: int) -> None:
+    """Headless Chromium, offline, with a fresh profile, at exactly ``width x height``."""
+    with tempfile.TemporaryDirectory(prefix="make-figures-chromium-") as profile:
+        command = [
+            chromium,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            f"--user-data-dir={profile}",
+            "--hide-scrollbars",
+            f"--window-size={width},{height}",
+            f"--screenshot={png}",
+            html.resolve().as_uri(),
+        ]
+        png.unlink(missing_ok=True)
+        result = subprocess.run(command, capture_output=True, text=True, timeout=180, check=False)
+    if result.returncode != 0 or not png.exists():
+        raise RuntimeError(f"Chromium failed on {html} ({result.returncode}): {result.stderr}")
+
+
+def find_chromium() -> str | None:
+    if Path(CHROMIUM).exists():
+        return CHROMIUM
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "img", help="PNG folder")
+    parser.add_argument("--html", type=Path, default=ROOT / "build" / "figures", help="HTML folder")
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    args.html.mkdir(parents=True, exist_ok=True)
+    chromium = find_chromium()
+    if chromium is None:
+        print(
+            f"Chromium not found ({CHROMIUM}; install it with `apt-get install -y chromium`): "
+            "writing HTML only, no PNG screenshots."
+        )
+    for build in BUILDERS:
+        for figure in build():
+            html = write_html(figure, args.html)
+            print(f"wrote {html}")
+            if chromium is not None:
+                png = args.out / f"{figure.name}.png"
+                screenshot(chromium, html, png, WIDTH, figure.height)
+                print(f"wrote {png} ({WIDTH}x{figure.height})")
+            print(f"    {figure.note}")
+    if chromium is None:
+        print("No PNG written: Chromium is missing.")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
