@@ -84,6 +84,7 @@ class Attribution:
             self.mode,
             self.rule,
             starts,
+            attention=self.attention,
         )
 
     def heads(self) -> Float[Tensor, "batch target layer head"]:
@@ -193,6 +194,7 @@ class DecomposedCache(ActivationCache):
         """Each component's share of ``token``'s logit at ``pos`` (a per-prompt position)."""
         return self._readout.logit_attribution(self["unembed.hook_in"], token, pos)
 
+    @torch.no_grad()
     def logit_lens(
         self, target: Any, hooks: Sequence[str] | None = None
     ) -> Float[Tensor, "hook batch comp"]:

@@ -387,8 +387,10 @@ class AttentionScore(Target):
         return weights.unsqueeze(1), constants.unsqueeze(1)
 
     def names(self, ctx):
-        where = f"{_describe_pos(self.query_pos)}->{_describe_pos(self.key_pos)}"
-        return [self.name or f"L{self.layer}H{self.head} score {where} ({self.side})"]
+        query, key = _describe_pos(self.query_pos), _describe_pos(self.key_pos)
+        return [
+            self.name or f"L{self.layer}H{self.head} score, query {query}, key {key} ({self.side})"
+        ]
 
 
 def as_targets(target: Target | Sequence[Target]) -> list[Target]:

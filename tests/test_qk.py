@@ -225,3 +225,15 @@ def test_induction_heads_read_keys_written_by_the_previous_token_head():
     assert ranked.top(1)[0][0] == "L0H1"
     value_side = dp.DePass(model).attribute(batch.tokens, answer, dp.Heads())
     assert value_side.top(1)[0][0] != "L0H1"  # what a frozen pattern cannot see
+
+
+def test_results_keep_the_split_and_carry_no_graph():
+    model = make_model("gpt2", torch.float64)
+    tokens = random_tokens(model, batch=1)
+    depass = dp.DePass(model, attention="symmetric")
+    combined = depass.attribute(tokens, dp.Logit(2), [dp.Tokens(), dp.Heads()])
+    assert combined.restrict("head").attention == "symmetric"
+    lens = depass.run(tokens).logit_lens(dp.Logit(2))
+    assert not lens.requires_grad
+    name = dp.AttentionScore(1, 0, -1, torch.tensor([3])).names(None)[0]
+    assert name == "L1H0 score, query -1, key per-prompt (symmetric)"

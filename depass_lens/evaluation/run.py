@@ -8,6 +8,7 @@ Recover-top curves. ``"subspace"``: masks the tokens each method ranks highest f
 
 from __future__ import annotations
 
+import inspect
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -57,6 +58,8 @@ class _Run:
         for name in tqdm(list(self.methods or table), desc=desc, disable=not self.progress):
             fn = table[name]
             call = {**kwargs, **self.options.get(name, {})}
+            if "progress" not in call and _accepts(fn, "progress"):
+                call["progress"] = self.progress  # the run's setting reaches slow methods too
             start = time.perf_counter()
             try:
                 scores = fn(self.model, self.batch.tokens, first, **call)
@@ -70,6 +73,14 @@ class _Run:
                 continue
             result = self.report.methods[name] = MethodResult(time.perf_counter() - start)
             yield name, result, scores.detach()
+
+
+def _accepts(fn: Any, keyword: str) -> bool:
+    """Whether ``fn`` takes ``keyword`` (methods may be any callable)."""
+    try:
+        return keyword in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def component_truth(

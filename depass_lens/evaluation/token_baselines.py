@@ -211,6 +211,7 @@ def integrated_gradients(
     attention_mask: Tensor | None = None,
     steps: int = 32,
     rule: Literal["gausslegendre", "midpoint", "trapezoid"] = "gausslegendre",
+    progress: bool = True,
 ) -> Float[Tensor, "batch pos"]:
     """Integrated gradients from the zero embedding (``steps`` backward passes).
 
@@ -219,7 +220,9 @@ def integrated_gradients(
     many more steps.
     """
     objective = metric_objective(bind_mask(metric, attention_mask))
-    return integrated_gradients_of(model, tokens, objective, attention_mask, steps, rule)
+    return integrated_gradients_of(
+        model, tokens, objective, attention_mask, steps, rule, progress=progress
+    )
 
 
 def attention_weights(
