@@ -235,8 +235,14 @@ def _softmax(scores: Tensor, allowed: Tensor) -> Tensor:
     return torch.nan_to_num(torch.softmax(masked, dim=-1), nan=0.0)
 
 
-#: Node patterns are kept (not recomputed per chunk) while their stack stays below this size.
-KEEP_PATTERNS_BYTES = 512 * 2**20
+#: Node patterns are kept (not recomputed per chunk) while their stack stays below this size per
+#: layer (forward mode keeps one integrator per layer for the whole run).
+KEEP_PATTERNS_BYTES = 128 * 2**20
+#: Gauss-Legendre nodes that bring the quadrature remainder below 1e-6 of ``|A - U|`` for rows
+#: whose score spread (max - min over the unmasked keys) is at most the key (measured on random
+#: rows: 8 nodes reach 2e-7 at spread 10, 16 reach 7e-7 at 40, 32 reach 1e-6 at 160, 64 reach
+#: 3e-9 at 320).
+NODES_FOR_SPREAD = ((10.0, 8), (40.0, 16), (160.0, 32), (640.0, 64), (2560.0, 128))
 
 
 class IntegratedSoftmax:
@@ -249,9 +255,9 @@ class IntegratedSoftmax:
     ``A - U`` among the components that share the scores, and symmetric, so its backward pass is
     ``M`` itself (no per-node tensors are stored for autograd).
 
-    Gauss-Legendre nodes, 16 doubling up to 256 until the remainder is below ``tolerance`` of
-    ``|A - U|`` (16 reach 2e-7 and 32 reach 1e-15 on the zoo models' patterns), unless ``nodes``
-    is given.
+    Gauss-Legendre nodes: as many as the largest score spread of a row needs for a remainder below
+    ``tolerance`` of ``|A - U|`` (see :data:`NODES_FOR_SPREAD`; one pass, doubled only if the
+    measured remainder is still larger, up to 256), unless ``nodes`` is given.
     """
 
     def __init__(
@@ -267,7 +273,7 @@ class IntegratedSoftmax:
         self.uniform = _softmax(torch.zeros_like(scores), allowed)
         target = pattern.to(scores.dtype) - self.uniform
         scale = target.abs().max().clamp_min(torch.finfo(scores.dtype).tiny)
-        counts = [nodes] if nodes is not None else [16, 32, 64, 128, 256]
+        counts = [nodes] if nodes is not None else _node_counts(scores, allowed)
         for count in counts:
             self.alphas, self.weights = gauss_legendre(count, scores)
             self._patterns: Tensor | None = None
@@ -301,6 +307,16 @@ class IntegratedSoftmax:
         if shares.requires_grad:
             return _IntegratedSoftmaxFn.apply(shares, self)  # type: ignore[no-any-return]
         return self._apply(shares)
+
+
+def _node_counts(scores: Tensor, allowed: Tensor) -> list[int]:
+    """The node count the widest row needs, then its doublings up to 256 (a fallback)."""
+    high = torch.where(allowed, scores, torch.full_like(scores, -torch.inf)).amax(-1)
+    low = torch.where(allowed, scores, torch.full_like(scores, torch.inf)).amin(-1)
+    spreads = (high - low)[allowed.any(-1)]
+    spread = float(spreads.max()) if spreads.numel() else 0.0
+    first = next((n for limit, n in NODES_FOR_SPREAD if spread <= limit), 256)
+    return [n for n in (8, 16, 32, 64, 128, 256) if n >= first]
 
 
 class _IntegratedSoftmaxFn(torch.autograd.Function):
