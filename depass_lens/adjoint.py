@@ -85,7 +85,8 @@ def _attention_hooks(
     Queries and keys are rebuilt from the live attention input with frozen norm scales (the QK
     path of :mod:`depass_lens.qk`); at ``hook_z`` the term
     ``(P_v - A) v + w_p M(s) v_real`` is added and subtracted (value zero), so ``v`` is mixed by
-    the split's value pattern ``P_v`` and the scores reach the output through ``M``.
+    the split's value pattern ``P_v`` and the scores reach the output through ``M`` (whose
+    forward value is never needed, so only its backward pass is computed).
     """
     prefix = f"blocks.{layer}.attn"
     input_hook = adapter.attention_input_hook(layer)
@@ -104,10 +105,12 @@ def _attention_hooks(
         real_acts = {name: value.detach() for name, value in seen.items()}
         real = layer_qk(adapter, layer, real_acts, attention_mask)
         pattern = seen[f"{prefix}.hook_pattern"].to(real.scores.dtype)
-        integrated = IntegratedSoftmax(real.scores, real.allowed, pattern, split.nodes)
+        integrated = IntegratedSoftmax(
+            real.scores, real.allowed, pattern, split.nodes, exact=False
+        )  # the remainder is a constant: it only reaches bias, which is target minus the rest
         one = live.new_ones(1, 1, 1, 1)
         x = attention_input(adapter, layer, live.unsqueeze(1), one, real.pos_embed)
-        moved = integrated.apply(score_shares(real, x, one))[:, 0]  # live M(s): b h q k
+        moved = integrated.gradient_path(score_shares(real, x, one))[:, 0]  # value 0, grad M
         v = seen[f"{prefix}.hook_v"]
         if weights.kv_repeat > 1:
             v = torch.repeat_interleave(v, weights.kv_repeat, dim=2)

@@ -267,16 +267,26 @@ class IntegratedSoftmax:
         pattern: Float[Tensor, "batch head query key"],
         nodes: int | None = None,
         tolerance: float = 1e-6,
+        exact: bool = True,
     ):
         self.scores = torch.where(allowed, scores, torch.zeros_like(scores))
         self.allowed = allowed
+        self._mask = torch.where(allowed, 0.0, -torch.inf).to(scores.dtype)  # added to logits
+        self._empty_rows = not bool(allowed.any(-1).all())  # padding: rows with no key at all
         self.uniform = _softmax(torch.zeros_like(scores), allowed)
+        self._patterns: Tensor | None = None
+        if not exact:  # gradients only (adjoint mode): no remainder, nodes from the spread
+            count = nodes if nodes is not None else _node_counts(scores, allowed)[0]
+            self.alphas, self.weights = gauss_legendre(count, scores)
+            self.remainder = torch.zeros_like(self.uniform)
+            self.error = float("nan")
+            return
         target = pattern.to(scores.dtype) - self.uniform
         scale = target.abs().max().clamp_min(torch.finfo(scores.dtype).tiny)
         counts = [nodes] if nodes is not None else _node_counts(scores, allowed)
         for count in counts:
             self.alphas, self.weights = gauss_legendre(count, scores)
-            self._patterns: Tensor | None = None
+            self._patterns = None
             remainder = target - self._apply(self.scores.unsqueeze(1))[:, 0]
             self.error = float(remainder.abs().max() / scale)
             if self.error <= tolerance:
@@ -290,7 +300,8 @@ class IntegratedSoftmax:
         return int(self.alphas.numel())
 
     def _pattern(self, alpha: Tensor) -> Tensor:
-        return _softmax(alpha * self.scores, self.allowed)
+        pattern = torch.softmax(alpha * self.scores + self._mask, dim=-1)
+        return torch.nan_to_num(pattern, nan=0.0) if self._empty_rows else pattern
 
     def _apply(self, shares: Tensor) -> Tensor:
         out = torch.zeros_like(shares)
@@ -307,6 +318,26 @@ class IntegratedSoftmax:
         if shares.requires_grad:
             return _IntegratedSoftmaxFn.apply(shares, self)  # type: ignore[no-any-return]
         return self._apply(shares)
+
+    def gradient_path(
+        self, shares: Float[Tensor, "batch comp head query key"]
+    ) -> Float[Tensor, "batch comp head query key"]:
+        """Zeros whose gradient is that of ``M(shares)``: ``M(x) - M(x).detach()`` at a third of
+        the cost (adjoint mode only needs the gradient of the pattern-side term)."""
+        return _GradientOnlyFn.apply(shares, self)  # type: ignore[no-any-return]
+
+
+class _GradientOnlyFn(torch.autograd.Function):
+    """Value zero, backward ``M``: the gradient of ``M`` without computing ``M`` forwards."""
+
+    @staticmethod
+    def forward(ctx: Any, shares: Tensor, integrated: IntegratedSoftmax) -> Tensor:
+        ctx.integrated = integrated
+        return torch.zeros_like(shares)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        return ctx.integrated._apply(grad), None
 
 
 def _node_counts(scores: Tensor, allowed: Tensor) -> list[int]:
