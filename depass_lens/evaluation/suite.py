@@ -73,7 +73,7 @@ def _judge(curve_name: str, level: str) -> tuple[str, bool]:
 def winners(out: Path) -> str:
     """DePass (its best rule) against the best baseline, for every curve area of every pair."""
     lines = [
-        "| model, level | curve (area) | DePass (taylor) | best DePass rule | best baseline "
+        "| model, level | curve (area) | DePass (taylor) | best DePass variant | best baseline "
         "| DePass best? |",
         "|---|---|---|---|---|---|",
     ]
