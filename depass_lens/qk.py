@@ -316,7 +316,7 @@ class IntegratedSoftmax:
     ) -> Float[Tensor, "batch comp head query key"]:
         """``M`` applied to each component's score shares (zero where masked)."""
         if shares.requires_grad:
-            return _IntegratedSoftmaxFn.apply(shares, self)  # type: ignore[no-any-return]
+            return _IntegratedSoftmaxFn.apply(shares, self, True)  # type: ignore[no-any-return]
         return self._apply(shares)
 
     def gradient_path(
@@ -324,20 +324,7 @@ class IntegratedSoftmax:
     ) -> Float[Tensor, "batch comp head query key"]:
         """Zeros whose gradient is that of ``M(shares)``: ``M(x) - M(x).detach()`` at a third of
         the cost (adjoint mode only needs the gradient of the pattern-side term)."""
-        return _GradientOnlyFn.apply(shares, self)  # type: ignore[no-any-return]
-
-
-class _GradientOnlyFn(torch.autograd.Function):
-    """Value zero, backward ``M``: the gradient of ``M`` without computing ``M`` forwards."""
-
-    @staticmethod
-    def forward(ctx: Any, shares: Tensor, integrated: IntegratedSoftmax) -> Tensor:
-        ctx.integrated = integrated
-        return torch.zeros_like(shares)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
-        return ctx.integrated._apply(grad), None
+        return _IntegratedSoftmaxFn.apply(shares, self, False)  # type: ignore[no-any-return]
 
 
 def _node_counts(scores: Tensor, allowed: Tensor) -> list[int]:
@@ -351,16 +338,20 @@ def _node_counts(scores: Tensor, allowed: Tensor) -> list[int]:
 
 
 class _IntegratedSoftmaxFn(torch.autograd.Function):
-    """``M`` with the backward pass ``M^T = M``: autograd keeps no per-node tensors."""
+    """``M`` with the backward pass ``M^T = M``: autograd keeps no per-node tensors.
+
+    With ``value=False`` the forward pass returns zeros (the gradient of ``M`` alone, when the
+    caller subtracts the value anyway).
+    """
 
     @staticmethod
-    def forward(ctx: Any, shares: Tensor, integrated: IntegratedSoftmax) -> Tensor:
+    def forward(ctx: Any, shares: Tensor, integrated: IntegratedSoftmax, value: bool) -> Tensor:
         ctx.integrated = integrated
-        return integrated._apply(shares)
+        return integrated._apply(shares) if value else torch.zeros_like(shares)
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
-        return ctx.integrated._apply(grad), None
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
+        return ctx.integrated._apply(grad), None, None
 
 
 def check_positions(query: Tensor, key: Tensor, allowed: Tensor, head: int) -> None:
