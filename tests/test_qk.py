@@ -111,7 +111,7 @@ def test_integrated_softmax_is_exact_and_self_adjoint():
     integrated = IntegratedSoftmax(scores, allowed, pattern)
     moved = integrated.apply(torch.where(allowed, scores, 0.0).unsqueeze(1))[:, 0]
     torch.testing.assert_close(moved + integrated.remainder + integrated.uniform, pattern)
-    assert integrated.error <= 1e-6 and integrated.n_nodes in (16, 32, 64)
+    assert integrated.error <= 1e-6 and integrated.n_nodes in (8, 16, 32, 64)
     # M is symmetric per row: <M a, b> == <a, M b>, which is why its backward is M itself
     a, b = (torch.randn(2, 1, 3, 6, 6, generator=gen, dtype=torch.float64) for _ in range(2))
     a, b = a * allowed[:, None], b * allowed[:, None]
