@@ -284,14 +284,18 @@ class ModelAdapter:
             kv_repeat=self.n_heads // int(W_V.shape[0]),
         )
 
-    def qk(self, layer: int) -> QKWeights:
-        """The query/key weights of ``layer`` (raises for settings the QK path cannot follow)."""
+    def check_qk_supported(self) -> None:
+        """Raise :class:`UnsupportedModelError` naming settings the QK path cannot follow."""
         problems = qk_unsupported_settings(self.model)
         if problems:
             raise UnsupportedModelError(
                 "the QK circuit of this model cannot be decomposed exactly. Unsupported "
                 "setting(s): " + "; ".join(problems)
             )
+
+    def qk(self, layer: int) -> QKWeights:
+        """The query/key weights of ``layer`` (raises for settings the QK path cannot follow)."""
+        self.check_qk_supported()
         attn = self.model.blocks[layer].attn
         grouped = hasattr(attn, "_W_K") and not self.cfg.ungroup_grouped_query_attention
         W_K = _tensor(attn._W_K if grouped else attn.W_K, "W_K")

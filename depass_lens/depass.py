@@ -153,7 +153,7 @@ class DePass:
         self.rule = get_rule(rule)
         self.attention = get_attention_split(attention)
         if self.attention.uses_pattern:
-            self.adapter.qk(0)  # refuses settings the QK path cannot follow, up front
+            self.adapter.check_qk_supported()  # refuse up front, not mid-run
         self.chunk_size = chunk_size
         self.memory_budget = memory_budget
         self.check = check
@@ -368,7 +368,9 @@ class DePass:
         rule: str | MLPRule | None,
         n_comp: int,
         split: AttentionSplit,
+        memo: dict | None = None,
     ) -> PropagationContext:
+        """``memo``: per-layer QK quantities to share between runs on the same input."""
         return PropagationContext(
             adapter=self.adapter,
             frozen=frozen,
@@ -378,6 +380,7 @@ class DePass:
             progress=self.progress,
             attention=split,
             attention_mask=prepared.attention_mask,
+            memo={} if memo is None else memo,
         )
 
     # ------------------------------------------------------------------ generation
@@ -511,9 +514,10 @@ class DePass:
         per_start: list[Tensor] = []
         labels: list[ComponentLabel] = []
         starts: list[slice] = []
+        qk_memo: dict = {}  # the real QK quantities depend on the input, not the start point
         for decomposition in _progress(decompositions, self.progress, "DePass forward"):
             ctx = self._context(
-                prepared, frozen, user_cache, rule, decomposition.n_components, split
+                prepared, frozen, user_cache, rule, decomposition.n_components, split, qk_memo
             )
             cache_dict, hooks, _ = self.engine.get_caching_hooks(lambda n: n in read_hooks)
             with torch.no_grad(), self.engine.hooks(fwd_hooks=hooks):

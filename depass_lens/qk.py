@@ -230,11 +230,6 @@ def gauss_legendre(n: int, like: Tensor) -> tuple[Tensor, Tensor]:
     return torch.tensor((nodes + 1) / 2, **to), torch.tensor(weights / 2, **to)  # type: ignore[arg-type]
 
 
-def _softmax(scores: Tensor, allowed: Tensor) -> Tensor:
-    masked = torch.where(allowed, scores, torch.full_like(scores, -torch.inf))
-    return torch.nan_to_num(torch.softmax(masked, dim=-1), nan=0.0)
-
-
 #: Node patterns are kept (not recomputed per chunk) while their stack stays below this size per
 #: layer (forward mode keeps one integrator per layer for the whole run).
 KEEP_PATTERNS_BYTES = 128 * 2**20
@@ -273,7 +268,7 @@ class IntegratedSoftmax:
         self.allowed = allowed
         self._mask = torch.where(allowed, 0.0, -torch.inf).to(scores.dtype)  # added to logits
         self._empty_rows = not bool(allowed.any(-1).all())  # padding: rows with no key at all
-        self.uniform = _softmax(torch.zeros_like(scores), allowed)
+        self.uniform = self._pattern(torch.zeros((), dtype=scores.dtype, device=scores.device))
         self._patterns: Tensor | None = None
         if not exact:  # gradients only (adjoint mode): no remainder, nodes from the spread
             count = nodes if nodes is not None else _node_counts(scores, allowed)[0]

@@ -237,3 +237,19 @@ def test_results_keep_the_split_and_carry_no_graph():
     assert not lens.requires_grad
     name = dp.AttentionScore(1, 0, -1, torch.tensor([3])).names(None)[0]
     assert name == "L1H0 score, query -1, key per-prompt (symmetric)"
+
+
+def test_forward_mode_builds_each_layers_qk_once(monkeypatch):
+    """The real QK quantities depend on the input only: one build per layer, not per start."""
+    import depass_lens.propagate as propagate
+
+    calls = []
+    original = propagate.layer_qk
+    monkeypatch.setattr(
+        propagate, "layer_qk", lambda *args: calls.append(args[1]) or original(*args)
+    )
+    model = make_model("gpt2", torch.float64)
+    tokens = random_tokens(model)
+    depass = dp.DePass(model, attention="symmetric")
+    depass.attribute(tokens, dp.Logit(2), dp.Heads(), mode="forward")  # 3 start points
+    assert sorted(calls) == list(range(1, model.cfg.n_layers))  # layers after the first start

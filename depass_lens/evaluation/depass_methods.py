@@ -172,19 +172,14 @@ def depass_subspace_method(rule: str = "taylor", attention: str = "value") -> Su
 
 def register_depass_methods(rules: tuple[str, ...] = RULES) -> None:
     """Register the wrappers (names already taken are left alone)."""
-    for rule in rules:
-        register_token_method(f"depass-{rule}", depass_token_method(rule), overwrite=False)
+    variants = [(rule, "value") for rule in rules] + [("taylor", s) for s in ATTENTION_SIDES]
+    for rule, side in variants:
+        name = method_name(rule, side)
+        register_token_method(name, depass_token_method(rule, side), overwrite=False)
         register_component_method(
-            f"depass-{rule}", depass_component_method(rule), sign=1, overwrite=False
+            name, depass_component_method(rule, attention=side), sign=1, overwrite=False
         )
-        register_subspace_method(f"depass-{rule}", depass_subspace_method(rule), overwrite=False)
-    for side in ATTENTION_SIDES:
-        name = method_name("taylor", side)
-        register_token_method(name, depass_token_method("taylor", side), overwrite=False)
-        register_component_method(
-            name, depass_component_method("taylor", attention=side), sign=1, overwrite=False
-        )
-        register_subspace_method(name, depass_subspace_method("taylor", side), overwrite=False)
+        register_subspace_method(name, depass_subspace_method(rule, side), overwrite=False)
     register_token_method("depass-taylor-abs", depass_token_magnitude(), overwrite=False)
     register_component_method(
         "depass-taylor-relative", depass_component_method("taylor", True), sign=1, overwrite=False
