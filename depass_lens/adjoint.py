@@ -21,13 +21,8 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from depass_lens.adapter import MLPWeights, ModelAdapter
-from depass_lens.qk import (
-    AttentionSplit,
-    IntegratedSoftmax,
-    attention_input,
-    layer_qk,
-    score_shares,
-)
+from depass_lens.integrated_softmax import IntegratedSoftmax
+from depass_lens.qk import AttentionSplit, attention_input, layer_qk, score_shares
 from depass_lens.rules import NeuronValues, TaylorRule
 
 HookFn = Callable[..., Tensor | None]

@@ -27,7 +27,8 @@ from depass_lens.adapter import MLPWeights, ModelAdapter, NormWeights
 from depass_lens.decomposition import Decomposition
 from depass_lens.errors import DePassInputError
 from depass_lens.frozen import FrozenActivations
-from depass_lens.qk import AttentionSplit, IntegratedSoftmax, LayerQK, layer_qk, score_shares
+from depass_lens.integrated_softmax import IntegratedSoftmax
+from depass_lens.qk import AttentionSplit, LayerQK, layer_qk, score_shares
 from depass_lens.rules import MLPRule, NeuronValues
 
 Stream = Float[Tensor, "batch comp pos d_model"]

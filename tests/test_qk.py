@@ -7,7 +7,8 @@ import torch
 from transformer_lens.components.abstract_attention import AbstractAttention
 
 import depass_lens as dp
-from depass_lens.qk import IntegratedSoftmax, layer_qk
+from depass_lens.integrated_softmax import IntegratedSoftmax
+from depass_lens.qk import layer_qk
 from tests.conftest import FAMILIES, make_model, random_tokens
 
 SIDES = ["pattern", "symmetric"]
