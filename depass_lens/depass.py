@@ -29,7 +29,8 @@ from depass_lens.decomposition import ComponentLabel, add_to_bias, check_lossles
 from depass_lens.errors import CacheMismatchError, DePassInputError, LosslessnessError
 from depass_lens.frozen import FrozenActivations, run_frozen_cache
 from depass_lens.generation import Generation, generate_and_cite
-from depass_lens.propagate import DecomposedTransformer, PropagationContext, frozen_norm_linear
+from depass_lens.norms import frozen_norm_linear
+from depass_lens.propagate import DecomposedTransformer, PropagationContext
 from depass_lens.qk import AttentionSplit, get_attention_split
 from depass_lens.results import Attribution, DecomposedCache
 from depass_lens.rules import MLPRule, TaylorRule, get_rule

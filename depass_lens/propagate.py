@@ -28,6 +28,7 @@ from depass_lens.decomposition import Decomposition
 from depass_lens.errors import DePassInputError
 from depass_lens.frozen import FrozenActivations
 from depass_lens.integrated_softmax import IntegratedSoftmax
+from depass_lens.norms import frozen_norm_linear
 from depass_lens.qk import AttentionSplit, LayerQK, layer_qk, score_shares
 from depass_lens.rules import MLPRule, NeuronValues
 
@@ -73,15 +74,6 @@ def bias_indicator(offset: int, length: int, n_comp: int, like: Tensor) -> Tenso
     """``[1, length, 1, 1]`` with a one at the global bias index (the last component), if inside."""
     index = torch.arange(offset, offset + length, device=like.device)
     return (index == n_comp - 1).to(like.dtype).view(1, -1, 1, 1)
-
-
-def frozen_norm_linear(
-    x: Float[Tensor, "batch comp pos d"], norm: NormWeights, scale: Float[Tensor, "batch pos 1"]
-) -> Float[Tensor, "batch comp pos d"]:
-    """The linear part of a norm with frozen scale: centre (LayerNorm only), divide by the scale."""
-    if norm.centres:
-        x = x - x.mean(dim=-1, keepdim=True)
-    return x / scale.unsqueeze(1).to(x.dtype)
 
 
 def _any_hooks(*points: HookPoint) -> bool:

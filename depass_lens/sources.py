@@ -21,7 +21,12 @@ from torch import Tensor
 from depass_lens.adapter import ModelAdapter, NormWeights
 from depass_lens.decomposition import BIAS, ComponentLabel, Decomposition, check_lossless
 from depass_lens.errors import DePassInputError
-from depass_lens.propagate import frozen_norm_linear
+from depass_lens.norms import (
+    post_norm_scale_hooks,
+    post_sublayer_norms,
+    pull_back,
+    through_norms,
+)
 
 
 @dataclass
@@ -54,43 +59,6 @@ def _with_bias(
     if bias is None:
         bias = torch.zeros_like(parts[:, 0])
     return torch.cat([parts, bias.unsqueeze(1)], dim=1)
-
-
-def _norm_map(
-    x: Float[Tensor, "batch comp pos d"], norm: NormWeights | None, scale: Tensor | None
-) -> Float[Tensor, "batch comp pos d"]:
-    """Apply a frozen norm's linear part and weight (no bias) to components."""
-    if norm is None or norm.kind == "none" or scale is None:
-        return x
-    x = frozen_norm_linear(x, norm, scale)
-    return x * norm.w if norm.w is not None else x
-
-
-def _norm_bias(norm: NormWeights | None, like: Tensor) -> Tensor:
-    if norm is None or norm.b is None:
-        return torch.zeros_like(like)
-    return norm.b.expand_as(like)
-
-
-def _through_norms(
-    ctx: SourceContext,
-    norms: Sequence[NormWeights],
-    parts: Float[Tensor, "batch comp pos d"],
-    bias: Float[Tensor, "batch pos d"],
-) -> tuple[Float[Tensor, "batch comp pos d"], Float[Tensor, "batch pos d"]]:
-    """Apply frozen post-sublayer norms: linear part to each component, constants to the bias."""
-    for norm in norms:
-        scale = _scale(ctx, norm)
-        parts = _norm_map(parts, norm, scale)
-        bias = _norm_map(bias.unsqueeze(1), norm, scale)[:, 0] + _norm_bias(norm, bias)
-    return parts, bias
-
-
-def _scale(ctx: SourceContext, norm: NormWeights | None) -> Tensor | None:
-    if norm is None or norm.scale_hook is None:
-        return None
-    scale = ctx[norm.scale_hook]
-    return scale[:, :, 0] if scale.ndim == 4 else scale
 
 
 class Source(ABC):
@@ -284,7 +252,7 @@ class Heads(Source):
         names = []
         for layer in _layers(self.layers, adapter, "Heads"):
             names += [adapter.after_attention_hook(layer), f"blocks.{layer}.attn.hook_z"]
-            names += _post_norm_scales(adapter, layer, "attn")
+            names += post_norm_scale_hooks(adapter, layer, "attn")
         return names
 
     def head_outputs(
@@ -296,9 +264,7 @@ class Heads(Source):
         z = ctx[f"blocks.{layer}.attn.hook_z"][:, :, self._heads(adapter)]
         per_head = einops.einsum(z, weights.W_O[self._heads(adapter)], "b p h e, h e d -> b h p d")
         bias = weights.b_O.expand(z.shape[0], z.shape[1], -1)
-        norms = adapter.block_norms(layer)
-        post = _post_attention_norms(adapter, norms["ln1"], norms["ln1_post"])
-        return _through_norms(ctx, post, per_head, bias)
+        return through_norms(ctx, post_sublayer_norms(adapter, layer, "attn"), per_head, bias)
 
     def label_groups(self, ctx):
         return [
@@ -320,28 +286,6 @@ class Heads(Source):
 
     def count(self, adapter, n_pos):
         return len(_layers(self.layers, adapter, "Heads")) * (len(self._heads(adapter)) + 2)
-
-
-def _post_attention_norms(
-    adapter: ModelAdapter, ln: NormWeights | None, ln_post: NormWeights | None
-) -> list[NormWeights]:
-    """Norms applied to a sublayer's output before it joins the stream, in order."""
-    norms = []
-    if adapter.post_norm and ln is not None:
-        norms.append(ln)
-    if ln_post is not None:
-        norms.append(ln_post)
-    return [n for n in norms if n.kind != "none"]
-
-
-def _post_norm_scales(adapter: ModelAdapter, layer: int, which: str) -> list[str]:
-    norms = adapter.block_norms(layer)
-    pair = ("ln1", "ln1_post") if which == "attn" else ("ln2", "ln2_post")
-    return [
-        n.scale_hook
-        for n in _post_attention_norms(adapter, norms[pair[0]], norms[pair[1]])
-        if n.scale_hook
-    ]
 
 
 # ---------------------------------------------------------------------------------- neurons
@@ -388,12 +332,11 @@ class Neurons(Source):
         names = []
         for layer in self._layers(adapter):
             names += [f"blocks.{layer}.hook_resid_post", f"blocks.{layer}.mlp.hook_post"]
-            names += _post_norm_scales(adapter, layer, "mlp")
+            names += post_norm_scale_hooks(adapter, layer, "mlp")
         return names
 
     def _norms(self, ctx: SourceContext, layer: int) -> list[NormWeights]:
-        norms = ctx.adapter.block_norms(layer)
-        return _post_attention_norms(ctx.adapter, norms["ln2"], norms["ln2_post"])
+        return post_sublayer_norms(ctx.adapter, layer, "mlp")
 
     def label_groups(self, ctx):
         return [
@@ -413,14 +356,18 @@ class Neurons(Source):
             post = ctx[f"blocks.{layer}.mlp.hook_post"][..., neurons]
             per_neuron = einops.einsum(post, mlp.W_out[neurons], "b p n, n d -> b n p d")
             bias = mlp.b_out.expand(post.shape[0], post.shape[1], -1)
-            per_neuron, bias = _through_norms(ctx, self._norms(ctx, layer), per_neuron, bias)
+            per_neuron, bias = through_norms(ctx, self._norms(ctx, layer), per_neuron, bias)
             rest = ctx[hook] - per_neuron.sum(1) - bias
             comps = torch.cat([per_neuron, rest.unsqueeze(1), bias.unsqueeze(1)], dim=1)
             out.append(Decomposition(hook, comps, labels))
         return out
 
     def scores(self, ctx, grads):
-        """``post_n * <N^T grad, W_out[n]>`` without materialising every neuron's output."""
+        """``post_n * <N^T grad, W_out[n]>`` without materialising every neuron's output.
+
+        ``N^T`` pulls the gradient back through the post-MLP norms; the bias component (``b_out``
+        and the norms' biases) gets its own ``<bias, grad>``.
+        """
         out = []
         neurons = self._neurons(ctx.adapter)
         for layer, hook in zip(self._layers(ctx.adapter), self.start_hooks(ctx.adapter)):
@@ -428,32 +375,18 @@ class Neurons(Source):
             grad = grads[hook]
             post = ctx[f"blocks.{layer}.mlp.hook_post"]
             norms = self._norms(ctx, layer)
-            pulled = grad
-            for norm in reversed(norms):  # transpose of each frozen norm map
-                scale = _scale(ctx, norm)
-                assert scale is not None
-                if norm.w is not None:
-                    pulled = pulled * norm.w
-                pulled = frozen_norm_linear(pulled.unsqueeze(1), norm, scale)[:, 0]
+            pulled = pull_back(ctx, norms, grad)
             per_pos = einops.einsum(pulled, mlp.W_out[neurons], "b p d, n d -> b p n")
             neuron_scores = (per_pos * post[..., neurons]).sum(1)
             bias = mlp.b_out.expand(post.shape[0], post.shape[1], -1)
             selected_out = einops.einsum(
                 post[..., neurons], mlp.W_out[neurons], "b p n, n d -> b p d"
             ).unsqueeze(1)
-            selected_out, bias = _through_norms(ctx, norms, selected_out, bias)
+            selected_out, bias = through_norms(ctx, norms, selected_out, bias)
             rest = ctx[hook] - selected_out[:, 0] - bias
             rest_score = (grad * rest).sum((-1, -2))
-            out.append(
-                torch.cat(
-                    [
-                        neuron_scores,
-                        rest_score.unsqueeze(-1),
-                        torch.zeros_like(rest_score)[:, None],
-                    ],
-                    dim=-1,
-                )
-            )
+            bias_score = (grad * bias).sum((-1, -2))
+            out.append(torch.cat([neuron_scores, rest_score[:, None], bias_score[:, None]], -1))
         return out
 
     def count(self, adapter, n_pos):
