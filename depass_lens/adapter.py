@@ -8,7 +8,8 @@ hook names and ``ActivationCache``) can be added without touching the engine.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal
 
@@ -407,6 +408,31 @@ class ModelAdapter:
     @property
     def b_U(self) -> Float[Tensor, " d_vocab"]:
         return self.model.b_U
+
+    @contextmanager
+    def split_inputs(self) -> Iterator[None]:
+        """Run the model on per-node inputs for the duration of the block.
+
+        TransformerLens's ``use_split_qkv_input`` gives every head its own query, key and value
+        input (``blocks.L.hook_q_input`` ... ``[batch, pos, head, d_model]``), ``use_hook_mlp_in``
+        a separate MLP input (``blocks.L.hook_mlp_in``), and ungrouping grouped-query attention
+        gives every query head its own copy of its keys and values. Values are unchanged; what
+        changes is that a hook on one of these inputs sees (and may replace) exactly what one node
+        reads. The settings are restored afterwards, even on error.
+        """
+        cfg = self.cfg
+        saved = (cfg.use_split_qkv_input, cfg.use_hook_mlp_in, cfg.ungroup_grouped_query_attention)
+        try:
+            cfg.use_split_qkv_input = True
+            cfg.use_hook_mlp_in = True
+            cfg.ungroup_grouped_query_attention = True
+            yield
+        finally:
+            (
+                cfg.use_split_qkv_input,
+                cfg.use_hook_mlp_in,
+                cfg.ungroup_grouped_query_attention,
+            ) = saved
 
     def parameter_fingerprint(self) -> tuple[tuple[int, int], ...]:
         """Identity and in-place version of every parameter: changes when the model is edited."""

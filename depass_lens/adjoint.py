@@ -8,12 +8,19 @@ replaced by its frozen ratio ``act(g)/g`` (or the chosen gated side). We get tha
 running the real ``HookedTransformer`` with TransformerLens hooks that detach exactly those
 quantities; the values of the forward pass are unchanged. This path shares no propagation code
 with forward mode, which makes their agreement (a standing test) an independent check of both.
+
+The constant term is not ``value - <grad, x>``: every constant the linearised model adds is
+recorded where it enters (a :class:`~depass_lens.constants.ConstantLedger`) and scored by its own
+gradient, so completeness is a real check. With ``split_inputs`` the same pass runs on
+TransformerLens's per-head query/key/value inputs and a separate MLP input: the gradient at each
+of them is the gradient through that one node's input, which is what circuit edges need.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from contextlib import nullcontext
+from dataclasses import dataclass, field
 
 import einops
 import torch
@@ -21,8 +28,15 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from depass_lens.adapter import MLPWeights, ModelAdapter
+from depass_lens.constants import (
+    ConstantLedger,
+    ConstantSite,
+    mlp_input_constants,
+    output_constant,
+    value_constant,
+)
 from depass_lens.integrated_softmax import IntegratedSoftmax
-from depass_lens.qk import AttentionSplit, attention_input, layer_qk, score_shares
+from depass_lens.qk import AttentionSplit, LayerQK, attention_input, layer_qk, score_shares
 from depass_lens.rules import NeuronValues, TaylorRule
 
 HookFn = Callable[..., Tensor | None]
@@ -34,161 +48,391 @@ class AdjointPass:
 
     activations: dict[str, Tensor]  # detached copies of every stored hook
     live: dict[str, Tensor]  # the same tensors, still in the graph
+    batch: int
+    ledger: ConstantLedger = field(default_factory=ConstantLedger)
+
+    def backward(
+        self, scalar: Tensor, hooks: Iterable[str], retain_graph: bool
+    ) -> tuple[dict[str, Tensor], list[Tensor]]:
+        """Gradients at the named hooks, and every constant site's share of ``scalar``."""
+        names = list(dict.fromkeys(hooks))
+        tensors = [self.live[name] for name in names] + self.ledger.live_tensors()
+        grads = torch.autograd.grad(scalar, tensors, retain_graph=retain_graph, allow_unused=True)
+        named = {
+            name: grad if grad is not None else torch.zeros_like(tensor)
+            for name, grad, tensor in zip(names, grads, tensors)
+        }
+        return named, self.ledger.contributions(grads[len(names) :], self.batch)
 
     def gradients(
         self, scalar: Tensor, hooks: Iterable[str], retain_graph: bool
     ) -> dict[str, Tensor]:
-        names = list(dict.fromkeys(hooks))
-        tensors = [self.live[name] for name in names]
-        grads = torch.autograd.grad(scalar, tensors, retain_graph=retain_graph, allow_unused=True)
-        return {
-            name: grad if grad is not None else torch.zeros_like(tensor)
-            for name, grad, tensor in zip(names, grads, tensors)
-        }
+        return self.backward(scalar, hooks, retain_graph)[0]
 
 
-def linearising_hooks(
-    adapter: ModelAdapter,
-    rule: TaylorRule,
-    split: AttentionSplit | None = None,
-    attention_mask: Tensor | None = None,
-) -> list[tuple[str, HookFn]]:
-    """TransformerLens forward hooks that turn the model into its frozen-linearised version."""
-    hooks: list[tuple[str, HookFn]] = []
+class Linearisation:
+    """TransformerLens forward hooks that turn the model into its frozen-linearised version.
 
-    def detach(value: Tensor, hook) -> Tensor:
-        return value.detach()
-
-    for name in adapter.frozen_hook_names():
-        if name.endswith(("hook_scale", "hook_pattern", "hook_expert_weights")):
-            hooks.append((name, detach))
-    if split is not None and split.uses_pattern:
-        for layer in range(adapter.n_layers):
-            hooks += _attention_hooks(adapter, layer, split, attention_mask)
-    if adapter.attn_only:
-        return hooks
-    for layer in range(adapter.n_layers):
-        hooks += _mlp_linearising_hooks(adapter, layer, rule)
-    return hooks
-
-
-def _attention_hooks(
-    adapter: ModelAdapter, layer: int, split: AttentionSplit, attention_mask: Tensor | None
-) -> list[tuple[str, HookFn]]:
-    """Pattern-side split on the real model: ``z`` keeps its value, its gradient follows the split.
-
-    Queries and keys are rebuilt from the live attention input with frozen norm scales (the QK
-    path of :mod:`depass_lens.qk`); at ``hook_z`` the term
-    ``(P_v - A) v + w_p M(s) v_real`` is added and subtracted (value zero), so ``v`` is mixed by
-    the split's value pattern ``P_v`` and the scores reach the output through ``M`` (whose
-    forward value is never needed, so only its backward pass is computed).
+    Values are unchanged (each replaced activation is ``value.detach() + L(live) - L(live)
+    .detach()``), gradients are those of the linear map, and every constant is recorded in
+    ``ledger``. ``frozen`` collects the detached real values the hooks freeze.
     """
-    prefix = f"blocks.{layer}.attn"
-    input_hook = adapter.attention_input_hook(layer)
-    weights = adapter.attention(layer)
-    seen: dict[str, Tensor] = {}
 
-    def store(key: str, frozen: bool = False) -> HookFn:
-        def fn(value: Tensor, hook) -> Tensor:
-            seen[key] = value.detach() if frozen else value
-            return seen[key]
+    def __init__(
+        self,
+        adapter: ModelAdapter,
+        rule: TaylorRule,
+        split: AttentionSplit | None,
+        attention_mask: Tensor | None,
+        ledger: ConstantLedger,
+        n_pos: int,
+        split_inputs: bool = False,
+    ):
+        self.adapter = adapter
+        self.n_pos = n_pos
+        self.rule = rule
+        self.split = split
+        self.attention_mask = attention_mask
+        self.ledger = ledger
+        self.split_inputs = split_inputs
+        self.frozen: dict[str, Tensor] = {}
 
-        return fn
-
-    def steer(z: Tensor, hook) -> Tensor:
-        live = seen[input_hook]
-        real_acts = {name: value.detach() for name, value in seen.items()}
-        real = layer_qk(adapter, layer, real_acts, attention_mask)
-        pattern = seen[f"{prefix}.hook_pattern"].to(real.scores.dtype)
-        integrated = IntegratedSoftmax(
-            real.scores, real.allowed, pattern, split.nodes, exact=False
-        )  # the remainder is a constant: it only reaches bias, which is target minus the rest
-        one = live.new_ones(1, 1, 1, 1)
-        x = attention_input(adapter, layer, live.unsqueeze(1), one, real.pos_embed)
-        moved = integrated.gradient_path(score_shares(real, x, one))[:, 0]  # value 0, grad M
-        v = seen[f"{prefix}.hook_v"]
-        if weights.kv_repeat > 1:
-            v = torch.repeat_interleave(v, weights.kv_repeat, dim=2)
-        mixing = split.value_pattern(pattern, integrated.uniform) - pattern
-        correction = einops.einsum(mixing.to(v.dtype), v, "b h q k, b k h d -> b q h d")
-        correction = correction + split.pattern_weight * einops.einsum(
-            moved.to(v.dtype), v.detach(), "b h q k, b k h d -> b q h d"
-        )
-        return z + (correction - correction.detach())
-
-    hooks: list[tuple[str, HookFn]] = [
-        (input_hook, store(input_hook)),
-        (f"{prefix}.hook_v", store(f"{prefix}.hook_v")),
-        (f"{prefix}.hook_attn_scores", store(f"{prefix}.hook_attn_scores", frozen=True)),
-    ]
-    for name in adapter.qk_hook_names(layer):
-        if name.endswith("hook_scale") or name == "hook_pos_embed":
-            hooks.append((name, store(name, frozen=name.endswith("hook_scale"))))
-    hooks += [
-        (f"{prefix}.hook_pattern", store(f"{prefix}.hook_pattern", frozen=True)),
-        (f"{prefix}.hook_z", steer),
-    ]
-    return hooks
-
-
-def _mlp_linearising_hooks(
-    adapter: ModelAdapter, layer: int, rule: TaylorRule
-) -> list[tuple[str, HookFn]]:
-    """Linearising hooks for one layer's MLP, or for each expert of a mixture-of-experts layer."""
-    prefix = f"blocks.{layer}.mlp"
-    if adapter.is_moe:
+    def hooks(self) -> list[tuple[str, HookFn]]:
+        adapter = self.adapter
         hooks: list[tuple[str, HookFn]] = []
-        for index, expert in enumerate(adapter.moe(layer).experts):
-            name = f"{prefix}.experts.{index}"
-            hooks += _activation_hooks(
-                f"{name}.hook_gate", f"{name}.hook_pre", f"{name}.hook_post", expert, rule
-            )
+        for name in adapter.frozen_hook_names():
+            if name.endswith(("hook_scale", "hook_pattern", "hook_expert_weights")):
+                hooks.append((name, self._freeze))
+        for layer in range(adapter.n_layers):
+            if self.split is not None and self.split.uses_pattern:
+                hooks += self._pattern_hooks(layer)
+            hooks += self._attention_constant_hooks(layer)
+            if not adapter.attn_only:
+                hooks += self._mlp_hooks(layer)
         return hooks
-    mlp = adapter.mlp(layer)
-    post = f"{prefix}.hook_mid" if mlp.inner_norm is not None else f"{prefix}.hook_post"
-    up = f"{prefix}.hook_pre_linear" if mlp.gated else None
-    return _activation_hooks(f"{prefix}.hook_pre", up, post, mlp, rule)
 
+    # ------------------------------------------------------------------ helpers
+    def _freeze(self, value: Tensor, hook) -> Tensor:
+        frozen = value.detach()
+        self.frozen[hook.name] = frozen
+        return frozen
 
-def _activation_hooks(
-    gate_hook: str, up_hook: str | None, value_hook: str, mlp: MLPWeights, rule: TaylorRule
-) -> list[tuple[str, HookFn]]:
-    """Store the live pre-activations, then replace the activation by its linearisation.
+    def _site(
+        self,
+        name: str,
+        owner,
+        layer: int,
+        constant_of: Callable[[Tensor], Tensor | None],
+        head_axis: int | None = None,
+    ) -> HookFn:
+        """A hook that records ``constant_of(value)`` as a constant inside the hooked tensor."""
 
-    The replacement is ``value.detach() + L(live) - L(live).detach()``: its value is the real one,
-    its gradient that of the linear map ``L`` (frozen ratio times each share).
-    """
-    live: dict[str, Tensor] = {}
-
-    def store(key: str) -> HookFn:
         def fn(value: Tensor, hook) -> None:
-            live[key] = value
+            constant = constant_of(value)
+            if constant is not None:
+                self.ledger.add(
+                    ConstantSite(name, hook.name, owner, layer, value, constant, head_axis)
+                )
 
         return fn
 
-    def linearise(value: Tensor, hook) -> Tensor:
-        gate = live["gate"]
-        if up_hook is not None:
-            up = live["up"]
-            g, u = gate.detach(), up.detach()
-            act = mlp.act_fn(g)
-            r = rule.ratio(NeuronValues(g, act, act * u, u, mlp.act_fn))
-            gate_side = r * u * gate
-            up_side = act * up
-            linear = {"gate": gate_side, "up": up_side, "symmetric": 0.5 * (gate_side + up_side)}[
-                rule.side
-            ]
-        else:
-            g = gate.detach()
-            values = NeuronValues(g, value.detach(), value.detach(), None, mlp.act_fn)
-            linear = rule.ratio(values) * gate
-        return value.detach() + (linear - linear.detach())
+    # ------------------------------------------------------------------ attention
+    def _attention_constant_hooks(self, layer: int) -> list[tuple[str, HookFn]]:
+        """``b_V`` (and the input norm's bias through ``W_V``) per head; ``b_O`` as it joins the
+        stream (through any post-attention norm), which belongs to no head."""
+        adapter = self.adapter
+        prefix = f"blocks.{layer}"
 
-    hooks: list[tuple[str, HookFn]] = [(gate_hook, store("gate"))]
-    if up_hook is not None:
-        hooks.append((up_hook, store("up")))
-    hooks.append((value_hook, linearise))
-    return hooks
+        def b_out(value: Tensor) -> Tensor:
+            bias = adapter.attention(layer).b_O.expand_as(value)
+            return output_constant(adapter, layer, "attn", self.frozen, bias)
+
+        return [
+            (
+                f"{prefix}.attn.hook_v",
+                self._site(
+                    f"{prefix}.attn.b_V", "attn", layer, lambda v: value_constant(adapter, layer), 2
+                ),
+            ),
+            (f"{prefix}.hook_attn_out", self._site(f"{prefix}.attn.b_O", "stream", layer, b_out)),
+        ]
+
+    def _pattern_hooks(self, layer: int) -> list[tuple[str, HookFn]]:
+        """Pattern-side split on the real model: ``z`` keeps its value, its gradient follows the
+        split.
+
+        Queries and keys are rebuilt from the live attention input with frozen norm scales (the
+        QK path of :mod:`depass_lens.qk`); at ``hook_z`` the term ``(P_v - A) v + w_p M(s) v_real``
+        is added and subtracted (value zero), so ``v`` is mixed by the split's value pattern
+        ``P_v`` and the scores reach the output through ``M`` (whose forward value is never
+        needed, so only its backward pass is computed). The score shares' constants and the
+        quadrature remainder ``A - U - M(s)`` are recorded as this head's constants.
+        """
+        adapter = self.adapter
+        split = self.split
+        assert split is not None
+        prefix = f"blocks.{layer}.attn"
+        input_hook = adapter.attention_input_hook(layer)
+        seen: dict[str, Tensor] = {}
+
+        def store(key: str, frozen: bool = False) -> HookFn:
+            def fn(value: Tensor, hook) -> Tensor:
+                seen[key] = value.detach() if frozen else value
+                return seen[key]
+
+            return fn
+
+        def steer(z: Tensor, hook) -> Tensor:
+            real = self._real_qk(layer, seen)
+            pattern = seen[f"{prefix}.hook_pattern"].to(real.scores.dtype)
+            integrated = IntegratedSoftmax(
+                real.scores, real.allowed, pattern, split.nodes, exact=False
+            )
+            one = z.new_ones(1, 1, 1, 1)
+            x_query, x_key = self._live_attention_inputs(layer, seen, real)
+            shares = score_shares(real, x_query, one, x_key=x_key)
+            moved_full = integrated.gradient_path(shares)  # value 0, gradient M
+            self._record_pattern_constants(layer, real, integrated, pattern, shares, moved_full)
+            moved = moved_full[:, 0]
+            v = seen[f"{prefix}.hook_v"]
+            kv_repeat = adapter.attention(layer).kv_repeat
+            if kv_repeat > 1:
+                v = torch.repeat_interleave(v, kv_repeat, dim=2)
+            mixing = split.value_pattern(pattern, integrated.uniform) - pattern
+            correction = einops.einsum(mixing.to(v.dtype), v, "b h q k, b k h d -> b q h d")
+            correction = correction + split.pattern_weight * einops.einsum(
+                moved.to(v.dtype), v.detach(), "b h q k, b k h d -> b q h d"
+            )
+            return z + (correction - correction.detach())
+
+        if self.split_inputs:
+            inputs = [f"blocks.{layer}.hook_q_input", f"blocks.{layer}.hook_k_input"]
+            inputs.append(f"blocks.{layer}.hook_resid_pre")
+        else:
+            inputs = [input_hook]
+        hooks: list[tuple[str, HookFn]] = [(name, store(name)) for name in inputs]
+        hooks += [
+            (f"{prefix}.hook_v", store(f"{prefix}.hook_v")),
+            (f"{prefix}.hook_attn_scores", store(f"{prefix}.hook_attn_scores", frozen=True)),
+        ]
+        for name in adapter.qk_hook_names(layer):
+            if name.endswith("hook_scale") or name == "hook_pos_embed":
+                hooks.append((name, store(name, frozen=name.endswith("hook_scale"))))
+        ln1 = adapter.block_norms(layer)["ln1"]
+        if self.split_inputs and ln1 is not None and ln1.scale_hook is not None:
+            hooks.append((ln1.scale_hook, store(ln1.scale_hook, frozen=True)))
+        hooks += [
+            (f"{prefix}.hook_pattern", store(f"{prefix}.hook_pattern", frozen=True)),
+            (f"{prefix}.hook_z", steer),
+        ]
+        return hooks
+
+    def _real_qk(self, layer: int, seen: dict[str, Tensor]) -> LayerQK:
+        """The real QK quantities of ``layer`` from the values the hooks have seen so far."""
+        adapter = self.adapter
+        real_acts = {name: value.detach() for name, value in seen.items()}
+        if self.split_inputs:  # the shared (not per-head) normalised input, from resid_pre
+            resid = real_acts[f"blocks.{layer}.hook_resid_pre"]
+            real_acts[adapter.attention_input_hook(layer)] = self._normalise(layer, resid, seen)
+        return layer_qk(adapter, layer, real_acts, self.attention_mask)
+
+    def _normalise(self, layer: int, x: Tensor, seen: dict[str, Tensor]) -> Tensor:
+        """The frozen input norm's linear part (no weight) on ``x`` (``batch pos *head d``)."""
+        adapter = self.adapter
+        if adapter.attention_input_hook(layer).endswith("hook_resid_pre"):
+            return x
+        ln1 = adapter.block_norms(layer)["ln1"]
+        assert ln1 is not None and ln1.scale_hook is not None
+        scale = seen[ln1.scale_hook].detach()
+        scale = scale[:, :, 0] if scale.ndim == 4 else scale  # per-head copies agree
+        if x.ndim == 4:
+            scale = scale.unsqueeze(-1)
+        if ln1.centres:
+            x = x - x.mean(-1, keepdim=True)
+        return x / scale.to(x.dtype)
+
+    def _live_attention_inputs(
+        self, layer: int, seen: dict[str, Tensor], real: LayerQK
+    ) -> tuple[Tensor, Tensor | None]:
+        """What queries and keys read on the live graph (one shared input, or one per head)."""
+        one = real.q.new_ones(1, 1, 1, 1)
+        if not self.split_inputs:
+            live = seen[self.adapter.attention_input_hook(layer)]
+            x = attention_input(self.adapter, layer, live.unsqueeze(1), one, real.pos_embed)
+            return x, None
+        inputs = []
+        for side in ("q", "k"):
+            live = self._normalise(layer, seen[f"blocks.{layer}.hook_{side}_input"], seen)
+            inputs.append(
+                attention_input(self.adapter, layer, live.unsqueeze(1), one, real.pos_embed)
+            )
+        return inputs[0], inputs[1]
+
+    def _record_pattern_constants(
+        self,
+        layer: int,
+        real: LayerQK,
+        integrated: IntegratedSoftmax,
+        pattern: Tensor,
+        shares: Tensor,
+        moved: Tensor,
+    ) -> None:
+        """The pattern side's constants, per head: the score shares' constant part ``s_0``
+        (biases, ALiBi, shortformer positions: the shares of an all-zero input) and the
+        quadrature remainder ``R = A - U - M(s)``.
+
+        ``<R, G> = <A - U, G> - <s, M G>`` and ``M G`` is the gradient at the shares (``M`` is
+        symmetric), so both come from the two sites ``(shares, s_0 - s)`` and ``(moved, A - U)``.
+        """
+        one = shares.new_ones(1, 1, 1, 1)
+        zeros = real.q.new_zeros(real.q.shape[0], 1, real.q.shape[1], self.adapter.d_model)
+        constant = score_shares(
+            real, attention_input(self.adapter, layer, zeros, one, real.pos_embed), one
+        )
+        hook = f"blocks.{layer}.attn.hook_z"
+        prefix = f"blocks.{layer}.attn"
+        real_scores = integrated.scores.unsqueeze(1).to(shares.dtype)
+        moved_real = (pattern - integrated.uniform).unsqueeze(1).to(shares.dtype)
+        self.ledger.add(
+            ConstantSite(
+                f"{prefix}.score_constants", hook, "attn", layer, shares, constant - real_scores, 2
+            )
+        )
+        self.ledger.add(
+            ConstantSite(f"{prefix}.pattern_move", hook, "attn", layer, moved, moved_real, 2)
+        )
+
+    # ------------------------------------------------------------------ MLP
+    def _mlp_hooks(self, layer: int) -> list[tuple[str, HookFn]]:
+        """Linearising hooks for one layer's MLP (or each expert), with its constants."""
+        adapter = self.adapter
+        prefix = f"blocks.{layer}.mlp"
+        hooks: list[tuple[str, HookFn]] = []
+        if adapter.is_moe:
+            hooks += self._mixture_hooks(layer)
+            out_bias = None
+        else:
+            mlp = adapter.mlp(layer)
+            gate_const, up_const = mlp_input_constants(adapter, layer, mlp)
+            for hook_name, constant in (("hook_pre", gate_const), ("hook_pre_linear", up_const)):
+                if constant is not None:
+                    hooks.append((f"{prefix}.{hook_name}", self._fixed(layer, constant)))
+            post = f"{prefix}.hook_mid" if mlp.inner_norm is not None else f"{prefix}.hook_post"
+            up = f"{prefix}.hook_pre_linear" if mlp.gated else None
+            hooks += self._activation_hooks(f"{prefix}.hook_pre", up, post, mlp, layer)
+            inner = mlp.inner_norm
+            if inner is not None and inner.b is not None:
+                hooks.append((f"{prefix}.hook_post", self._fixed(layer, inner.b)))
+            out_bias = mlp.b_out
+
+        def b_out(value: Tensor) -> Tensor:
+            bias = out_bias.expand_as(value) if out_bias is not None else torch.zeros_like(value)
+            return output_constant(adapter, layer, "mlp", self.frozen, bias)
+
+        hooks.append(
+            (f"blocks.{layer}.hook_mlp_out", self._site(f"{prefix}.b_out", "mlp", layer, b_out))
+        )
+        return hooks
+
+    def _mixture_hooks(self, layer: int) -> list[tuple[str, HookFn]]:
+        """Each expert linearised; its rows are routed tokens, so the frozen routing tells which
+        prompt each row belongs to (TransformerLens's own routing order)."""
+        adapter = self.adapter
+        prefix = f"blocks.{layer}.mlp"
+        moe = adapter.moe(layer)
+        rows: dict[int, Tensor] = {}
+
+        def routing(value: Tensor, hook) -> None:
+            top = value.detach().topk(moe.experts_per_token, dim=-1).indices
+            mask = torch.nn.functional.one_hot(top, len(moe.experts)).permute(2, 1, 0)
+            for index in range(len(moe.experts)):
+                _, tokens = torch.where(mask[index])
+                rows[index] = tokens
+
+        hooks: list[tuple[str, HookFn]] = [(moe.weights_hook, routing)]
+        for index, expert in enumerate(moe.experts):
+            name = f"{prefix}.experts.{index}"
+            gate_const, up_const = mlp_input_constants(adapter, layer, expert)
+
+            def batch_of(index: int = index) -> Tensor:
+                return torch.div(rows[index], self.n_pos, rounding_mode="floor")
+
+            for hook_name, constant in (("hook_gate", gate_const), ("hook_pre", up_const)):
+                if constant is not None:
+                    hooks.append((f"{name}.{hook_name}", self._fixed(layer, constant, batch_of)))
+            gate, up, post = (f"{name}.hook_{h}" for h in ("gate", "pre", "post"))
+            hooks += self._activation_hooks(gate, up, post, expert, layer, batch_of)
+        return hooks
+
+    def _fixed(
+        self, layer: int, constant: Tensor, batch_of: Callable[[], Tensor] | None = None
+    ) -> HookFn:
+        """A hook recording a fixed MLP constant inside the hooked tensor (rows routed: MoE)."""
+
+        def fn(value: Tensor, hook) -> None:
+            rows = batch_of() if batch_of is not None else None
+            site = ConstantSite(hook.name, hook.name, "mlp", layer, value, constant, rows=rows)
+            self.ledger.add(site)
+
+        return fn
+
+    def _activation_hooks(
+        self,
+        gate_hook: str,
+        up_hook: str | None,
+        value_hook: str,
+        mlp: MLPWeights,
+        layer: int,
+        batch_of: Callable[[], Tensor] | None = None,
+    ) -> list[tuple[str, HookFn]]:
+        """Store the live pre-activations, then replace the activation by its linearisation.
+
+        The replacement is ``value.detach() + L(live) - L(live).detach()``: its value is the real
+        one, its gradient that of the linear map ``L`` (frozen ratio times each share). What ``L``
+        misses of the real value (a gated MLP's ``b_in``, the near-zero remainder) is a constant.
+        """
+        rule = self.rule
+        live: dict[str, Tensor] = {}
+
+        def store(key: str) -> HookFn:
+            def fn(value: Tensor, hook) -> None:
+                live[key] = value
+
+            return fn
+
+        def linearise(value: Tensor, hook) -> Tensor:
+            gate = live["gate"]
+            if up_hook is not None:
+                up = live["up"]
+                g, u = gate.detach(), up.detach()
+                act = mlp.act_fn(g)
+                r = rule.ratio(NeuronValues(g, act, act * u, u, mlp.act_fn))
+                gate_side = r * u * gate
+                up_side = act * up
+                linear = {
+                    "gate": gate_side,
+                    "up": up_side,
+                    "symmetric": 0.5 * (gate_side + up_side),
+                }[rule.side]
+            else:
+                g = gate.detach()
+                values = NeuronValues(g, value.detach(), value.detach(), None, mlp.act_fn)
+                linear = rule.ratio(values) * gate
+            out = value.detach() + (linear - linear.detach())
+            remainder = value.detach() - linear.detach()
+            rows = batch_of() if batch_of is not None else None
+            self.ledger.add(
+                ConstantSite(
+                    f"{hook.name}.remainder", hook.name, "mlp", layer, out, remainder, rows=rows
+                )
+            )
+            return out
+
+        hooks: list[tuple[str, HookFn]] = [(gate_hook, store("gate"))]
+        if up_hook is not None:
+            hooks.append((up_hook, store("up")))
+        hooks.append((value_hook, linearise))
+        return hooks
 
 
 def linearised_forward(
@@ -199,15 +443,20 @@ def linearised_forward(
     store: Iterable[str],
     stop_at_layer: int | None = None,
     split: AttentionSplit | None = None,
+    *,
+    split_inputs: bool = False,
 ) -> AdjointPass:
     """Run the frozen-linearised model once, keeping the named activations (live and detached).
 
     The unembedding is never applied (targets read ``unembed.hook_in`` and only their own columns of
-    ``W_U``), which saves the ``d_vocab``-wide matmul of a plain forward.
+    ``W_U``), which saves the ``d_vocab``-wide matmul of a plain forward. ``split_inputs`` runs on
+    per-head query/key/value inputs and a separate MLP input (see
+    :meth:`~depass_lens.adapter.ModelAdapter.split_inputs`), whose hooks may then be stored.
     """
     model = adapter.model
     wanted = set(store)
     live: dict[str, Tensor] = {}
+    ledger = ConstantLedger()
 
     def leaf(value: Tensor, hook) -> Tensor:
         value = value.detach().requires_grad_(True)
@@ -218,16 +467,18 @@ def linearised_forward(
     def keep(value: Tensor, hook) -> None:
         live[hook.name] = value
 
-    fwd_hooks: list[tuple[str | Callable, Callable]] = list(
-        linearising_hooks(adapter, rule, split, attention_mask)
+    linearisation = Linearisation(
+        adapter, rule, split, attention_mask, ledger, tokens.shape[1], split_inputs=split_inputs
     )
+    fwd_hooks: list[tuple[str | Callable, Callable]] = list(linearisation.hooks())
     fwd_hooks.append(("hook_embed", leaf))
     if adapter.positional in ("standard", "shortformer"):
         fwd_hooks.append(("hook_pos_embed", leaf))
     # Stored after linearisation hooks so the stored value is what flows on.
     fwd_hooks += [(name, keep) for name in wanted if name not in ("hook_embed", "hook_pos_embed")]
     n_layers = adapter.n_layers if stop_at_layer is None else stop_at_layer
-    with torch.enable_grad(), model.hooks(fwd_hooks=fwd_hooks):
+    context = adapter.split_inputs() if split_inputs else nullcontext()
+    with torch.enable_grad(), context, model.hooks(fwd_hooks=fwd_hooks):
         resid = model(
             tokens, attention_mask=attention_mask, stop_at_layer=n_layers, return_type=None
         )
@@ -235,10 +486,17 @@ def linearised_forward(
             has_final_norm = adapter.cfg.normalization_type is not None
             final = model.ln_final(resid) if has_final_norm else resid
             live["unembed.hook_in"] = final
+            final_norm = adapter.final_norm()
+            if final_norm.b is not None:
+                site = ConstantSite(
+                    "ln_final.b", "unembed.hook_in", "final", adapter.n_layers, final, final_norm.b
+                )
+                ledger.add(site)
     missing = wanted - set(live)
     if missing:
         raise RuntimeError(f"adjoint pass did not produce {sorted(missing)}")
-    return AdjointPass({k: v.detach() for k, v in live.items()}, live)
+    activations = {k: v.detach() for k, v in live.items()}
+    return AdjointPass(activations, live, tokens.shape[0], ledger)
 
 
 def target_scalar(
@@ -248,3 +506,6 @@ def target_scalar(
 ) -> Float[Tensor, " batch"]:
     """``<weights, state> + constant`` per prompt."""
     return (state * weights).sum((-1, -2)) + constant
+
+
+__all__ = ["AdjointPass", "Linearisation", "linearised_forward", "target_scalar"]

@@ -571,6 +571,7 @@ class DePass:
             adapter, prepared.tokens, prepared.attention_mask, activations=passed.activations
         )
         labels, starts = _labels_of(source, sctx)
+        start_hooks = source.start_hooks(adapter)
         jobs = [(t, k) for t in targets for k in range(t.size(adapter))]
         all_scores, all_values = [], []
         functionals = {id(t): t.functional(tctx) for t in targets}
@@ -579,21 +580,23 @@ class DePass:
         ):
             weights, constants = functionals[id(t)]
             state = passed.live[t.read_hook(adapter)]
+            constant = constants[:, k].to(state.dtype)
             with torch.enable_grad():  # also under a caller's torch.no_grad()
-                value = target_scalar(
-                    state, weights[:, k].to(state.dtype), constants[:, k].to(state.dtype)
+                value = target_scalar(state, weights[:, k].to(state.dtype), constant)
+                grads, sites = passed.backward(
+                    value.sum(), grad_hooks, retain_graph=i < len(jobs) - 1
                 )
-                grads = passed.gradients(value.sum(), grad_hooks, retain_graph=i < len(jobs) - 1)
             with torch.no_grad():
                 parts = source.scores(sctx, grads)
-            value = value.detach()
-            fixed = []
-            for part in parts:  # the bias gets what the constants contribute: value - rest
-                part = part.clone()
-                part[:, -1] = value - part[:, :-1].sum(-1)
-                fixed.append(part)
+                fixed = []
+                for part, start in zip(parts, start_hooks):
+                    # the bias: its own <bias, grad> plus every constant entering after the start,
+                    # each scored by its own gradient (not value - rest: completeness can fail)
+                    part = part.clone()
+                    part[:, -1] += passed.ledger.total_after(adapter, sites, start) + constant
+                    fixed.append(part)
             all_scores.append(torch.cat(fixed, dim=-1))
-            all_values.append(value)
+            all_values.append(value.detach())
         scores = torch.stack(all_scores, dim=1)
         return Attribution(
             scores,

@@ -63,7 +63,7 @@ def _frozen_qk_norm(
 
 def project(
     qk: QKWeights,
-    x: Float[Tensor, "n pos d_model"],
+    x: Float[Tensor, "n pos d_model"] | Float[Tensor, "n pos head d_model"],
     which: Literal["q", "k"],
     is_bias: Float[Tensor, " n"],
     norm_scale: Tensor | None,
@@ -71,13 +71,17 @@ def project(
 ) -> Float[Tensor, "n pos head d_head"]:
     """Rotated queries or keys of attention inputs ``x`` (rows may be components of one state).
 
-    ``is_bias`` marks the rows that receive the projection's bias; ``norm_scale`` is the frozen QK
-    norm scale, broadcastable to ``[n, pos, head, 1]`` (per head) or ``[n, pos, 1]`` (full vector).
-    Rotary and log-n scaling are TransformerLens's own (both linear). Keys come out repeated to
-    ``n_heads`` (grouped-query attention).
+    ``x`` is one input for all heads, or one per head (TransformerLens's split q/k/v inputs, with
+    grouped-query attention ungrouped). ``is_bias`` marks the rows that receive the projection's
+    bias; ``norm_scale`` is the frozen QK norm scale, broadcastable to ``[n, pos, head, 1]`` (per
+    head) or ``[n, pos, 1]`` (full vector). Rotary and log-n scaling are TransformerLens's own
+    (both linear). Keys come out repeated to ``n_heads`` (grouped-query attention).
     """
     W, b = (qk.W_Q, qk.b_Q) if which == "q" else (qk.W_K, qk.b_K)
-    y = einops.einsum(x, W, "n pos d_model, head d_model d_head -> n pos head d_head")
+    if x.ndim == 4:  # one input per head
+        y = einops.einsum(x, W, "n pos head d_model, head d_model d_head -> n pos head d_head")
+    else:
+        y = einops.einsum(x, W, "n pos d_model, head d_model d_head -> n pos head d_head")
     y = y + is_bias.view(-1, 1, 1, 1).to(y.dtype) * b
     norm = qk.q_norm if which == "q" else qk.k_norm
     y = _frozen_qk_norm(y, norm, qk.norm_style, norm_scale, is_bias.to(y.dtype))
@@ -94,20 +98,26 @@ def project(
 def attention_input(
     adapter: ModelAdapter,
     layer: int,
-    normalized: Float[Tensor, "batch comp pos d_model"],
+    normalized: Float[Tensor, "batch comp pos *head d_model"],
     is_bias: Float[Tensor, "1 comp 1 1"],
     pos_embed: Float[Tensor, "batch pos d_model"] | None,
-) -> Float[Tensor, "batch comp pos d_model"]:
+) -> Float[Tensor, "batch comp pos *head d_model"]:
     """What queries and keys read, per component: the norm's weight and bias applied to the
-    normalised stream (bias to ``bias``), plus shortformer positions (also to ``bias``)."""
+    normalised stream (bias to ``bias``), plus shortformer positions (also to ``bias``).
+
+    ``normalized`` may carry a head axis before ``d_model`` (split per-head inputs)."""
     norm = adapter.attention_input_norm(layer)
     x = normalized
+    per_head = normalized.ndim == 5
+    if per_head:
+        is_bias = is_bias.unsqueeze(-1)
     if norm is not None and norm.w is not None:
         x = x * norm.w
     if norm is not None and norm.b is not None:
         x = x + is_bias * norm.b
     if pos_embed is not None:
-        x = x + is_bias * pos_embed.unsqueeze(1)
+        pos = pos_embed[:, None, :, None, :] if per_head else pos_embed.unsqueeze(1)
+        x = x + is_bias * pos
     return x
 
 
@@ -192,17 +202,20 @@ def layer_qk(
 
 def score_shares(
     real: LayerQK,
-    x: Float[Tensor, "batch comp pos d_model"],
+    x: Float[Tensor, "batch comp pos *head d_model"],
     is_bias: Float[Tensor, "1 comp 1 1"],
     side: ScoreSide = "symmetric",
+    x_key: Float[Tensor, "batch comp pos *head d_model"] | None = None,
 ) -> Float[Tensor, "batch comp head query key"]:
     """Each component's share of every (capped, biased) score; zero where the score is masked.
 
-    ``x`` is the attention input per component (see :func:`attention_input`). Summed over
-    components the shares give ``hook_attn_scores`` at every unmasked entry.
+    ``x`` is the attention input per component (see :func:`attention_input`); ``x_key``, if given,
+    is what the keys read instead (split per-head query and key inputs). Summed over components
+    the shares give ``hook_attn_scores`` at every unmasked entry.
     """
-    batch, n_comp, n_pos, _ = x.shape
-    flat = einops.rearrange(x, "b c p d -> (b c) p d")
+    batch, n_comp, n_pos = x.shape[:3]
+    flat = einops.rearrange(x, "b c p ... -> (b c) p ...")
+    flat_key = flat if x_key is None else einops.rearrange(x_key, "b c p ... -> (b c) p ...")
     bias_rows = einops.repeat(is_bias.view(-1), "c -> (b c)", b=batch)
     q_scale, k_scale = real.scales_for(n_comp)
     mask = real.mask_for(n_comp)
@@ -213,7 +226,7 @@ def score_shares(
         q_c = einops.rearrange(q_c, "(b c) i h e -> b c i h e", b=batch)
         raw = raw + w_query * einops.einsum(q_c, real.k, "b c i h e, b j h e -> b c h i j")
     if w_key:
-        k_c = project(real.weights, flat, "k", bias_rows, k_scale, mask)
+        k_c = project(real.weights, flat_key, "k", bias_rows, k_scale, mask)
         k_c = einops.rearrange(k_c, "(b c) j h e -> b c j h e", b=batch)
         raw = raw + w_key * einops.einsum(real.q, k_c, "b i h e, b c j h e -> b c h i j")
     shares = real.ratio.unsqueeze(1) * raw / real.weights.attn_scale
