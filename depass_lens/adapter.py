@@ -138,6 +138,7 @@ class ModelAdapter:
             )
         self.model = model
         self.cfg = model.cfg
+        self._splitting = False  # inside split_inputs(): per-head inputs DePass itself manages
         check_supported(model)
 
     # ---------------------------------------------------------------- config
@@ -288,6 +289,8 @@ class ModelAdapter:
     def check_qk_supported(self) -> None:
         """Raise :class:`UnsupportedModelError` naming settings the QK path cannot follow."""
         problems = qk_unsupported_settings(self.model)
+        if self._splitting:  # the split inputs are DePass's own: the QK path reads them per head
+            problems = [p for p in problems if not p.startswith("use_split_qkv_input")]
         if problems:
             raise UnsupportedModelError(
                 "the QK circuit of this model cannot be decomposed exactly. Unsupported "
@@ -422,12 +425,19 @@ class ModelAdapter:
         """
         cfg = self.cfg
         saved = (cfg.use_split_qkv_input, cfg.use_hook_mlp_in, cfg.ungroup_grouped_query_attention)
+        if saved[0] or cfg.use_attn_in:
+            raise UnsupportedModelError(
+                "circuit graphs run the model on split inputs themselves; turn off "
+                "use_split_qkv_input / use_attn_in on the model first"
+            )
         try:
+            self._splitting = True
             cfg.use_split_qkv_input = True
             cfg.use_hook_mlp_in = True
             cfg.ungroup_grouped_query_attention = True
             yield
         finally:
+            self._splitting = False
             (
                 cfg.use_split_qkv_input,
                 cfg.use_hook_mlp_in,

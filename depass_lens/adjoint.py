@@ -62,7 +62,9 @@ class AdjointPass:
             name: grad if grad is not None else torch.zeros_like(tensor)
             for name, grad, tensor in zip(names, grads, tensors)
         }
-        return named, self.ledger.contributions(grads[len(names) :], self.batch)
+        with torch.no_grad():
+            constants = self.ledger.contributions(grads[len(names) :], self.batch)
+        return named, constants
 
     def gradients(
         self, scalar: Tensor, hooks: Iterable[str], retain_graph: bool
@@ -123,16 +125,14 @@ class Linearisation:
         owner,
         layer: int,
         constant_of: Callable[[Tensor], Tensor | None],
-        head_axis: int | None = None,
+        axis: int | None = None,
     ) -> HookFn:
         """A hook that records ``constant_of(value)`` as a constant inside the hooked tensor."""
 
         def fn(value: Tensor, hook) -> None:
             constant = constant_of(value)
             if constant is not None:
-                self.ledger.add(
-                    ConstantSite(name, hook.name, owner, layer, value, constant, head_axis)
-                )
+                self.ledger.add(ConstantSite(name, hook.name, owner, layer, value, constant, axis))
 
         return fn
 
@@ -316,13 +316,13 @@ class Linearisation:
             gate_const, up_const = mlp_input_constants(adapter, layer, mlp)
             for hook_name, constant in (("hook_pre", gate_const), ("hook_pre_linear", up_const)):
                 if constant is not None:
-                    hooks.append((f"{prefix}.{hook_name}", self._fixed(layer, constant)))
+                    hooks.append((f"{prefix}.{hook_name}", self._fixed(layer, constant, axis=-1)))
             post = f"{prefix}.hook_mid" if mlp.inner_norm is not None else f"{prefix}.hook_post"
             up = f"{prefix}.hook_pre_linear" if mlp.gated else None
             hooks += self._activation_hooks(f"{prefix}.hook_pre", up, post, mlp, layer)
             inner = mlp.inner_norm
             if inner is not None and inner.b is not None:
-                hooks.append((f"{prefix}.hook_post", self._fixed(layer, inner.b)))
+                hooks.append((f"{prefix}.hook_post", self._fixed(layer, inner.b, axis=-1)))
             out_bias = mlp.b_out
 
         def b_out(value: Tensor) -> Tensor:
@@ -365,13 +365,17 @@ class Linearisation:
         return hooks
 
     def _fixed(
-        self, layer: int, constant: Tensor, batch_of: Callable[[], Tensor] | None = None
+        self,
+        layer: int,
+        constant: Tensor,
+        batch_of: Callable[[], Tensor] | None = None,
+        axis: int | None = None,
     ) -> HookFn:
         """A hook recording a fixed MLP constant inside the hooked tensor (rows routed: MoE)."""
 
         def fn(value: Tensor, hook) -> None:
             rows = batch_of() if batch_of is not None else None
-            site = ConstantSite(hook.name, hook.name, "mlp", layer, value, constant, rows=rows)
+            site = ConstantSite(hook.name, hook.name, "mlp", layer, value, constant, axis, rows)
             self.ledger.add(site)
 
         return fn
@@ -421,11 +425,9 @@ class Linearisation:
             out = value.detach() + (linear - linear.detach())
             remainder = value.detach() - linear.detach()
             rows = batch_of() if batch_of is not None else None
-            self.ledger.add(
-                ConstantSite(
-                    f"{hook.name}.remainder", hook.name, "mlp", layer, out, remainder, rows=rows
-                )
-            )
+            axis = None if rows is not None else -1  # per neuron, except routed expert rows
+            name = f"{hook.name}.remainder"
+            self.ledger.add(ConstantSite(name, hook.name, "mlp", layer, out, remainder, axis, rows))
             return out
 
         hooks: list[tuple[str, HookFn]] = [(gate_hook, store("gate"))]
@@ -445,6 +447,8 @@ def linearised_forward(
     split: AttentionSplit | None = None,
     *,
     split_inputs: bool = False,
+    linearise: bool = True,
+    embed_override: Tensor | None = None,
 ) -> AdjointPass:
     """Run the frozen-linearised model once, keeping the named activations (live and detached).
 
@@ -452,6 +456,9 @@ def linearised_forward(
     ``W_U``), which saves the ``d_vocab``-wide matmul of a plain forward. ``split_inputs`` runs on
     per-head query/key/value inputs and a separate MLP input (see
     :meth:`~depass_lens.adapter.ModelAdapter.split_inputs`), whose hooks may then be stored.
+    ``linearise=False`` keeps the real model (its true gradients, for gradient baselines such as
+    edge attribution patching); ``embed_override`` replaces the token embeddings (e.g. points on
+    a path between two inputs, for integrated gradients).
     """
     model = adapter.model
     wanted = set(store)
@@ -459,6 +466,8 @@ def linearised_forward(
     ledger = ConstantLedger()
 
     def leaf(value: Tensor, hook) -> Tensor:
+        if hook.name == "hook_embed" and embed_override is not None:
+            value = embed_override.to(value.dtype)
         value = value.detach().requires_grad_(True)
         if hook.name in wanted:
             live[hook.name] = value
@@ -470,7 +479,9 @@ def linearised_forward(
     linearisation = Linearisation(
         adapter, rule, split, attention_mask, ledger, tokens.shape[1], split_inputs=split_inputs
     )
-    fwd_hooks: list[tuple[str | Callable, Callable]] = list(linearisation.hooks())
+    fwd_hooks: list[tuple[str | Callable, Callable]] = []
+    if linearise:
+        fwd_hooks += linearisation.hooks()
     fwd_hooks.append(("hook_embed", leaf))
     if adapter.positional in ("standard", "shortformer"):
         fwd_hooks.append(("hook_pos_embed", leaf))
@@ -487,7 +498,7 @@ def linearised_forward(
             final = model.ln_final(resid) if has_final_norm else resid
             live["unembed.hook_in"] = final
             final_norm = adapter.final_norm()
-            if final_norm.b is not None:
+            if linearise and final_norm.b is not None:
                 site = ConstantSite(
                     "ln_final.b", "unembed.hook_in", "final", adapter.n_layers, final, final_norm.b
                 )

@@ -33,8 +33,9 @@ Owner = Literal["attn", "mlp", "stream", "final"]
 class ConstantSite:
     """One constant term: ``constant`` is part of the live tensor ``live`` (broadcast to it).
 
-    ``owner`` says which node's constant it is: a layer's attention (per head when ``head_axis`` is
-    set), its MLP, the stream itself (e.g. ``b_O``, which belongs to no head) or the final read.
+    ``owner`` says which node's constant it is: a layer's attention, its MLP, the stream itself
+    (e.g. ``b_O``, which belongs to no head) or the final read. ``axis``, if set, is kept in the
+    contribution: the head axis of attention sites, the neuron axis of dense MLP sites.
     ``rows`` gives the prompt of each row of ``live`` where rows are routed tokens (MoE experts).
     """
 
@@ -44,19 +45,19 @@ class ConstantSite:
     layer: int
     live: Tensor
     constant: Tensor
-    head_axis: int | None = None
+    axis: int | None = None
     rows: Tensor | None = None
 
     def contribution(self, grad: Tensor | None, batch: int) -> Tensor:
-        """``<constant, grad>`` per prompt: ``[batch]``, or ``[batch, head]`` with a head axis."""
+        """``<constant, grad>`` per prompt: ``[batch]``, or ``[batch, n]`` with a kept axis."""
         if grad is None:
             grad = torch.zeros_like(self.live)
         product = self.constant.to(grad.dtype) * grad
         if self.rows is not None:
             per_row = product.flatten(1).sum(-1)
             return per_row.new_zeros(batch).index_add_(0, self.rows, per_row)
-        if self.head_axis is not None:
-            product = product.movedim(self.head_axis, 1)
+        if self.axis is not None:
+            product = product.movedim(self.axis, 1)
             return product.flatten(2).sum(-1)
         return product.flatten(1).sum(-1)
 
@@ -88,8 +89,13 @@ class ConstantLedger:
         total: Tensor = torch.zeros(())  # a 0-d tensor adds to any device and dtype
         for site, value in zip(self.sites, contributions):
             if adapter.hook_position(site.hook) > where:
-                total = total + (value.flatten(1).sum(-1) if value.ndim > 1 else value)
+                total = total + per_prompt(value)
         return total
+
+
+def per_prompt(value: Float[Tensor, "batch *n"]) -> Float[Tensor, " batch"]:
+    """A site's contribution summed over any kept axis."""
+    return value.flatten(1).sum(-1) if value.ndim > 1 else value
 
 
 # ---------------------------------------------------------------------------- the constants

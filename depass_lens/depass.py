@@ -25,6 +25,8 @@ from transformer_lens.utilities import get_attention_mask
 
 from depass_lens.adapter import ModelAdapter
 from depass_lens.adjoint import linearised_forward, target_scalar
+from depass_lens.circuits.graph import Graph
+from depass_lens.circuits.spec import GraphNodes
 from depass_lens.decomposition import ComponentLabel, add_to_bias, check_lossless
 from depass_lens.errors import CacheMismatchError, DePassInputError, LosslessnessError
 from depass_lens.frozen import FrozenActivations, run_frozen_cache
@@ -470,6 +472,83 @@ class DePass:
         if chosen != "forward":
             raise DePassInputError(f"mode must be 'auto', 'forward' or 'adjoint', not {mode!r}")
         return self._attribute_forward(prepared, targets, source, the_rule, split, cache)
+
+    def graph(
+        self,
+        input: InputLike,
+        target: Target | Sequence[Target],
+        *,
+        nodes: GraphNodes | str | None = None,
+        attention: str | AttentionSplit | None = None,
+        contrast: InputLike | None = None,
+        by_position: bool = False,
+        rule: str | MLPRule | None = None,
+        attention_mask: Tensor | None = None,
+    ) -> Graph:
+        """The circuit graph: every edge ``A -> B`` (a sender's output read by a head's query, key
+        or value, an MLP's input, or the target) with its exact share of each target.
+
+        One linearised forward on per-node inputs, one backward per scalar target, then a batched
+        contraction (no pass per edge). Conservation holds at every node
+        (:meth:`~depass_lens.circuits.Graph.conservation`). Query and key edges carry a score only
+        with ``attention="pattern"`` or ``"symmetric"``: with ``"value"`` (patterns frozen) what a
+        head's query and key read cannot change the target, so those edges are 0.
+
+        Args:
+            input: prompts (text, list of texts, or token ids).
+            target: a :class:`Target` read from the residual stream (``Logit``, ``LogitDiff``,
+                ``Direction``, ``HiddenState``), or several reading the same hook.
+            nodes: :class:`~depass_lens.circuits.GraphNodes` (``"pooled"`` or ``"tokens"``
+                embeddings, optional neuron groups); default pooled embeddings, whole MLPs.
+            attention: attention split (default: the wrapper's).
+            contrast: corrupted prompts of the same shape: edges score ``out_A(clean) -
+                out_A(corrupt)`` against the clean gradients (conservation relative to the
+                corrupted run; a receiver's inflow then differs from its outflow by its
+                nonlinearity between the two runs).
+            by_position: also keep each edge's score per position (``edge_scores_by_pos``).
+            rule: MLP rule; must be linear (``taylor``).
+        """
+        from depass_lens.circuits.build import depass_graph  # noqa: PLC0415 - optional layer
+        from depass_lens.circuits.spec import as_graph_nodes  # noqa: PLC0415
+
+        the_rule = get_rule(rule) if rule is not None else self.rule
+        if not isinstance(the_rule, TaylorRule):
+            raise DePassInputError(
+                f"a circuit graph needs a linear MLP rule (taylor): with {the_rule.name!r} the "
+                "decomposed pass is not a linear map, so edges do not add up. Use rule='taylor' "
+                "for graphs; forward mode (attribute(..., mode='forward')) gives node scores with "
+                "any rule."
+            )
+        split = get_attention_split(attention) if attention is not None else self.attention
+        if split.uses_pattern:
+            self.adapter.check_qk_supported()
+        targets = as_targets(target)
+        prepared = self.prepare(input, attention_mask)
+        self._validate_read_hooks(targets)
+        corrupted = None
+        if contrast is not None:
+            corrupted = self.prepare(contrast).tokens
+            if corrupted.shape != prepared.tokens.shape:
+                raise DePassInputError(
+                    f"contrast prompts have shape {tuple(corrupted.shape)} but the prompts have "
+                    f"shape {tuple(prepared.tokens.shape)}: a contrast must match position by "
+                    "position (same batch, same length)"
+                )
+        tctx = TargetContext(self.adapter, prepared.tokens, prepared.attention_mask)
+        return depass_graph(
+            self.adapter,
+            prepared.tokens,
+            prepared.attention_mask,
+            targets,
+            _target_names(targets, tctx),
+            as_graph_nodes(nodes),
+            rule=the_rule,
+            split=split,
+            contrast=corrupted,
+            by_position=by_position,
+            progress=self.progress,
+            str_tokens=prepared.str_tokens,
+        )
 
     def _validate_read_hooks(self, targets: Sequence[Target]) -> None:
         for t in targets:

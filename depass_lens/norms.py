@@ -90,7 +90,9 @@ def post_sublayer_norms(
     return [n for n in out if n.kind != "none"]
 
 
-def post_norm_scale_hooks(adapter: ModelAdapter, layer: int, which: Literal["attn", "mlp"]):
+def post_norm_scale_hooks(
+    adapter: ModelAdapter, layer: int, which: Literal["attn", "mlp"]
+) -> list[str]:
     """The scale hooks of :func:`post_sublayer_norms` (cache entries their maps read)."""
     return [n.scale_hook for n in post_sublayer_norms(adapter, layer, which) if n.scale_hook]
 

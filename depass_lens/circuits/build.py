@@ -1,0 +1,423 @@
+"""Computing a circuit graph: one linearised forward, one backward per target, one contraction.
+
+The linearised forward runs on TransformerLens's split inputs (a query, key and value input per
+head, an input per MLP), so one backward pass gives the gradient of the target through every
+receiver's input, ``g_B``. Each edge is then ``e(A -> B) = sum_pos <out_A, g_B>``: a batched
+contraction of every sender's output with every receiver's gradient, receiver group by receiver
+group (a receiver's senders are exactly those written before it reads). Node scores, node inputs
+and each node's own constants come from the same backward pass, independently of the edges, so
+the graph's conservation laws are checks, not identities.
+
+The same machinery with the real (not linearised) model, or averaged over inputs interpolated from
+a corrupted prompt, gives the gradients of edge attribution patching and EAP-IG
+(:mod:`depass_lens.evaluation.circuit_baselines`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import einops
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+from tqdm import tqdm
+
+from depass_lens.adapter import ModelAdapter
+from depass_lens.adjoint import AdjointPass, linearised_forward, target_scalar
+from depass_lens.circuits.graph import Graph
+from depass_lens.circuits.spec import (
+    Edge,
+    EdgeKind,
+    GraphNodes,
+    GraphSpec,
+    build_spec,
+    neuron_gradients,
+    receiver_gradient,
+    receiver_hooks,
+    sender_hooks,
+    sender_outputs,
+    target_read_hook,
+)
+from depass_lens.constants import ConstantLedger, per_prompt
+from depass_lens.errors import DePassInputError
+from depass_lens.frozen import run_frozen_cache
+from depass_lens.qk import AttentionSplit
+from depass_lens.rules import TaylorRule
+from depass_lens.targets import Target, TargetContext
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One receiving input: a node and the side it reads through, with its edges' range.
+
+    Its senders are the first ``n_senders`` senders (senders are listed in the order they write).
+    """
+
+    receiver: int
+    kind: EdgeKind
+    n_senders: int
+    first_edge: int
+
+
+def slots(spec: GraphSpec) -> list[Slot]:
+    """The receiving inputs of ``spec`` in edge order (each edge belongs to exactly one)."""
+    out: list[Slot] = []
+    senders = spec.senders
+    start = 0
+    edges = spec.edges
+    for i in range(1, len(edges) + 1):
+        if i == len(edges) or (edges[i].receiver, edges[i].kind) != (
+            edges[start].receiver,
+            edges[start].kind,
+        ):
+            run = [e.sender for e in edges[start:i]]
+            if run != senders[: len(run)]:
+                raise AssertionError("a receiver's senders must be the first senders in order")
+            out.append(Slot(edges[start].receiver, edges[start].kind, len(run), start))
+            start = i
+    return out
+
+
+def sender_score_hook(adapter: ModelAdapter, spec: GraphSpec, node: int) -> str:
+    """The residual hook right after a sender's output joins the stream."""
+    n = spec.nodes[node]
+    if n.kind in ("embed", "token"):
+        return "blocks.0.hook_resid_pre"
+    if n.kind in ("head", "bias"):
+        return adapter.after_attention_hook(n.layer)
+    return f"blocks.{n.layer}.hook_resid_post"
+
+
+def receiver_input_hook(adapter: ModelAdapter, spec: GraphSpec, node: int) -> str:
+    """The residual hook holding what a receiver reads (before its own norm)."""
+    n = spec.nodes[node]
+    if n.kind == "head":
+        return f"blocks.{n.layer}.hook_resid_pre"
+    if n.kind in ("mlp", "neurons"):
+        if adapter.parallel:
+            return f"blocks.{n.layer}.hook_resid_pre"
+        return f"blocks.{n.layer}.hook_resid_mid"
+    return target_read_hook(adapter, spec.target_hook)
+
+
+def receiver_slot_gradients(
+    adapter: ModelAdapter,
+    spec: GraphSpec,
+    the_slots: Sequence[Slot],
+    grads: Mapping[str, Tensor],
+    acts: Mapping[str, Tensor],
+) -> list[Tensor]:
+    """The gradient at each slot's input, in the stream's space."""
+    groups: dict[int, dict[int, Tensor]] = {}
+    out = []
+    for slot in the_slots:
+        node = spec.nodes[slot.receiver]
+        if node.kind == "neurons" or (node.kind == "mlp" and node.index == -1):
+            if node.layer not in groups:
+                members = [
+                    i
+                    for i, n in enumerate(spec.nodes)
+                    if n.layer == node.layer and n.kind in ("neurons", "mlp")
+                ]
+                neurons = [spec.nodes[i].neurons for i in members]
+                stacked = neuron_gradients(adapter, node.layer, neurons, grads, acts)
+                groups[node.layer] = dict(zip(members, stacked))
+            out.append(groups[node.layer][slot.receiver])
+        else:
+            out.append(receiver_gradient(adapter, node, slot.kind, grads, acts, spec.target_hook))
+    return out
+
+
+def contract(
+    spec: GraphSpec,
+    the_slots: Sequence[Slot],
+    slot_grads: Sequence[Tensor],
+    outputs: Float[Tensor, "sender batch pos d_model"],
+    by_position: bool = False,
+) -> Tensor:
+    """Edge scores ``sum_pos <out_A, g_B>`` for every edge: ``[batch, edge]`` (or ``[batch, edge,
+    pos]``), one batched contraction per group of slots that share their senders."""
+    batch, n_pos = outputs.shape[1], outputs.shape[2]
+    shape = (batch, len(spec.edges), n_pos) if by_position else (batch, len(spec.edges))
+    scores = outputs.new_zeros(shape)
+    by_count: dict[int, list[int]] = {}
+    for i, slot in enumerate(the_slots):
+        by_count.setdefault(slot.n_senders, []).append(i)
+    pattern = "k b p d, a b p d -> b k a p" if by_position else "k b p d, a b p d -> b k a"
+    for count, members in by_count.items():
+        grads = torch.stack([slot_grads[i] for i in members])
+        part = einops.einsum(grads, outputs[:count].to(grads.dtype), pattern)
+        for j, i in enumerate(members):
+            first = the_slots[i].first_edge
+            scores[:, first : first + count] = part[:, j]
+    return scores
+
+
+@dataclass
+class NodeQuantities:
+    """Per node: its score ``<out, h>``, its input's score ``<in, g>``, its own constants."""
+
+    score: Float[Tensor, "batch node"]
+    inputs: Float[Tensor, "batch node"]
+    own: Float[Tensor, "batch node"]
+
+
+def node_quantities(
+    adapter: ModelAdapter,
+    spec: GraphSpec,
+    the_slots: Sequence[Slot],
+    slot_grads: Sequence[Tensor],
+    outputs: Tensor,
+    sender_grads: Mapping[str, Tensor],
+    stream: Mapping[str, Tensor],
+    ledger: ConstantLedger | None,
+    constants: Sequence[Tensor],
+    target_value: Tensor,
+    target_constant: Tensor,
+) -> NodeQuantities:
+    """Scores of senders, input scores of receivers, and own constants (``ledger=None``: none).
+
+    ``stream`` holds the residual stream each receiver reads (or its change, in a contrast).
+    """
+    batch = outputs.shape[1]
+    n = len(spec.nodes)
+    score = outputs.new_zeros(batch, n)
+    inputs = outputs.new_zeros(batch, n)
+    own = outputs.new_zeros(batch, n)
+    for row, node in enumerate(spec.senders):
+        h = sender_grads[sender_score_hook(adapter, spec, node)]
+        score[:, node] = (outputs[row] * h).sum((-1, -2))
+    for slot, grad in zip(the_slots, slot_grads):
+        read = stream[receiver_input_hook(adapter, spec, slot.receiver)]
+        inputs[:, slot.receiver] += (read.to(grad.dtype) * grad).sum((-1, -2))
+    score[:, spec.target] = target_value
+    if ledger is not None:
+        own = own_constants(spec, ledger, constants, own)
+        own[:, spec.target] += target_constant
+    return NodeQuantities(score, inputs, own)
+
+
+def own_constants(
+    spec: GraphSpec, ledger: ConstantLedger, constants: Sequence[Tensor], own: Tensor
+) -> Tensor:
+    """Each receiver's own constants ``<c_B, h_B>`` from the ledger's sites."""
+    lookup: dict[tuple[str, int, int | None], int] = {}
+    rest: dict[int, int] = {}
+    for i, node in enumerate(spec.nodes):
+        if node.kind == "head":
+            lookup[("attn", node.layer, node.index)] = i
+        elif node.kind == "mlp":
+            lookup[("mlp", node.layer, None)] = i
+            if node.index == -1:
+                rest[node.layer] = i
+        elif node.kind == "target":
+            lookup[("final", node.layer, None)] = i
+    for site, value in zip(ledger.sites, constants):
+        if site.owner == "attn":
+            for head in range(value.shape[1]):
+                node_index = lookup.get(("attn", site.layer, head))
+                if node_index is not None:
+                    own[:, node_index] += value[:, head]
+        elif site.owner == "mlp":
+            groups = [
+                (i, n.neurons)
+                for i, n in enumerate(spec.nodes)
+                if n.kind == "neurons" and n.layer == site.layer
+            ]
+            if groups and value.ndim == 2:  # per neuron: to its group, the rest to rest
+                taken = torch.zeros(value.shape[1], dtype=torch.bool, device=value.device)
+                for i, neurons in groups:
+                    assert neurons is not None
+                    own[:, i] += value[:, list(neurons)].sum(-1)
+                    taken[list(neurons)] = True
+                own[:, rest[site.layer]] += value[:, ~taken].sum(-1)
+            else:
+                index = lookup.get(("mlp", site.layer, None))
+                if index is not None:
+                    own[:, index] += per_prompt(value)
+        elif site.owner == "final":
+            own[:, spec.target] += per_prompt(value)
+    return own
+
+
+def graph_pass(
+    adapter: ModelAdapter,
+    spec: GraphSpec,
+    tokens: Int[Tensor, "batch pos"],
+    attention_mask: Tensor | None,
+    targets: Sequence[Target],
+    *,
+    rule: TaylorRule | None,
+    split: AttentionSplit | None,
+    linearise: bool = True,
+    embed_override: Tensor | None = None,
+) -> AdjointPass:
+    """One (linearised) forward on split inputs keeping everything a graph needs."""
+    store = set(receiver_hooks(adapter, spec, spec.target_hook))
+    store |= set(sender_hooks(adapter, spec))
+    store |= {sender_score_hook(adapter, spec, i) for i in spec.senders}
+    store |= {receiver_input_hook(adapter, spec, i) for i in spec.receivers}
+    for t in targets:
+        store.add(t.read_hook(adapter))
+        store |= set(t.needed_hooks(adapter))
+    return linearised_forward(
+        adapter,
+        tokens,
+        attention_mask,
+        rule or TaylorRule(),
+        store,
+        split=split,
+        split_inputs=True,
+        linearise=linearise,
+        embed_override=embed_override,
+    )
+
+
+def target_jobs(adapter: ModelAdapter, targets: Sequence[Target]) -> list[tuple[Target, int]]:
+    return [(t, k) for t in targets for k in range(t.size(adapter))]
+
+
+def backward_jobs(
+    adapter: ModelAdapter,
+    spec: GraphSpec,
+    passed: AdjointPass,
+    tokens: Tensor,
+    attention_mask: Tensor | None,
+    targets: Sequence[Target],
+    progress: bool = False,
+):
+    """For each scalar target: ``(value, constant, grads, constants)`` from one backward pass."""
+    tctx = TargetContext(adapter, tokens, attention_mask, activations=passed.activations)
+    functionals = {id(t): t.functional(tctx) for t in targets}
+    hooks = sorted(
+        set(receiver_hooks(adapter, spec, spec.target_hook))
+        | {sender_score_hook(adapter, spec, i) for i in spec.senders}
+    )
+    jobs = target_jobs(adapter, targets)
+    iterator = tqdm(jobs, desc="DePass graph", leave=False, delay=2.0) if progress else jobs
+    for i, (t, k) in enumerate(iterator):
+        weights, constants = functionals[id(t)]
+        state = passed.live[t.read_hook(adapter)]
+        constant = constants[:, k].to(state.dtype)
+        with torch.enable_grad():
+            value = target_scalar(state, weights[:, k].to(state.dtype), constant)
+            grads, sites = passed.backward(value.sum(), hooks, retain_graph=i < len(jobs) - 1)
+        yield value.detach(), constant, grads, sites
+
+
+def corrupted_activations(
+    adapter: ModelAdapter,
+    spec: GraphSpec,
+    tokens: Tensor,
+    attention_mask: Tensor | None,
+    targets: Sequence[Target],
+) -> dict[str, Tensor]:
+    """A plain forward on the corrupted input, caching what senders and targets read."""
+    names = set(sender_hooks(adapter, spec))
+    names |= {receiver_input_hook(adapter, spec, i) for i in spec.receivers}
+    for t in targets:
+        names.add(t.read_hook(adapter))
+        names |= set(t.needed_hooks(adapter))
+    cache = run_frozen_cache(adapter, tokens, attention_mask, names)
+    return {name: cache[name] for name in cache.cache_dict}
+
+
+__all__ = [
+    "Edge",
+    "NodeQuantities",
+    "Slot",
+    "backward_jobs",
+    "contract",
+    "corrupted_activations",
+    "depass_graph",
+    "graph_pass",
+    "node_quantities",
+    "own_constants",
+    "receiver_slot_gradients",
+    "sender_outputs",
+    "slots",
+]
+
+
+def depass_graph(
+    adapter: ModelAdapter,
+    tokens: Int[Tensor, "batch pos"],
+    attention_mask: Tensor | None,
+    targets: Sequence[Target],
+    target_names: list[str],
+    options: GraphNodes,
+    *,
+    rule: TaylorRule,
+    split: AttentionSplit,
+    contrast: Int[Tensor, "batch pos"] | None = None,
+    by_position: bool = False,
+    progress: bool = False,
+    str_tokens: list[list[str]] | None = None,
+) -> Graph:
+    """The DePass graph: absolute, or relative to a corrupted input (``contrast``)."""
+    hooks = {t.read_hook(adapter) for t in targets}
+    if len(hooks) != 1:
+        raise DePassInputError(f"a graph's targets must read one hook; these read {sorted(hooks)}")
+    spec = build_spec(adapter, options, tokens.shape[1], hooks.pop())
+    passed = graph_pass(adapter, spec, tokens, attention_mask, targets, rule=rule, split=split)
+    with torch.no_grad():
+        acts = passed.activations
+        outputs = sender_outputs(adapter, spec, acts)
+        stream = {
+            h: acts[h] for h in {receiver_input_hook(adapter, spec, i) for i in spec.receivers}
+        }
+        corrupt = None
+        if contrast is not None:
+            corrupt = corrupted_activations(adapter, spec, contrast, attention_mask, targets)
+            outputs = outputs - sender_outputs(adapter, spec, corrupt).to(outputs.dtype)
+            stream = {h: v - corrupt[h].to(v.dtype) for h, v in stream.items()}
+        the_slots = slots(spec)
+        edge_rows, by_pos_rows, nodes, values = [], [], [], []
+        tctx = TargetContext(adapter, tokens, attention_mask)
+        functionals = {id(t): t.functional(tctx) for t in targets}
+        jobs = target_jobs(adapter, targets)
+        results = backward_jobs(adapter, spec, passed, tokens, attention_mask, targets, progress)
+        for (t, k), (value, constant, grads, sites) in zip(jobs, results):
+            slot_grads = receiver_slot_gradients(adapter, spec, the_slots, grads, acts)
+            scores = contract(spec, the_slots, slot_grads, outputs, by_position)
+            if by_position:
+                by_pos_rows.append(scores)
+                scores = scores.sum(-1)
+            edge_rows.append(scores)
+            node_value = value
+            if corrupt is not None:
+                weights, constants = functionals[id(t)]
+                state = corrupt[t.read_hook(adapter)].to(value.dtype)
+                node_value = value - target_scalar(state, weights[:, k].to(value.dtype), constant)
+            quantities = node_quantities(
+                adapter,
+                spec,
+                the_slots,
+                slot_grads,
+                outputs,
+                grads,
+                stream,
+                passed.ledger if corrupt is None else None,
+                sites,
+                node_value,
+                constant,
+            )
+            nodes.append(quantities)
+            values.append(value)
+        return Graph(
+            spec=spec,
+            edge_scores=torch.stack(edge_rows, 1),
+            node_scores=torch.stack([q.score for q in nodes], 1),
+            node_inputs=torch.stack([q.inputs for q in nodes], 1),
+            own_bias=torch.stack([q.own for q in nodes], 1),
+            target_names=target_names,
+            target_values=torch.stack(values, 1),
+            method="depass",
+            attention=split.side,
+            contrast=contrast is not None,
+            edge_scores_by_pos=torch.stack(by_pos_rows, 1) if by_position else None,
+            str_tokens=str_tokens,
+            meta={"rule": repr(rule)},
+        )

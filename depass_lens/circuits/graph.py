@@ -1,0 +1,336 @@
+"""What a circuit graph holds: edge scores with their nodes, node scores, and the checks.
+
+A :class:`Graph` keeps every score per prompt and per scalar target (``batch target edge``);
+tables (:attr:`Graph.nodes`, :attr:`Graph.edges`) average over the batch. Conservation is
+exact for DePass graphs (:meth:`Graph.conservation`): a node's outgoing edges sum to its score,
+its incoming edges sum to the score of its input, and (absolute graphs) its input's score plus its
+own constants is its score. Baseline graphs (EAP, EAP-IG, ACDC) share the format but not the laws.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+from jaxtyping import Bool, Float
+from torch import Tensor
+
+from depass_lens.circuits.spec import GraphSpec
+from depass_lens.errors import DePassInputError
+
+
+@dataclass
+class Graph:
+    """Edge attributions of one model on one batch of prompts.
+
+    Attributes:
+        spec: the nodes and edges.
+        edge_scores: ``batch target edge``: the share of each target carried by each edge.
+        node_scores: ``batch target node``: a sender's share ``<out, h>``; the target node holds
+            the target's value (its change, in a contrastive graph).
+        node_inputs: ``batch target node``: ``<in_B, g_B>``, the share carried by what a
+            receiver reads (sum over its query, key and value for a head).
+        own_bias: ``batch target node``: each receiver's own constants ``<c_B, h_B>`` (absolute
+            graphs; zero in contrastive graphs, where constants cancel).
+        target_names / target_values: one per scalar target (values of the clean prompts).
+        method: ``"depass"``, ``"eap"``, ``"eap-ig"``, ``"acdc"``, ...
+        attention: the attention split (DePass) or ``None``.
+        contrast: whether scores are relative to a corrupted prompt.
+        edge_scores_by_pos: ``batch target edge pos`` when token-resolved (else ``None``).
+    """
+
+    spec: GraphSpec
+    edge_scores: Float[Tensor, "batch target edge"]
+    node_scores: Float[Tensor, "batch target node"]
+    node_inputs: Float[Tensor, "batch target node"]
+    own_bias: Float[Tensor, "batch target node"]
+    target_names: list[str]
+    target_values: Float[Tensor, "batch target"]
+    method: str = "depass"
+    attention: str | None = None
+    contrast: bool = False
+    edge_scores_by_pos: Float[Tensor, "batch target edge pos"] | None = None
+    str_tokens: list[list[str]] | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __repr__(self) -> str:
+        b, t, e = self.edge_scores.shape
+        kind = "contrastive" if self.contrast else "absolute"
+        return (
+            f"Graph({self.method}, {kind}, nodes={len(self.spec.nodes)}, edges={e}, batch={b}, "
+            f"targets={t}, attention={self.attention!r})"
+        )
+
+    # ------------------------------------------------------------------ views
+    @property
+    def n_edges(self) -> int:
+        return len(self.spec.edges)
+
+    def mean(self) -> Graph:
+        """The batch average (a graph with batch 1)."""
+
+        def avg(x: Tensor | None) -> Tensor | None:
+            return None if x is None else x.mean(0, keepdim=True)
+
+        return replace(
+            self,
+            edge_scores=avg(self.edge_scores),  # type: ignore[arg-type]
+            node_scores=avg(self.node_scores),  # type: ignore[arg-type]
+            node_inputs=avg(self.node_inputs),  # type: ignore[arg-type]
+            own_bias=avg(self.own_bias),  # type: ignore[arg-type]
+            target_values=avg(self.target_values),  # type: ignore[arg-type]
+            edge_scores_by_pos=avg(self.edge_scores_by_pos),
+            str_tokens=self.str_tokens[:1] if self.str_tokens else None,
+        )
+
+    def scores(self, target: int = 0) -> Float[Tensor, " edge"]:
+        """Batch-mean edge scores for one scalar target."""
+        self._check_target(target)
+        return self.edge_scores[:, target].mean(0)
+
+    def _check_target(self, target: int) -> None:
+        if not 0 <= target < self.edge_scores.shape[1]:
+            raise DePassInputError(
+                f"target {target} out of range: this graph has {self.edge_scores.shape[1]} targets"
+            )
+
+    def edge_name(self, index: int) -> str:
+        e = self.spec.edges[index]
+        return f"{self.spec.nodes[e.sender].name} -> {self.spec.nodes[e.receiver].name} ({e.kind})"
+
+    def top(self, k: int = 10, target: int = 0) -> list[tuple[str, float]]:
+        """The ``k`` edges with the largest |batch-mean score|, excluding constant senders."""
+        scores = self.scores(target)
+        order = _rank(self, scores)[:k]
+        return [(self.edge_name(int(i)), float(scores[i])) for i in order]
+
+    def node_table(self, target: int = 0) -> list[dict[str, Any]]:
+        """One row per node (batch means): score, input score, own constants, in/outflow."""
+        self._check_target(target)
+        mean = self.mean()
+        edges = mean.edge_scores[0, target]
+        outflow = torch.zeros(len(self.spec.nodes), dtype=edges.dtype)
+        inflow = torch.zeros_like(outflow)
+        senders = torch.tensor([e.sender for e in self.spec.edges], dtype=torch.long)
+        receivers = torch.tensor([e.receiver for e in self.spec.edges], dtype=torch.long)
+        outflow.index_add_(0, senders, edges.detach().cpu())
+        inflow.index_add_(0, receivers, edges.detach().cpu())
+        rows = []
+        for i, node in enumerate(self.spec.nodes):
+            rows.append(
+                {
+                    "node": node.name,
+                    "kind": node.kind,
+                    "layer": node.layer,
+                    "index": node.index,
+                    "score": float(mean.node_scores[0, target, i]),
+                    "input": float(mean.node_inputs[0, target, i]),
+                    "own_bias": float(mean.own_bias[0, target, i]),
+                    "inflow": float(inflow[i]) if node.receives else None,
+                    "outflow": float(outflow[i]) if node.sends else None,
+                }
+            )
+        return rows
+
+    def edge_table(self, target: int = 0) -> list[dict[str, Any]]:
+        """One row per edge (batch means): sender, receiver, type, score."""
+        scores = self.scores(target).detach().cpu()
+        return [
+            {
+                "sender": self.spec.nodes[e.sender].name,
+                "receiver": self.spec.nodes[e.receiver].name,
+                "type": e.kind,
+                "score": float(scores[i]),
+            }
+            for i, e in enumerate(self.spec.edges)
+        ]
+
+    @property
+    def nodes(self):
+        """Tidy node table (pandas DataFrame) for target 0; see :meth:`node_table`."""
+        import pandas as pd  # noqa: PLC0415 - a TransformerLens dependency, imported on use
+
+        return pd.DataFrame(self.node_table())
+
+    @property
+    def edges(self):
+        """Tidy edge table (pandas DataFrame) for target 0, largest |score| first."""
+        import pandas as pd  # noqa: PLC0415
+
+        table = pd.DataFrame(self.edge_table())
+        return table.reindex(table["score"].abs().sort_values(ascending=False).index)
+
+    # ------------------------------------------------------------------ checks
+    def conservation(self) -> dict[str, float]:
+        """Largest relative violation of each conservation law, over prompts and targets.
+
+        - ``outgoing``: a sender's edges sum to its score ``<out_A, h_A>``;
+        - ``incoming``: a receiver's edges sum to its input's score ``<in_B, g_B>``;
+        - ``node`` (absolute graphs): input score plus own constants is the node's score;
+        - ``total`` (absolute graphs): the target value is the sources' scores (embeddings and
+          output biases) plus every receiver's own constants.
+        """
+        n = len(self.spec.nodes)
+        batch, n_t, _ = self.edge_scores.shape
+        edges = self.edge_scores
+        senders = torch.tensor([e.sender for e in self.spec.edges], device=edges.device)
+        receivers = torch.tensor([e.receiver for e in self.spec.edges], device=edges.device)
+        outflow = edges.new_zeros(batch, n_t, n).index_add_(2, senders, edges)
+        inflow = edges.new_zeros(batch, n_t, n).index_add_(2, receivers, edges)
+        scale = self.target_values.abs().amax().clamp_min(1e-12)
+        scale = torch.maximum(scale, self.node_scores.abs().amax())
+        send = torch.tensor([node.sends for node in self.spec.nodes], device=edges.device)
+        recv = torch.tensor([node.receives for node in self.spec.nodes], device=edges.device)
+
+        def worst(gap: Tensor, where: Tensor) -> float:
+            return float(gap[..., where].abs().amax() / scale) if bool(where.any()) else 0.0
+
+        out = {
+            "outgoing": worst(outflow - self.node_scores, send),
+            "incoming": worst(inflow - self.node_inputs, recv),
+        }
+        if not self.contrast:
+            node_gap = self.node_inputs + self.own_bias - self.node_scores
+            out["node"] = worst(node_gap, recv)
+            sources = torch.tensor(
+                [node.sends and not node.receives for node in self.spec.nodes], device=edges.device
+            )
+            total = (self.node_scores * sources).sum(-1) + (self.own_bias * recv).sum(-1)
+            out["total"] = float((total - self.target_values).abs().amax() / scale)
+        return out
+
+    # ------------------------------------------------------------------ circuits
+    def circuit(
+        self,
+        k: int | None = None,
+        *,
+        threshold: float | None = None,
+        target: int = 0,
+        prune: bool = True,
+    ) -> Circuit:
+        """A circuit: the top ``k`` edges by |batch-mean score|, or every edge with |score| >=
+        ``threshold``; then (``prune``) edges off every input-to-target path are dropped.
+
+        Edges from constant senders (output biases) are never counted: their clean and corrupted
+        values are equal, so patching cannot remove them. For the smallest circuit carrying a
+        fraction of the target, see :func:`depass_lens.circuits.smallest_circuit`.
+        """
+        from depass_lens.circuits.extract import select_edges  # noqa: PLC0415
+
+        keep = select_edges(self, k=k, threshold=threshold, target=target, prune=prune)
+        return Circuit(self, keep, target)
+
+    # ------------------------------------------------------------------ export
+    def to_dict(self, target: int = 0) -> dict[str, Any]:
+        return {
+            "method": self.method,
+            "attention": self.attention,
+            "contrast": self.contrast,
+            "target": self.target_names[target],
+            "target_value": float(self.target_values[:, target].mean()),
+            "nodes": self.node_table(target),
+            "edges": self.edge_table(target),
+            "meta": self.meta,
+        }
+
+    def to_json(self, target: int = 0, indent: int | None = 1) -> str:
+        """Nodes and edges (batch means) as JSON."""
+        return json.dumps(self.to_dict(target), indent=indent)
+
+    def to_dot(self, target: int = 0, k: int | None = 50) -> str:
+        """Graphviz dot text of the ``k`` strongest edges (``None``: all)."""
+        keep = torch.zeros(self.n_edges, dtype=torch.bool)
+        keep[_rank(self, self.scores(target))[: k if k is not None else self.n_edges]] = True
+        return Circuit(self, keep, target).to_dot()
+
+
+def _rank(graph: Graph, scores: Tensor) -> Tensor:
+    """Edge indices by decreasing |score|, constant senders (never patchable) last."""
+    constant = torch.tensor(
+        [graph.spec.nodes[e.sender].kind == "bias" for e in graph.spec.edges],
+        device=scores.device,
+    )
+    key = torch.where(constant, torch.full_like(scores, -1.0), scores.abs().to(scores.dtype))
+    return key.argsort(descending=True, stable=True)
+
+
+@dataclass
+class Circuit:
+    """A subset of a graph's edges (``keep``) and the nodes they touch."""
+
+    graph: Graph
+    keep: Bool[Tensor, " edge"]
+    target: int = 0
+
+    def __repr__(self) -> str:
+        return f"Circuit({self.n_edges} edges, {len(self.node_names)} nodes, {self.graph.method})"
+
+    @property
+    def n_edges(self) -> int:
+        return int(self.keep.sum())
+
+    @property
+    def edge_indices(self) -> list[int]:
+        return [int(i) for i in self.keep.nonzero().flatten()]
+
+    @property
+    def node_names(self) -> list[str]:
+        names = set()
+        for i in self.edge_indices:
+            e = self.graph.spec.edges[i]
+            names |= {self.graph.spec.nodes[e.sender].name, self.graph.spec.nodes[e.receiver].name}
+        return [n.name for n in self.graph.spec.nodes if n.name in names]
+
+    def edge_table(self) -> list[dict[str, Any]]:
+        table = self.graph.edge_table(self.target)
+        return [table[i] for i in self.edge_indices]
+
+    @property
+    def edges(self):
+        import pandas as pd  # noqa: PLC0415
+
+        return pd.DataFrame(self.edge_table())
+
+    def has_edge(self, sender: str, receiver: str, kind: str | None = None) -> bool:
+        return any(
+            row["sender"] == sender
+            and row["receiver"] == receiver
+            and (kind is None or row["type"] == kind)
+            for row in self.edge_table()
+        )
+
+    def to_json(self, indent: int | None = 1) -> str:
+        return json.dumps(
+            {
+                "method": self.graph.method,
+                "target": self.graph.target_names[self.target],
+                "nodes": self.node_names,
+                "edges": self.edge_table(),
+            },
+            indent=indent,
+        )
+
+    def to_dot(self) -> str:
+        """Graphviz dot text: nodes ranked by layer, edges labelled by type and coloured by sign."""
+        colors = {"q": "#1f77b4", "k": "#2ca02c", "v": "#9467bd", "mlp": "#ff7f0e"}
+        rows = self.edge_table()
+        peak = max((abs(r["score"]) for r in rows), default=1.0) or 1.0
+        lines = [
+            "digraph circuit {",
+            "  rankdir=BT;",
+            '  node [shape=box, style="rounded,filled", fillcolor="#f4f4f4"];',
+        ]
+        for name in self.node_names:
+            lines.append(f'  "{name}";')
+        for r in rows:
+            color = colors.get(r["type"], "#555555")
+            style = "solid" if r["score"] >= 0 else "dashed"
+            width = 0.5 + 4.0 * abs(r["score"]) / peak
+            lines.append(
+                f'  "{r["sender"]}" -> "{r["receiver"]}" [label="{r["type"]} {r["score"]:.3g}", '
+                f'color="{color}", style={style}, penwidth={width:.2f}];'
+            )
+        lines.append("}")
+        return "\n".join(lines) + "\n"

@@ -1,0 +1,409 @@
+"""Which nodes and edges a circuit graph has, where each node reads and writes the stream.
+
+A graph's nodes are *senders* (what writes into the residual stream: the embeddings, every head,
+every MLP or neuron group, and each layer's output bias ``b_O``, which belongs to no head) and
+*receivers* (what reads it: each head's query, key and value input, each MLP's input, and the
+target). Because the stream is a sum, the input a receiver reads is exactly the sum of the outputs
+of the senders written before it, so an edge ``A -> B`` exists for every sender written before the
+receiver reads. This module builds that structure from the adapter; it holds no scores.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import einops
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from depass_lens.adapter import ModelAdapter
+from depass_lens.constants import output_constant
+from depass_lens.errors import DePassInputError
+from depass_lens.frozen import Activations
+from depass_lens.norms import (
+    frozen_scale,
+    norm_map,
+    norm_map_transpose,
+    post_norm_scale_hooks,
+    post_sublayer_norms,
+)
+from depass_lens.targets import FINAL
+
+NodeKind = Literal["embed", "token", "bias", "head", "mlp", "neurons", "target"]
+EdgeKind = Literal["q", "k", "v", "mlp", "direct"]
+#: Receiving sides of a head, in the order their edges are listed.
+HEAD_SIDES: tuple[EdgeKind, ...] = ("q", "k", "v")
+
+
+@dataclass(frozen=True)
+class Node:
+    """One node: ``name`` (``L1H3``, ``L0.mlp``, ``L2.mlp[0]``, ``embed``, ``embed[4]``,
+    ``L1.b_O``, ``logits``), its kind, layer and index (head, neuron group or position).
+
+    ``write`` and ``read`` place it in the forward pass (the stream after the embedding is 0,
+    each layer spans 3 units); a sender feeds a receiver iff ``sender.write < receiver.read``.
+    ``neurons`` lists a neuron group's neurons.
+    """
+
+    name: str
+    kind: NodeKind
+    layer: int
+    index: int | None = None
+    write: float | None = None
+    read: float | None = None
+    neurons: tuple[int, ...] | None = None
+
+    @property
+    def sends(self) -> bool:
+        return self.write is not None
+
+    @property
+    def receives(self) -> bool:
+        return self.read is not None
+
+
+@dataclass(frozen=True)
+class Edge:
+    """``sender -> receiver`` through the receiver's ``kind`` input (indices into the nodes)."""
+
+    sender: int
+    receiver: int
+    kind: EdgeKind
+
+
+@dataclass(frozen=True)
+class GraphNodes:
+    """Which nodes a graph has.
+
+    Args:
+        embed: ``"pooled"``, one ``embed`` node for the whole input, or ``"tokens"``, one node per
+            position (``embed[p]``: the token and, with learned positions, its position).
+        neurons: ``{layer: [[n, ...], ...]}``: split that layer's MLP into neuron groups (each a
+            node) plus ``L.mlp.rest`` (the other neurons and ``b_out``); other MLPs stay whole.
+    """
+
+    embed: Literal["pooled", "tokens"] = "pooled"
+    neurons: Mapping[int, Sequence[Sequence[int]]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.embed not in ("pooled", "tokens"):
+            raise DePassInputError(f"embed must be 'pooled' or 'tokens', not {self.embed!r}")
+
+
+def as_graph_nodes(nodes: GraphNodes | str | None) -> GraphNodes:
+    """``None``/``"pooled"``/``"tokens"`` or a :class:`GraphNodes`."""
+    if nodes is None:
+        return GraphNodes()
+    if isinstance(nodes, str):
+        return GraphNodes(embed=nodes)  # type: ignore[arg-type]
+    if not isinstance(nodes, GraphNodes):
+        raise DePassInputError(f"nodes must be a GraphNodes, 'pooled' or 'tokens', got {nodes!r}")
+    return nodes
+
+
+def _attn_write(layer: int) -> float:
+    return 3 * layer + 1
+
+
+def _mlp_read(adapter: ModelAdapter, layer: int) -> float:
+    return 3 * layer if adapter.parallel else 3 * layer + 1.5
+
+
+def _mlp_write(layer: int) -> float:
+    return 3 * layer + 2
+
+
+def read_position(adapter: ModelAdapter, hook: str) -> float:
+    """Where a target reading ``hook`` reads the stream (residual hooks and the final norm)."""
+    if hook == FINAL:
+        return 3.0 * adapter.n_layers
+    parts = hook.split(".")
+    if len(parts) == 3 and parts[0] == "blocks" and parts[2].startswith("hook_resid_"):
+        layer, stage = int(parts[1]), parts[2].removeprefix("hook_resid_")
+        return {"pre": 3 * layer, "mid": 3 * layer + 1.5, "post": 3 * layer + 2.5}[stage]
+    raise DePassInputError(
+        f"a circuit graph's target must read the residual stream ('unembed.hook_in' or "
+        f"'blocks.L.hook_resid_pre/mid/post'), not {hook!r}; for where a head looks, use "
+        "attention='pattern' or 'symmetric' and read that head's query and key edges"
+    )
+
+
+def _check_groups(adapter: ModelAdapter, neurons: Mapping[int, Sequence[Sequence[int]]]):
+    if not neurons:
+        return {}
+    if adapter.attn_only:
+        raise DePassInputError("neuron groups: this model is attention-only; it has no MLPs")
+    if adapter.is_moe:
+        raise DePassInputError(
+            "neuron groups: mixture-of-experts layers have per-expert neurons; use whole MLPs"
+        )
+    checked: dict[int, list[tuple[int, ...]]] = {}
+    for layer, groups in neurons.items():
+        if not isinstance(layer, int) or not 0 <= layer < adapter.n_layers:
+            raise DePassInputError(
+                f"neuron groups: layer {layer!r} is out of range (0..{adapter.n_layers - 1})"
+            )
+        if adapter.mlp(layer).inner_norm is not None:
+            raise DePassInputError(
+                "neuron groups: SoLU-LN normalises across neurons, so a group's output depends "
+                "on the others; use whole MLPs for this model"
+            )
+        seen: set[int] = set()
+        checked[layer] = []
+        for group in groups:
+            group = tuple(int(n) for n in group)
+            if not group:
+                raise DePassInputError(f"neuron groups: layer {layer} has an empty group")
+            bad = [n for n in group if not 0 <= n < adapter.d_mlp]
+            if bad:
+                raise DePassInputError(
+                    f"neuron groups: neuron(s) {bad[:5]} of layer {layer} out of range "
+                    f"(d_mlp={adapter.d_mlp})"
+                )
+            if seen & set(group):
+                raise DePassInputError(f"neuron groups: layer {layer}'s groups overlap")
+            seen |= set(group)
+            checked[layer].append(group)
+    return checked
+
+
+@dataclass
+class GraphSpec:
+    """The nodes and edges of one model's graph (for one target read point and node options)."""
+
+    nodes: list[Node]
+    edges: list[Edge]
+    options: GraphNodes
+    n_pos: int
+    target_hook: str = FINAL
+
+    @property
+    def senders(self) -> list[int]:
+        return [i for i, n in enumerate(self.nodes) if n.sends]
+
+    @property
+    def receivers(self) -> list[int]:
+        return [i for i, n in enumerate(self.nodes) if n.receives]
+
+    @property
+    def target(self) -> int:
+        return len(self.nodes) - 1
+
+    def index(self, name: str) -> int:
+        for i, node in enumerate(self.nodes):
+            if node.name == name:
+                return i
+        raise DePassInputError(f"no node named {name!r} in this graph")
+
+    def edge_index(self) -> dict[tuple[str, str, str], int]:
+        """``(sender name, receiver name, kind) -> edge index``."""
+        return {
+            (self.nodes[e.sender].name, self.nodes[e.receiver].name, e.kind): i
+            for i, e in enumerate(self.edges)
+        }
+
+
+def build_spec(
+    adapter: ModelAdapter, options: GraphNodes, n_pos: int, target_hook: str = FINAL
+) -> GraphSpec:
+    """The graph of ``adapter``'s model: senders, receivers and every edge between them."""
+    groups = _check_groups(adapter, options.neurons)
+    target_read = read_position(adapter, target_hook)
+    nodes: list[Node] = []
+    if options.embed == "tokens":
+        nodes += [Node(f"embed[{p}]", "token", -1, p, write=-1.0) for p in range(n_pos)]
+    else:
+        nodes.append(Node("embed", "embed", -1, write=-1.0))
+    for layer in range(adapter.n_layers):
+        read, write = 3.0 * layer, _attn_write(layer)
+        for head in range(adapter.n_heads):
+            nodes.append(Node(f"L{layer}H{head}", "head", layer, head, write=write, read=read))
+        nodes.append(Node(f"L{layer}.b_O", "bias", layer, write=write))
+        if adapter.attn_only:
+            continue
+        read, write = _mlp_read(adapter, layer), _mlp_write(layer)
+        if layer in groups:
+            for g, neurons in enumerate(groups[layer]):
+                name = f"L{layer}.mlp[{g}]"
+                nodes.append(Node(name, "neurons", layer, g, write, read, neurons))
+            nodes.append(Node(f"L{layer}.mlp.rest", "mlp", layer, -1, write=write, read=read))
+        else:
+            nodes.append(Node(f"L{layer}.mlp", "mlp", layer, write=write, read=read))
+    # nothing written after the target's read point can reach it, nothing read after it matters
+    nodes = [
+        n
+        for n in nodes
+        if (n.write is None or n.write < target_read) and (n.read is None or n.read < target_read)
+    ]
+    name = "logits" if target_hook == FINAL else "target"
+    nodes.append(Node(name, "target", adapter.n_layers, read=target_read))
+    edges = []
+    for r, receiver in enumerate(nodes):
+        if receiver.read is None:
+            continue
+        sides: tuple[EdgeKind, ...] = HEAD_SIDES if receiver.kind == "head" else ("mlp",)
+        if receiver.kind == "target":
+            sides = ("direct",)
+        for side in sides:
+            for s, sender in enumerate(nodes):
+                if sender.write is not None and sender.write < receiver.read:
+                    edges.append(Edge(s, r, side))
+    return GraphSpec(nodes, edges, options, n_pos, target_hook)
+
+
+# ---------------------------------------------------------------------------- reading the stream
+def receiver_hooks(adapter: ModelAdapter, spec: GraphSpec, target_hook: str) -> list[str]:
+    """Hooks whose gradients give every receiver's input gradient (split-input mode)."""
+    names: set[str] = set()
+    for node in spec.nodes:
+        if node.kind == "head":
+            names |= {f"blocks.{node.layer}.hook_{side}_input" for side in HEAD_SIDES}
+        elif node.kind == "mlp":
+            names.add(f"blocks.{node.layer}.hook_mlp_in")
+        elif node.kind == "neurons":
+            names |= {f"blocks.{node.layer}.hook_mlp_in", f"blocks.{node.layer}.mlp.hook_pre"}
+            if adapter.mlp(node.layer).gated:
+                names.add(f"blocks.{node.layer}.mlp.hook_pre_linear")
+    names.add(target_read_hook(adapter, target_hook))
+    return sorted(names)
+
+
+def target_read_hook(adapter: ModelAdapter, target_hook: str) -> str:
+    """The residual hook whose gradient is the target's direct read (the final norm's input)."""
+    if target_hook == FINAL:
+        return f"blocks.{adapter.n_layers - 1}.hook_resid_post"
+    return target_hook
+
+
+def receiver_gradient(
+    adapter: ModelAdapter,
+    node: Node,
+    side: EdgeKind,
+    grads: Mapping[str, Tensor],
+    acts: Activations,
+    target_hook: str,
+) -> Float[Tensor, "batch pos d_model"]:
+    """The gradient of the target through one receiver's input only (in the stream's space)."""
+    if node.kind == "head":
+        return grads[f"blocks.{node.layer}.hook_{side}_input"][:, :, node.index]
+    if node.kind == "mlp" and node.neurons is None and node.index != -1:
+        return grads[f"blocks.{node.layer}.hook_mlp_in"]
+    if node.kind == "target":
+        return grads[target_read_hook(adapter, target_hook)]
+    raise ValueError(f"{node.name} is read through its neuron groups")  # handled by the builder
+
+
+def neuron_gradients(
+    adapter: ModelAdapter,
+    layer: int,
+    groups: Sequence[tuple[int, ...] | None],
+    grads: Mapping[str, Tensor],
+    acts: Activations,
+) -> Float[Tensor, "group batch pos d_model"]:
+    """Each neuron group's input gradient: its neurons' pre-activation gradients pulled back
+    through their input weights and the frozen input norm. ``None`` is the rest of the layer."""
+    mlp = adapter.mlp(layer)
+    prefix = f"blocks.{layer}.mlp"
+    chosen = {n for group in groups if group is not None for n in group}
+    rest = tuple(n for n in range(adapter.d_mlp) if n not in chosen)
+    norms = adapter.block_norms(layer)
+    ln2 = None if adapter.post_norm else norms["ln2"]
+    out = []
+    for group in groups:
+        neurons = list(rest if group is None else group)
+        if mlp.W_gate is not None:
+            up = grads[f"{prefix}.hook_pre_linear"][..., neurons] @ mlp.W_in[:, neurons].T
+            pulled = grads[f"{prefix}.hook_pre"][..., neurons] @ mlp.W_gate[:, neurons].T + up
+        else:
+            pulled = grads[f"{prefix}.hook_pre"][..., neurons] @ mlp.W_in[:, neurons].T
+        out.append(norm_map_transpose(pulled, ln2, frozen_scale(acts, ln2)))
+    return torch.stack(out)
+
+
+def sender_hooks(adapter: ModelAdapter, spec: GraphSpec) -> list[str]:
+    """Real activations the senders' outputs (and neuron groups' pull-backs) are built from."""
+    names = {"hook_embed"}
+    if adapter.positional == "standard":
+        names.add("hook_pos_embed")
+    for node in spec.nodes:
+        if node.kind == "head" or node.kind == "bias":
+            names.add(f"blocks.{node.layer}.attn.hook_z")
+            names |= set(post_norm_scale_hooks(adapter, node.layer, "attn"))
+        elif node.kind in ("mlp", "neurons"):
+            names.add(f"blocks.{node.layer}.hook_mlp_out")
+            names |= set(post_norm_scale_hooks(adapter, node.layer, "mlp"))
+            if node.kind == "neurons":  # its input gradient is pulled back through ln2
+                names.add(f"blocks.{node.layer}.mlp.hook_post")
+                ln2 = adapter.block_norms(node.layer)["ln2"]
+                if not adapter.post_norm and ln2 is not None and ln2.scale_hook is not None:
+                    names.add(ln2.scale_hook)
+    return sorted(names)
+
+
+def sender_outputs(
+    adapter: ModelAdapter, spec: GraphSpec, acts: Activations
+) -> Float[Tensor, "sender batch pos d_model"]:
+    """What every sender writes into the stream, in the order of ``spec.senders``."""
+    embed = acts["hook_embed"]
+    if adapter.positional == "standard":
+        embed = embed + acts["hook_pos_embed"]
+    outputs: list[Tensor] = []
+    heads: dict[int, Tensor] = {}
+    mlps: dict[int, list[Tensor]] = {}
+    for i in spec.senders:
+        node = spec.nodes[i]
+        if node.kind == "embed":
+            outputs.append(embed)
+        elif node.kind == "token":
+            only = torch.zeros_like(embed)
+            only[:, node.index] = embed[:, node.index]
+            outputs.append(only)
+        elif node.kind == "head":
+            if node.layer not in heads:
+                heads[node.layer] = _head_outputs(adapter, node.layer, acts)
+            outputs.append(heads[node.layer][:, node.index])
+        elif node.kind == "bias":
+            z = acts[f"blocks.{node.layer}.attn.hook_z"]
+            b_O = adapter.attention(node.layer).b_O.expand(z.shape[0], z.shape[1], -1)
+            outputs.append(output_constant(adapter, node.layer, "attn", acts, b_O))
+        elif node.kind in ("mlp", "neurons"):
+            if node.layer not in mlps:
+                mlps[node.layer] = _mlp_outputs(adapter, spec, node.layer, acts)
+            parts = mlps[node.layer]
+            outputs.append(parts.pop(0))
+    return torch.stack(outputs)
+
+
+def _head_outputs(
+    adapter: ModelAdapter, layer: int, acts: Activations
+) -> Float[Tensor, "batch head pos d_model"]:
+    """Each head's output through the frozen post-attention norms (their biases excluded)."""
+    z = acts[f"blocks.{layer}.attn.hook_z"]
+    per_head = einops.einsum(z, adapter.attention(layer).W_O, "b p h e, h e d -> b h p d")
+    for norm in post_sublayer_norms(adapter, layer, "attn"):
+        per_head = norm_map(per_head, norm, frozen_scale(acts, norm))
+    return per_head
+
+
+def _mlp_outputs(
+    adapter: ModelAdapter, spec: GraphSpec, layer: int, acts: Activations
+) -> list[Tensor]:
+    """A layer's MLP output, or its neuron groups' outputs and the rest (in node order)."""
+    out = acts[f"blocks.{layer}.hook_mlp_out"]
+    groups = [n.neurons for n in spec.nodes if n.kind == "neurons" and n.layer == layer]
+    if not groups:
+        return [out]
+    mlp = adapter.mlp(layer)
+    post = acts[f"blocks.{layer}.mlp.hook_post"]
+    parts = []
+    for group in groups:
+        assert group is not None
+        neurons = list(group)
+        part = (post[..., neurons] @ mlp.W_out[neurons]).unsqueeze(1)
+        for norm in post_sublayer_norms(adapter, layer, "mlp"):
+            part = norm_map(part, norm, frozen_scale(acts, norm))
+        parts.append(part[:, 0])
+    return [*parts, out - torch.stack(parts).sum(0)]

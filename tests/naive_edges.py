@@ -1,0 +1,168 @@
+"""Circuit edges computed naively from their definition, sharing no code with ``depass_lens``.
+
+An edge ``A -> B`` is what sender A's output contributes to the target when it enters *only*
+node B's input (one head's query, key or value input, an MLP's input, or the final read), in the
+frozen-linearised model. The linearised model is linear, so that contribution is the model's
+linear part applied to A's output placed at B's input: this file writes that linear part out
+layer by layer, head by head (frozen norm scales, frozen pattern or its integrated-softmax move,
+the MLP's frozen ``act(g)/g`` ratio) and pushes one injection through it per edge. GPT-2 (plain
+MLP, LayerNorm, learned positions) and LLaMA (gated MLP, RMSNorm, rotary, GQA) styles, batch 1.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+from transformer_lens import HookedTransformer
+
+NODES = 64  # quadrature nodes of the pattern side (the engine is given the same count)
+
+
+def _norm_linear(x: Tensor, module, scale: Tensor) -> Tensor:
+    """A norm's linear part with frozen scale (no bias)."""
+    if type(module).__name__ in ("LayerNorm", "LayerNormPre"):
+        x = x - x.mean(-1, keepdim=True)
+    x = x / scale
+    return x * module.w if hasattr(module, "w") else x
+
+
+def _kv(attn, name: str, head: int) -> Tensor:
+    weight = getattr(attn, f"_{name}") if hasattr(attn, f"_{name}") else getattr(attn, name)
+    return weight[head // (attn.W_Q.shape[0] // weight.shape[0])]
+
+
+def _rotate(attn, x: Tensor) -> Tensor:
+    """Rotary (TransformerLens's own) on ``[pos, d_head]``; identity without rotary."""
+    if attn.cfg.positional_embedding_type != "rotary":
+        return x
+    return attn.apply_rotary(x[None, :, None, :])[0, :, 0, :]
+
+
+def _moved(scores: Tensor, share: Tensor) -> Tensor:
+    """``int_0^1 J(a s) share da``, row by row over the causal keys (Gauss-Legendre)."""
+    nodes, weights = np.polynomial.legendre.leggauss(NODES)
+    out = torch.zeros_like(share)
+    for i in range(scores.shape[0]):
+        s, v = scores[i, : i + 1], share[i, : i + 1]
+        for x, w in zip(nodes, weights):
+            p = torch.softmax(float((x + 1) / 2) * s, 0)
+            out[i, : i + 1] += float(w / 2) * (p * v - p * (p @ v))
+    return out
+
+
+class NaiveLinearModel:
+    """The frozen-linearised model's linear part, with named injection points."""
+
+    def __init__(self, model: HookedTransformer, tokens: Tensor, side: str = "value"):
+        assert tokens.shape[0] == 1
+        self.model = model
+        self.side = side
+        _, self.cache = model.run_with_cache(tokens)
+        self.n_pos = tokens.shape[1]
+
+    def _real_qk(self, layer: int) -> tuple[Tensor, Tensor]:
+        """Real rotated queries and keys per head, ``[head, pos, d_head]``."""
+        block = self.model.blocks[layer]
+        attn = block.attn
+        x = self.cache[f"blocks.{layer}.hook_resid_pre"][0]
+        n = _norm_linear(x, block.ln1, self.cache[f"blocks.{layer}.ln1.hook_scale"][0])
+        if hasattr(block.ln1, "b"):
+            n = n + block.ln1.b
+        q = torch.stack(
+            [_rotate(attn, n @ attn.W_Q[h] + attn.b_Q[h]) for h in range(attn.W_Q.shape[0])]
+        )
+        k = torch.stack(
+            [
+                _rotate(attn, n @ _kv(attn, "W_K", h) + _kv(attn, "b_K", h))
+                for h in range(attn.W_Q.shape[0])
+            ]
+        )
+        return q, k
+
+    @torch.no_grad()
+    def target(self, injections: dict[tuple, Tensor], readout: Tensor) -> float:
+        """``<readout, final>`` of the linear part with only ``injections`` as input.
+
+        Keys: ``(layer, head, "q"|"k"|"v")``, ``(layer, "mlp")``, ``("final",)``; values
+        ``[pos, d_model]`` added to that one input. ``readout``: ``[pos, d_model]`` weights on
+        the final-norm output.
+        """
+        model, cache = self.model, self.cache
+        d = model.cfg.d_model
+        x = torch.zeros(self.n_pos, d, dtype=readout.dtype)
+        causal = torch.ones(self.n_pos, self.n_pos, dtype=torch.bool).tril()
+        uniform = causal.to(x.dtype) / causal.sum(-1, keepdim=True)
+        w_pattern = {"value": 0.0, "pattern": 1.0, "symmetric": 0.5}[self.side]
+        for layer, block in enumerate(model.blocks):
+            attn = block.attn
+            scale = cache[f"blocks.{layer}.ln1.hook_scale"][0]
+            pattern = cache[f"blocks.{layer}.attn.hook_pattern"][0]
+            scores = cache[f"blocks.{layer}.attn.hook_attn_scores"][0]
+            v_real = cache[f"blocks.{layer}.attn.hook_v"][0]
+            q_real, k_real = self._real_qk(layer)
+            attn_out = torch.zeros_like(x)
+            for h in range(attn.W_Q.shape[0]):
+                inputs = {
+                    s: _norm_linear(
+                        x + injections.get((layer, h, s), torch.zeros_like(x)), block.ln1, scale
+                    )
+                    for s in "qkv"
+                }
+                v = inputs["v"] @ _kv(attn, "W_V", h)
+                mixing = {"value": pattern[h], "pattern": uniform}.get(
+                    self.side, 0.5 * (pattern[h] + uniform)
+                )
+                z = mixing @ v
+                if w_pattern:
+                    q = _rotate(attn, inputs["q"] @ attn.W_Q[h])
+                    k = _rotate(attn, inputs["k"] @ _kv(attn, "W_K", h))
+                    share = (q @ k_real[h].T + q_real[h] @ k.T) / (2 * attn.attn_scale)
+                    real = torch.where(causal, scores[h], torch.zeros_like(scores[h]))
+                    moved = _moved(real, torch.where(causal, share, torch.zeros_like(share)))
+                    kv = h // (attn.W_Q.shape[0] // v_real.shape[1])
+                    z = z + w_pattern * moved @ v_real[:, kv]
+                attn_out = attn_out + z @ attn.W_O[h]
+            x = x + attn_out
+            mlp = block.mlp
+            mlp_in = x + injections.get((layer, "mlp"), torch.zeros_like(x))
+            n = _norm_linear(mlp_in, block.ln2, cache[f"blocks.{layer}.ln2.hook_scale"][0])
+            g = cache[f"blocks.{layer}.mlp.hook_pre"][0]
+            ratio = mlp.act_fn(g) / g
+            if hasattr(mlp, "W_gate"):  # taylor, gate side: r * (share of the gate) * real up
+                up = cache[f"blocks.{layer}.mlp.hook_pre_linear"][0]
+                post = ratio * (n @ mlp.W_gate) * up
+            else:
+                post = ratio * (n @ mlp.W_in)
+            x = x + post @ mlp.W_out
+        x = x + injections.get(("final",), torch.zeros_like(x))
+        final = _norm_linear(x, model.ln_final, cache["ln_final.hook_scale"][0])
+        return float((final * readout).sum())
+
+    @torch.no_grad()
+    def sender_output(self, name: str) -> Tensor:
+        """What a sender writes into the stream (``embed``, ``L1H2``, ``L0.mlp``, ``L0.b_O``)."""
+        cache, model = self.cache, self.model
+        if name == "embed":
+            out = cache["hook_embed"][0]
+            if model.cfg.positional_embedding_type == "standard":
+                out = out + cache["hook_pos_embed"][0]
+            return out
+        layer = int(name[1 : name.index(".") if "." in name else name.index("H")])
+        if name.endswith(".mlp"):
+            return cache[f"blocks.{layer}.hook_mlp_out"][0]
+        if name.endswith(".b_O"):
+            return model.blocks[layer].attn.b_O.expand(self.n_pos, -1)
+        head = int(name[name.index("H") + 1 :])
+        z = cache[f"blocks.{layer}.attn.hook_z"][0, :, head]
+        return z @ model.blocks[layer].attn.W_O[head]
+
+
+def receiver_key(name: str, kind: str) -> tuple:
+    """The injection key of a receiver named as in the graph (``L1H2``/q, ``L0.mlp``, logits)."""
+    if name == "logits":
+        return ("final",)
+    if name.endswith(".mlp"):
+        return (int(name[1 : name.index(".")]), "mlp")
+    layer, head = name[1:].split("H")
+    return (int(layer), int(head), kind)
