@@ -109,6 +109,16 @@ def run_demo(
         "lens on the decomposed stream).",
         plot.layer_contributions(lens[:, order], names),
     )
+    graph = depass.graph(prompt, target, attention="symmetric")
+    conservation = max(graph.conservation().values())
+    report.add(
+        "Circuit",
+        "The 30 strongest edges of the circuit graph (attention='symmetric', so edges into queries "
+        "and keys count too): what each node sends through each other node's query, key, value or "
+        f"MLP input. Conservation holds at every node (largest violation {conservation:.1e}). "
+        "`depass-lens graph` gives the full report with corrupted prompts and edge patching.",
+        plot.graph(graph, k=30),
+    )
     path = report.write(out)
     return DemoResult(
         path=path,

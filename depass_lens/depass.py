@@ -12,12 +12,10 @@ It wraps the model without copying weights, reads the frozen quantities from one
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any, Literal
 
-import einops
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Int
 from torch import Tensor
 from tqdm import tqdm
 from transformer_lens import ActivationCache, HookedTransformer
@@ -27,17 +25,17 @@ from depass_lens.adapter import ModelAdapter
 from depass_lens.adjoint import linearised_forward, target_scalar
 from depass_lens.circuits.graph import Graph
 from depass_lens.circuits.spec import GraphNodes
-from depass_lens.decomposition import ComponentLabel, add_to_bias, check_lossless
+from depass_lens.decomposition import ComponentLabel, check_lossless
 from depass_lens.errors import CacheMismatchError, DePassInputError, LosslessnessError
 from depass_lens.frozen import FrozenActivations, run_frozen_cache
 from depass_lens.generation import Generation, generate_and_cite
-from depass_lens.norms import frozen_norm_linear
 from depass_lens.propagate import DecomposedTransformer, PropagationContext
 from depass_lens.qk import AttentionSplit, get_attention_split
+from depass_lens.readout import Prepared, Readout, read_target
 from depass_lens.results import Attribution, DecomposedCache
 from depass_lens.rules import MLPRule, TaylorRule, get_rule
 from depass_lens.sources import Source, SourceContext, Tokens, as_source
-from depass_lens.targets import FINAL, Logit, Target, TargetContext, as_targets
+from depass_lens.targets import FINAL, Target, TargetContext, as_targets
 
 Mode = Literal["auto", "forward", "adjoint"]
 InputLike = str | Sequence[str] | Tensor
@@ -51,74 +49,6 @@ DEFAULT_CACHED = (
     "hook_mlp_out",
     "unembed.hook_in",
 )
-
-
-@dataclass
-class Prepared:
-    """A validated input: tokens, attention mask (``None`` without padding) and token strings."""
-
-    tokens: Int[Tensor, "batch pos"]
-    attention_mask: Int[Tensor, "batch pos"] | None
-    str_tokens: list[list[str]] | None
-
-
-class Readout:
-    """Reads decomposed states out through the (frozen) final norm and the unembedding."""
-
-    def __init__(self, adapter: ModelAdapter, prepared: Prepared):
-        self.adapter = adapter
-        self.prepared = prepared
-
-    @torch.no_grad()
-    def logits(
-        self, final: Float[Tensor, "batch comp pos d_model"]
-    ) -> Float[Tensor, "batch comp pos d_vocab"]:
-        logits = einops.einsum(final, self.adapter.W_U, "b c p d, d v -> b c p v")
-        logits[:, -1] += self.adapter.b_U
-        return logits
-
-    def target_context(self) -> TargetContext:
-        return TargetContext(self.adapter, self.prepared.tokens, self.prepared.attention_mask)
-
-    @torch.no_grad()
-    def logit_attribution(
-        self, final: Tensor, token: Any, pos: int = -1
-    ) -> Float[Tensor, "batch comp"]:
-        return read_target(final, Logit(token, pos), self.target_context())[:, 0]
-
-    @torch.no_grad()
-    def lens(
-        self, state: Float[Tensor, "batch comp pos d_model"]
-    ) -> Float[Tensor, "batch comp pos d_model"]:
-        """Logit lens on components: the final norm, with the scale of the real state *here*.
-
-        The scale is that of the summed components (the real residual at this hook), so the
-        components' shares add up to TransformerLens's logit lens (``accumulated_resid(...,
-        apply_ln=True)``); at the last ``hook_resid_post`` that is the final-norm output.
-        """
-        norm = self.adapter.final_norm()
-        if norm.kind == "none":
-            return state
-        real = state.sum(1)
-        if norm.centres:
-            real = real - real.mean(-1, keepdim=True)
-        scale = (real.pow(2).mean(-1, keepdim=True) + self.adapter.cfg.eps).sqrt()
-        out = frozen_norm_linear(state, norm, scale)
-        if norm.w is not None:
-            out = out * norm.w
-        if norm.b is not None:
-            out = add_to_bias(out, norm.b)
-        return out
-
-
-def read_target(
-    state: Float[Tensor, "batch comp pos d_model"], target: Target, ctx: TargetContext
-) -> Float[Tensor, "batch k comp"]:
-    """Each component's share of each scalar of ``target`` (constants go to the bias)."""
-    weights, constants = target.functional(ctx)
-    scores = einops.einsum(state, weights.to(state.dtype), "b c p d, b k p d -> b k c")
-    scores[..., -1] += constants.to(scores.dtype)
-    return scores
 
 
 class DePass:

@@ -8,18 +8,26 @@ contributed to the logit that chose it.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
 from depass_lens.errors import DePassInputError
+from depass_lens.results import Attribution
 from depass_lens.sources import Tokens
 from depass_lens.targets import Logit
 
-if TYPE_CHECKING:
-    from depass_lens.depass import DePass
+
+class Citer(Protocol):
+    """What generation needs of the wrapper: the model, input checks and adjoint attribution."""
+
+    model: Any
+
+    def prepare(self, input: Any) -> Any: ...
+
+    def attribute(self, input: Any, target: Any, source: Any, *, mode: Any) -> Attribution: ...
 
 
 @dataclass
@@ -54,15 +62,9 @@ class Generation:
         magnitude = self.scores.abs()
         return magnitude[:, : self.prompt_length].sum(-1) / magnitude.sum(-1).clamp_min(1e-12)
 
-    def figure(self):
-        """Heatmap of citations: generated tokens (rows) over earlier tokens (columns)."""
-        from depass_lens.plot import generation  # noqa: PLC0415
-
-        return generation(self)
-
 
 def generate_and_cite(
-    depass: DePass,
+    depass: Citer,
     prompt: str | Tensor,
     max_new_tokens: int = 20,
     *,

@@ -8,17 +8,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import plotly.graph_objects as go
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from depass_lens.circuits.graph import Circuit, Graph
+from depass_lens.circuits.spec import Node
+from depass_lens.generation import Generation
 from depass_lens.results import Attribution
-
-if TYPE_CHECKING:
-    from depass_lens.generation import Generation
 
 DIVERGING = "RdBu"
 
@@ -269,6 +268,152 @@ def generation(gen: Generation) -> go.Figure:
         title="Generate and cite: which earlier tokens each new token leans on",
         yaxis_autorange="reversed",
         template="plotly_white",
+    )
+    return fig
+
+
+#: Edge colours by the receiving input (edges into the target: direct effect).
+EDGE_COLORS = {"q": "#1f77b4", "k": "#2ca02c", "v": "#9467bd", "mlp": "#ff7f0e", "direct": "#444"}
+#: Horizontal offset where an edge arrives at a head, so q, k and v edges stay apart.
+_SIDE_OFFSET = {"q": -0.15, "k": 0.0, "v": 0.15}
+
+
+def _node_xy(node: Node, n_heads: int) -> tuple[float, float]:
+    """Layers bottom to top (attention row, then MLP row); heads left to right."""
+    if node.kind in ("embed", "token"):
+        x = (n_heads - 1) / 2 if node.kind == "embed" else float(node.index or 0) * 0.8
+        return x, -1.0
+    if node.kind == "target":
+        return (n_heads - 1) / 2, float(node.layer)
+    if node.kind == "head":
+        return float(node.index or 0), float(node.layer)
+    if node.kind == "bias":
+        return n_heads + 1.6, float(node.layer)
+    offset = (node.index or 0) * 0.7 if node.kind == "neurons" else 0.0  # MLPs right of the heads
+    return n_heads + 0.3 + offset + (0.7 if node.index == -1 else 0.0), node.layer + 0.45
+
+
+def graph(
+    graph: Graph | Circuit,
+    *,
+    k: int = 40,
+    target: int = 0,
+    title: str | None = None,
+) -> go.Figure:
+    """A circuit graph, layers bottom to top.
+
+    Nodes (heads, MLPs, embeddings, the target) are coloured by their score (red +, blue -);
+    the ``k`` strongest edges (or a :class:`Circuit`'s edges) are drawn coloured by the input they
+    enter (query, key, value, MLP, direct), solid when positive and dotted when negative, wider
+    when larger. Hover a node or an edge's midpoint for its numbers.
+    """
+    circuit = graph if isinstance(graph, Circuit) else None
+    g = circuit.graph if circuit is not None else graph
+    assert isinstance(g, Graph)
+    target = circuit.target if circuit is not None else target
+    scores = g.scores(target).detach().float().cpu()
+    if circuit is not None:
+        shown = circuit.edge_indices
+    else:
+        order = scores.abs().argsort(descending=True).tolist()
+        shown = [i for i in order if g.spec.nodes[g.spec.edges[i].sender].kind != "bias"][:k]
+    n_heads = 1 + max((n.index or 0) for n in g.spec.nodes if n.kind == "head")
+    table = {row["node"]: row for row in g.node_table(target)}
+    xy = {i: _node_xy(node, n_heads) for i, node in enumerate(g.spec.nodes)}
+    peak = float(scores[shown].abs().max()) if shown else 1.0
+    fig = go.Figure()
+    mid_x, mid_y, mid_text = [], [], []
+    for i in shown:
+        edge = g.spec.edges[i]
+        (x0, y0), (x1, y1) = xy[edge.sender], xy[edge.receiver]
+        x1 += _SIDE_OFFSET.get(edge.kind, 0.0) if g.spec.nodes[edge.receiver].kind == "head" else 0
+        value = float(scores[i])
+        fig.add_trace(
+            go.Scatter(
+                x=[x0, x1],
+                y=[y0, y1],
+                mode="lines",
+                line={
+                    "color": EDGE_COLORS[edge.kind],
+                    "width": 0.8 + 7.0 * abs(value) / (peak or 1.0),
+                    "dash": "solid" if value >= 0 else "dot",
+                },
+                opacity=0.75,
+                hoverinfo="skip",
+                showlegend=False,
+            )
+        )
+        mid_x.append((x0 + x1) / 2)
+        mid_y.append((y0 + y1) / 2)
+        mid_text.append(f"{g.edge_name(i)}<br>score {value:+.4f}")
+    for kind, color in EDGE_COLORS.items():  # legend entries for the edge types
+        fig.add_trace(
+            go.Scatter(x=[None], y=[None], mode="lines", line={"color": color}, name=f"{kind} edge")
+        )
+    fig.add_trace(
+        go.Scatter(
+            x=mid_x,
+            y=mid_y,
+            mode="markers",
+            marker={"size": 6, "color": "rgba(0,0,0,0.15)"},
+            text=mid_text,
+            hovertemplate="%{text}<extra></extra>",
+            showlegend=False,
+        )
+    )
+    touched = {g.spec.edges[i].sender for i in shown} | {g.spec.edges[i].receiver for i in shown}
+    nodes = [i for i, n in enumerate(g.spec.nodes) if n.kind != "bias" or i in touched]
+    values = [table[g.spec.nodes[i].name]["score"] for i in nodes]
+    inner = [v for i, v in zip(nodes, values) if g.spec.nodes[i].kind != "target"]
+    bound = max((abs(v) for v in inner), default=1.0) or 1.0  # the target's value would dominate
+    hover = []
+    for i in nodes:
+        row = table[g.spec.nodes[i].name]
+        parts = [f"<b>{row['node']}</b>", f"score {row['score']:+.4f}"]
+        for key in ("inflow", "outflow", "own_bias"):
+            if row.get(key) is not None and (key != "own_bias" or row[key]):
+                parts.append(f"{key} {row[key]:+.4f}")
+        hover.append("<br>".join(parts))
+    fig.add_trace(
+        go.Scatter(
+            x=[xy[i][0] for i in nodes],
+            y=[xy[i][1] for i in nodes],
+            mode="markers+text",
+            text=[g.spec.nodes[i].name for i in nodes],
+            textposition="top center",
+            textfont={"size": 10},
+            marker={
+                "size": [18 if i in touched else 10 for i in nodes],
+                "color": values,
+                "colorscale": DIVERGING,
+                "reversescale": True,
+                "cmin": -bound,
+                "cmax": bound,
+                "line": {"width": 1, "color": "#333"},
+                "colorbar": {"title": "node score", "x": 1.02},
+                "symbol": ["square" if g.spec.nodes[i].kind != "head" else "circle" for i in nodes],
+            },
+            hovertext=hover,
+            hovertemplate="%{hovertext}<extra></extra>",
+            showlegend=False,
+        )
+    )
+    kind = "contrastive" if g.contrast else "absolute"
+    label = f"{len(shown)} edges" if circuit is None else f"circuit of {circuit.n_edges} edges"
+    n_layers = max(n.layer for n in g.spec.nodes)
+    fig.update_layout(
+        title=title
+        or f"{g.method} ({kind}, attention={g.attention}): {label}, {g.target_names[target]}",
+        template="plotly_white",
+        height=260 + 150 * n_layers,
+        width=max(640, 110 * (n_heads + 3)),
+        xaxis={"visible": False},
+        yaxis={
+            "tickvals": [-1, *range(n_layers)],
+            "ticktext": ["embed", *[f"layer {layer}" for layer in range(n_layers)]],
+            "zeroline": False,
+        },
+        legend={"orientation": "h", "y": -0.05},
     )
     return fig
 

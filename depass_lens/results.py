@@ -13,6 +13,7 @@ from transformer_lens import ActivationCache
 
 from depass_lens.decomposition import ComponentLabel, relative_error
 from depass_lens.errors import DePassInputError
+from depass_lens.readout import read_target
 
 
 @dataclass
@@ -160,9 +161,7 @@ class Attribution:
 
 
 def read_target_scalar(state: Tensor, target: Any, ctx: Any) -> Float[Tensor, "batch comp"]:
-    """The first scalar of ``target`` per component (targets are defined in ``targets.py``)."""
-    from depass_lens.depass import read_target  # noqa: PLC0415 - avoids an import cycle
-
+    """The first scalar of ``target`` per component."""
     return read_target(state, target, ctx)[:, 0]
 
 

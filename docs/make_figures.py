@@ -129,7 +129,7 @@ def ioi_figures() -> list[Figure]:
     figures.append(
         Figure(
             "generation",
-            gen.figure(),
+            dp.plot.generation(gen),
             540,
             f"generated {gen.generated}; first token's top citation: position "
             f"{int(gen.scores[0].argmax())} ({gen.str_tokens[int(gen.scores[0].argmax())]!r}) "

@@ -15,8 +15,9 @@ def test_demo_report_has_every_figure(tmp_path):
         model, prompt, make_target(model, "Mary", "John", prompt), tmp_path / "r.html"
     )
     page = result.path.read_text()
-    for heading in ("Token attribution", "Head attribution", "Top neurons", "Layer by layer"):
+    headings = ("Token attribution", "Head attribution", "Top neurons", "Layer by layer", "Circuit")
+    for heading in headings:
         assert heading in page
-    assert page.count("plotly.js") >= 1 and page.count('class="plotly-graph-div"') == 4
+    assert page.count("plotly.js") >= 1 and page.count('class="plotly-graph-div"') == 5
     assert result.completeness_error < 1e-5
     assert len(result.top_heads) == 5 and "target:" in result.summary()

@@ -22,7 +22,7 @@ def test_generate_and_cite_sums_to_each_chosen_logit():
         assert chosen == logits[pos].argmax()  # greedy
         torch.testing.assert_close(gen.scores[i].sum() + gen.bias[i], logits[pos, chosen])
         assert gen.scores[i, pos + 1 :].abs().max() == 0  # no citing the future
-    assert isinstance(gen.figure(), go.Figure)
+    assert isinstance(dp.plot.generation(gen), go.Figure)
     assert ((gen.prompt_share() >= 0) & (gen.prompt_share() <= 1)).all()
 
 

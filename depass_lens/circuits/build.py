@@ -307,14 +307,14 @@ def backward_jobs(
         yield value.detach(), constant, grads, sites
 
 
-def corrupted_activations(
+def plain_activations(
     adapter: ModelAdapter,
     spec: GraphSpec,
     tokens: Tensor,
     attention_mask: Tensor | None,
     targets: Sequence[Target],
 ) -> dict[str, Tensor]:
-    """A plain forward on the corrupted input, caching what senders and targets read."""
+    """A plain forward (e.g. on the corrupted input), caching what senders and targets read."""
     names = set(sender_hooks(adapter, spec))
     names |= {receiver_input_hook(adapter, spec, i) for i in spec.receivers}
     for t in targets:
@@ -330,7 +330,7 @@ __all__ = [
     "Slot",
     "backward_jobs",
     "contract",
-    "corrupted_activations",
+    "plain_activations",
     "depass_graph",
     "graph_pass",
     "node_quantities",
@@ -370,7 +370,7 @@ def depass_graph(
         }
         corrupt = None
         if contrast is not None:
-            corrupt = corrupted_activations(adapter, spec, contrast, attention_mask, targets)
+            corrupt = plain_activations(adapter, spec, contrast, attention_mask, targets)
             outputs = outputs - sender_outputs(adapter, spec, corrupt).to(outputs.dtype)
             stream = {h: v - corrupt[h].to(v.dtype) for h, v in stream.items()}
         the_slots = slots(spec)
