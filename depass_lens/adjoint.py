@@ -18,7 +18,7 @@ of them is the gradient through that one node's input, which is what circuit edg
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
@@ -35,6 +35,7 @@ from depass_lens.constants import (
     output_constant,
     value_constant,
 )
+from depass_lens.difference import DifferenceLinearisation
 from depass_lens.integrated_softmax import IntegratedSoftmax
 from depass_lens.qk import AttentionSplit, LayerQK, attention_input, layer_qk, score_shares
 from depass_lens.rules import NeuronValues, TaylorRule
@@ -449,6 +450,7 @@ def linearised_forward(
     split_inputs: bool = False,
     linearise: bool = True,
     embed_override: Tensor | None = None,
+    reference: Mapping[str, Tensor] | None = None,
 ) -> AdjointPass:
     """Run the frozen-linearised model once, keeping the named activations (live and detached).
 
@@ -458,7 +460,9 @@ def linearised_forward(
     :meth:`~depass_lens.adapter.ModelAdapter.split_inputs`), whose hooks may then be stored.
     ``linearise=False`` keeps the real model (its true gradients, for gradient baselines such as
     edge attribution patching); ``embed_override`` replaces the token embeddings (e.g. points on
-    a path between two inputs, for integrated gradients).
+    a path between two inputs, for integrated gradients). ``reference`` (a corrupted run's
+    activations) swaps the frozen linearisation for the exact secant map of changes from that run
+    (:class:`~depass_lens.difference.DifferenceLinearisation`).
     """
     model = adapter.model
     wanted = set(store)
@@ -476,9 +480,13 @@ def linearised_forward(
     def keep(value: Tensor, hook) -> None:
         live[hook.name] = value
 
-    linearisation = Linearisation(
-        adapter, rule, split, attention_mask, ledger, tokens.shape[1], split_inputs=split_inputs
-    )
+    linearisation: Linearisation | DifferenceLinearisation
+    if reference is not None:
+        linearisation = DifferenceLinearisation(adapter, reference, ledger)
+    else:
+        linearisation = Linearisation(
+            adapter, rule, split, attention_mask, ledger, tokens.shape[1], split_inputs=split_inputs
+        )
     fwd_hooks: list[tuple[str | Callable, Callable]] = []
     if linearise:
         fwd_hooks += linearisation.hooks()
@@ -498,7 +506,7 @@ def linearised_forward(
             final = model.ln_final(resid) if has_final_norm else resid
             live["unembed.hook_in"] = final
             final_norm = adapter.final_norm()
-            if linearise and final_norm.b is not None:
+            if linearise and reference is None and final_norm.b is not None:
                 site = ConstantSite(
                     "ln_final.b", "unembed.hook_in", "final", adapter.n_layers, final, final_norm.b
                 )

@@ -411,6 +411,7 @@ class DePass:
         nodes: GraphNodes | str | None = None,
         attention: str | AttentionSplit | None = None,
         contrast: InputLike | None = None,
+        linearisation: Literal["difference", "clean"] = "difference",
         by_position: bool = False,
         rule: str | MLPRule | None = None,
         attention_mask: Tensor | None = None,
@@ -432,9 +433,13 @@ class DePass:
                 embeddings, optional neuron groups); default pooled embeddings, whole MLPs.
             attention: attention split (default: the wrapper's).
             contrast: corrupted prompts of the same shape: edges score ``out_A(clean) -
-                out_A(corrupt)`` against the clean gradients (conservation relative to the
-                corrupted run; a receiver's inflow then differs from its outflow by its
-                nonlinearity between the two runs).
+                out_A(corrupt)``, the share of the target's *change* each edge carries.
+            linearisation: with ``contrast``: ``"difference"`` (default) makes every node the
+                exact secant map of its input's change (:mod:`depass_lens.difference`), so
+                conservation holds at every node relative to the corrupted run and the direct
+                edges sum to the target's change; ``"clean"`` uses the clean run's frozen
+                linearisation and the attention split (a receiver's inflow then differs from
+                its outflow by its nonlinearity between the two runs).
             by_position: also keep each edge's score per position (``edge_scores_by_pos``).
             rule: MLP rule; must be linear (``taylor``).
         """
@@ -455,6 +460,10 @@ class DePass:
         targets = as_targets(target)
         prepared = self.prepare(input, attention_mask)
         self._validate_read_hooks(targets)
+        if linearisation not in ("difference", "clean"):
+            raise DePassInputError(
+                f"linearisation must be 'difference' or 'clean', not {linearisation!r}"
+            )
         corrupted = None
         if contrast is not None:
             corrupted = self.prepare(contrast).tokens
@@ -475,6 +484,7 @@ class DePass:
             rule=the_rule,
             split=split,
             contrast=corrupted,
+            linearisation=linearisation,
             by_position=by_position,
             progress=self.progress,
             str_tokens=prepared.str_tokens,

@@ -166,3 +166,140 @@ def receiver_key(name: str, kind: str) -> tuple:
         return (int(name[1 : name.index(".")]), "mlp")
     layer, head = name[1:].split("H")
     return (int(layer), int(head), kind)
+
+
+def _secant(act, x: Tensor, y: Tensor) -> Tensor:
+    gap = x - y
+    small = gap.abs() < 1e-9
+    tangent = (act(x + 1e-6) - act(x - 1e-6)) / 2e-6
+    return torch.where(small, tangent, (act(x) - act(y)) / torch.where(small, 1.0, gap))
+
+
+def _norm_secant(delta: Tensor, module, x_in: Tensor, y_in: Tensor) -> Tensor:
+    """Exact change of a norm's output for an input change ``delta`` between inputs x and y."""
+    centre = type(module).__name__ in ("LayerNorm", "LayerNormPre")
+    if centre:
+        x_in = x_in - x_in.mean(-1, keepdim=True)
+        y_in = y_in - y_in.mean(-1, keepdim=True)
+        delta = delta - delta.mean(-1, keepdim=True)
+    eps = module.eps
+    s_x = (x_in.pow(2).mean(-1, keepdim=True) + eps).sqrt()
+    s_y = (y_in.pow(2).mean(-1, keepdim=True) + eps).sqrt()
+    d = delta.shape[-1]
+    inner = (delta * (x_in + y_in)).sum(-1, keepdim=True) / d
+    out = delta / s_x - y_in * inner / ((s_x + s_y) * s_x * s_y)
+    return out * module.w if hasattr(module, "w") else out
+
+
+def _path_moved(start: Tensor, end: Tensor, share: Tensor) -> Tensor:
+    """``int_0^1 J(start + a (end - start)) share da``, row by row over the causal keys."""
+    nodes, weights = np.polynomial.legendre.leggauss(NODES)
+    out = torch.zeros_like(share)
+    for i in range(start.shape[0]):
+        s0, s1, v = start[i, : i + 1], end[i, : i + 1], share[i, : i + 1]
+        for x, w in zip(nodes, weights):
+            p = torch.softmax(s0 + float((x + 1) / 2) * (s1 - s0), 0)
+            out[i, : i + 1] += float(w / 2) * (p * v - p * (p @ v))
+    return out
+
+
+class NaiveDifferenceModel:
+    """The exact secant map of changes from a corrupted run, layer by layer, head by head
+    (GPT-2 and LLaMA styles, batch 1), with the same injection points as
+    :class:`NaiveLinearModel`."""
+
+    def __init__(self, model: HookedTransformer, clean: Tensor, corrupt: Tensor):
+        self.model = model
+        _, self.x = model.run_with_cache(clean)
+        _, self.y = model.run_with_cache(corrupt)
+        self.n_pos = clean.shape[1]
+
+    def _qkv(self, cache, layer: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Rotated queries, keys and values per query head, ``[head, pos, d_head]``."""
+        block = self.model.blocks[layer]
+        attn = block.attn
+        n = block.ln1(cache[f"blocks.{layer}.hook_resid_pre"][0])
+        heads = range(attn.W_Q.shape[0])
+        q = torch.stack([_rotate(attn, n @ attn.W_Q[h] + attn.b_Q[h]) for h in heads])
+        k = torch.stack(
+            [_rotate(attn, n @ _kv(attn, "W_K", h) + _kv(attn, "b_K", h)) for h in heads]
+        )
+        v = torch.stack([n @ _kv(attn, "W_V", h) + _kv(attn, "b_V", h) for h in heads])
+        return q, k, v
+
+    @torch.no_grad()
+    def target(self, injections: dict[tuple, Tensor], readout: Tensor) -> float:
+        model, x_c, y_c = self.model, self.x, self.y
+        delta = torch.zeros(self.n_pos, model.cfg.d_model, dtype=readout.dtype)
+        causal = torch.ones(self.n_pos, self.n_pos, dtype=torch.bool).tril()
+        for layer, block in enumerate(model.blocks):
+            attn = block.attn
+            x_in, y_in = (
+                x_c[f"blocks.{layer}.hook_resid_pre"][0],
+                y_c[f"blocks.{layer}.hook_resid_pre"][0],
+            )
+            qx, kx, vx = self._qkv(x_c, layer)
+            qy, ky, vy = self._qkv(y_c, layer)
+            ax = x_c[f"blocks.{layer}.attn.hook_pattern"][0]
+            ay = y_c[f"blocks.{layer}.attn.hook_pattern"][0]
+            sx = x_c[f"blocks.{layer}.attn.hook_attn_scores"][0]
+            sy = y_c[f"blocks.{layer}.attn.hook_attn_scores"][0]
+            out = torch.zeros_like(delta)
+            for h in range(attn.W_Q.shape[0]):
+                d = {
+                    s: _norm_secant(
+                        delta + injections.get((layer, h, s), torch.zeros_like(delta)),
+                        block.ln1,
+                        x_in,
+                        y_in,
+                    )
+                    for s in "qkv"
+                }
+                dq = _rotate(attn, d["q"] @ attn.W_Q[h])
+                dk = _rotate(attn, d["k"] @ _kv(attn, "W_K", h))
+                dv = d["v"] @ _kv(attn, "W_V", h)
+                ds = (dq @ ((kx[h] + ky[h]) / 2).T + ((qx[h] + qy[h]) / 2) @ dk.T) / attn.attn_scale
+                zero = torch.zeros_like(ds)
+                start = torch.where(causal, sy[h], zero)
+                end = torch.where(causal, sx[h], zero)
+                moved = _path_moved(start, end, torch.where(causal, ds, zero))
+                dz = (ax[h] + ay[h]) / 2 @ dv + moved @ ((vx[h] + vy[h]) / 2)
+                out = out + dz @ attn.W_O[h]
+            delta = delta + out
+            mlp = block.mlp
+            x_mid, y_mid = (
+                x_c[f"blocks.{layer}.hook_resid_mid"][0],
+                y_c[f"blocks.{layer}.hook_resid_mid"][0],
+            )
+            d_in = _norm_secant(
+                delta + injections.get((layer, "mlp"), torch.zeros_like(delta)),
+                block.ln2,
+                x_mid,
+                y_mid,
+            )
+            gx, gy = x_c[f"blocks.{layer}.mlp.hook_pre"][0], y_c[f"blocks.{layer}.mlp.hook_pre"][0]
+            slope = _secant(mlp.act_fn, gx, gy)
+            if hasattr(mlp, "W_gate"):
+                ux = x_c[f"blocks.{layer}.mlp.hook_pre_linear"][0]
+                uy = y_c[f"blocks.{layer}.mlp.hook_pre_linear"][0]
+                mean_act = (mlp.act_fn(gx) + mlp.act_fn(gy)) / 2
+                d_post = slope * (d_in @ mlp.W_gate) * (ux + uy) / 2 + mean_act * (d_in @ mlp.W_in)
+            else:
+                d_post = slope * (d_in @ mlp.W_in)
+            delta = delta + d_post @ mlp.W_out
+        delta = delta + injections.get(("final",), torch.zeros_like(delta))
+        n_layers = model.cfg.n_layers
+        x_f = x_c[f"blocks.{n_layers - 1}.hook_resid_post"][0]
+        y_f = y_c[f"blocks.{n_layers - 1}.hook_resid_post"][0]
+        final = _norm_secant(delta, model.ln_final, x_f, y_f)
+        return float((final * readout).sum())
+
+    @torch.no_grad()
+    def sender_change(self, name: str) -> Tensor:
+        """A sender's output change clean - corrupt (``embed``, ``L1H2``, ``L0.mlp``)."""
+        outputs = []
+        for cache in (self.x, self.y):
+            naive = object.__new__(NaiveLinearModel)
+            naive.model, naive.cache, naive.n_pos = self.model, cache, self.n_pos
+            outputs.append(naive.sender_output(name))
+        return outputs[0] - outputs[1]

@@ -11,9 +11,9 @@ import torch
 
 import depass_lens as dp
 from depass_lens.circuits import GraphNodes
-from depass_lens.errors import DePassInputError
+from depass_lens.errors import DePassInputError, UnsupportedModelError
 from tests.conftest import FAMILIES, make_model, random_tokens
-from tests.naive_edges import NODES, NaiveLinearModel, receiver_key
+from tests.naive_edges import NODES, NaiveDifferenceModel, NaiveLinearModel, receiver_key
 
 TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
 TARGETS = [dp.Logit(3), dp.LogitDiff(5, 7, pos=-2)]
@@ -99,21 +99,72 @@ def test_node_scores_equal_node_level_depass(family):
     torch.testing.assert_close(graph.target_values, heads.target_values)
 
 
-def test_contrastive_graph():
-    """Edges use out(clean) - out(corrupt): outgoing and incoming conservation still hold, and a
-    contrast with itself gives an all-zero graph."""
+def test_contrastive_graph_with_the_clean_linearisation():
+    """Edges use out(clean) - out(corrupt) with the clean run's gradients: outgoing and incoming
+    conservation still hold, and a contrast with itself gives an all-zero graph."""
     model = make_model("llama", torch.float64)
     clean, corrupt = random_tokens(model, seed=1), random_tokens(model, seed=2)
     depass = dp.DePass(model, attention="symmetric")
-    graph = depass.graph(clean, TARGETS, contrast=corrupt)
-    assert graph.contrast
+    graph = depass.graph(clean, TARGETS, contrast=corrupt, linearisation="clean")
+    assert graph.contrast and not graph.exact
     errors = graph.conservation()
     assert set(errors) == {"outgoing", "incoming"}
     assert max(errors.values()) <= 1e-10
     delta = model(clean)[:, -1, 3] - model(corrupt)[:, -1, 3]
     torch.testing.assert_close(graph.node_scores[:, 0, graph.spec.target], delta.detach())
-    same = depass.graph(clean, TARGETS, contrast=clean)
+    same = depass.graph(clean, TARGETS, contrast=clean, linearisation="clean")
     assert float(same.edge_scores.abs().max()) == 0.0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("family", sorted(set(FAMILIES) - {"moe"}))
+def test_difference_graph_is_exact_every_family(family, dtype):
+    """With the difference (secant) linearisation every law holds relative to the corrupted run:
+    each node's inflow equals its outflow (up to its recorded quadrature remainder), and the
+    direct edges sum to the target's actual change."""
+    model = make_model(family, dtype)
+    clean, corrupt = random_tokens(model, seed=1), random_tokens(model, seed=2)
+    depass = dp.DePass(model)
+    graph = depass.graph(clean, TARGETS, contrast=corrupt)
+    assert graph.exact and graph.linearisation == "difference"
+    errors = graph.conservation()
+    assert set(errors) == {"outgoing", "incoming", "node", "total"}
+    assert max(errors.values()) <= TOL[dtype], errors
+    values = [depass.attribute(t, dp.Logit(3)).target_values[:, 0] for t in (clean, corrupt)]
+    change = values[0] - values[1]  # logits before any output soft cap, as targets read them
+    torch.testing.assert_close(graph.node_scores[:, 0, graph.spec.target], change)
+    direct = torch.tensor([e.kind == "direct" for e in graph.spec.edges])
+    rtol = 1e-4 if dtype == torch.float32 else 1e-9
+    total = graph.edge_scores[:, 0, direct].sum(-1)
+    torch.testing.assert_close(total, change, rtol=rtol, atol=rtol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_difference_edges_equal_naive_secant_model(monkeypatch, family, dtype):
+    """Each contrastive edge equals a naive secant model's response (tests/naive_edges.py) to
+    that sender's change injected into that receiver input: 1e-6 (fp32), 1e-10 (fp64)."""
+    from depass_lens import difference
+
+    monkeypatch.setattr(difference, "node_count_for", lambda delta, allowed: NODES)
+    model = make_model(family, dtype, n_layers=2)
+    clean = random_tokens(model, batch=1, n_pos=6, seed=1)
+    corrupt = random_tokens(model, batch=1, n_pos=6, seed=2)
+    graph = dp.DePass(model).graph(clean, dp.Logit(3), contrast=corrupt)
+    naive = NaiveDifferenceModel(model, clean, corrupt)
+    readout = torch.zeros(6, model.cfg.d_model, dtype=dtype)
+    readout[-1] = model.W_U[:, 3].detach()
+    scale = float(graph.edge_scores.abs().max())
+    tolerance = 1e-6 if dtype == torch.float32 else 1e-10
+    for i in random.Random(0).sample(range(graph.n_edges), 30):
+        edge = graph.spec.edges[i]
+        sender, receiver = graph.spec.nodes[edge.sender].name, graph.spec.nodes[edge.receiver].name
+        if sender.endswith(".b_O"):
+            continue
+        expected = naive.target(
+            {receiver_key(receiver, edge.kind): naive.sender_change(sender)}, readout
+        )
+        assert abs(expected - float(graph.edge_scores[0, 0, i])) <= tolerance * scale
 
 
 def test_batch_with_padding_equals_prompts_alone():
@@ -234,6 +285,11 @@ def test_clear_errors():
         depass.graph(tokens, dp.Logit(3), nodes=GraphNodes(neurons={1: [[0, 1], [1]]}))
     with pytest.raises(DePassInputError, match="residual stream"):
         depass.graph(tokens, dp.AttentionScore(1, 0, query_pos=-1, key_pos=0))
+    with pytest.raises(DePassInputError, match="linearisation must be"):
+        depass.graph(tokens, dp.Logit(3), contrast=tokens, linearisation="secant")
+    moe = make_model("moe", torch.float64)
+    with pytest.raises(UnsupportedModelError, match="mixture of experts"):
+        dp.DePass(moe).graph(random_tokens(moe), dp.Logit(3), contrast=random_tokens(moe, seed=5))
     graph = depass.graph(tokens, dp.Logit(3))
     with pytest.raises(DePassInputError, match="larger than the graph"):
         graph.circuit(k=graph.n_edges + 1)

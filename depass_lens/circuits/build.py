@@ -16,7 +16,9 @@ a corrupted prompt, gives the gradients of edge attribution patching and EAP-IG
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import Literal
 
 import einops
 import torch
@@ -41,8 +43,10 @@ from depass_lens.circuits.spec import (
     target_read_hook,
 )
 from depass_lens.constants import ConstantLedger, per_prompt
+from depass_lens.difference import difference_outputs, reference_hooks
 from depass_lens.errors import DePassInputError
 from depass_lens.frozen import run_frozen_cache
+from depass_lens.norms import post_sublayer_norms
 from depass_lens.qk import AttentionSplit
 from depass_lens.rules import TaylorRule
 from depass_lens.targets import Target, TargetContext
@@ -253,9 +257,10 @@ def graph_pass(
     split: AttentionSplit | None,
     linearise: bool = True,
     embed_override: Tensor | None = None,
+    reference: Mapping[str, Tensor] | None = None,
 ) -> AdjointPass:
     """One (linearised) forward on split inputs keeping everything a graph needs."""
-    store = set(receiver_hooks(adapter, spec, spec.target_hook))
+    store = set(receiver_hooks(adapter, spec, spec.target_hook)) | set(post_norm_stats(adapter))
     store |= set(sender_hooks(adapter, spec))
     store |= {sender_score_hook(adapter, spec, i) for i in spec.senders}
     store |= {receiver_input_hook(adapter, spec, i) for i in spec.receivers}
@@ -272,7 +277,22 @@ def graph_pass(
         split_inputs=True,
         linearise=linearise,
         embed_override=embed_override,
+        reference=reference,
     )
+
+
+def post_norm_stats(adapter: ModelAdapter) -> list[str]:
+    """Normalised values and scales of the post-sublayer norms (their secants need both)."""
+    names = []
+    for layer in range(adapter.n_layers):
+        for which in ("attn", "mlp"):
+            if which == "mlp" and adapter.attn_only:
+                continue
+            for norm in post_sublayer_norms(adapter, layer, which):  # type: ignore[arg-type]
+                if norm.scale_hook is not None:
+                    base = norm.scale_hook.removesuffix(".hook_scale")
+                    names += [norm.scale_hook, f"{base}.hook_normalized"]
+    return names
 
 
 def target_jobs(adapter: ModelAdapter, targets: Sequence[Target]) -> list[tuple[Target, int]]:
@@ -313,15 +333,66 @@ def plain_activations(
     tokens: Tensor,
     attention_mask: Tensor | None,
     targets: Sequence[Target],
+    extra: Sequence[str] = (),
+    split_inputs: bool = False,
 ) -> dict[str, Tensor]:
-    """A plain forward (e.g. on the corrupted input), caching what senders and targets read."""
-    names = set(sender_hooks(adapter, spec))
+    """A plain forward (e.g. on the corrupted input), caching what senders and targets read
+    (and ``extra``), on split per-node inputs if asked."""
+    names = set(sender_hooks(adapter, spec)) | set(extra) | set(post_norm_stats(adapter))
     names |= {receiver_input_hook(adapter, spec, i) for i in spec.receivers}
     for t in targets:
         names.add(t.read_hook(adapter))
         names |= set(t.needed_hooks(adapter))
-    cache = run_frozen_cache(adapter, tokens, attention_mask, names)
+    context = adapter.split_inputs() if split_inputs else nullcontext()
+    with context:
+        cache = run_frozen_cache(adapter, tokens, attention_mask, names)
     return {name: cache[name] for name in cache.cache_dict}
+
+
+def difference_sender_outputs(
+    adapter: ModelAdapter,
+    spec: GraphSpec,
+    clean: Mapping[str, Tensor],
+    corrupt: Mapping[str, Tensor],
+) -> Float[Tensor, "sender batch pos d_model"]:
+    """Each sender's change clean - corrupt, exact under the difference linearisation.
+
+    Where a post-sublayer norm follows (Gemma, OLMo), a head's (or neuron group's) change is
+    its change before the norm sent through the norm's secant, so the changes of a layer's heads
+    add up to its attention output's change and output biases change nothing.
+    """
+    outputs = sender_outputs(adapter, spec, clean) - sender_outputs(adapter, spec, corrupt)
+    for row, node_index in enumerate(spec.senders):
+        node = spec.nodes[node_index]
+        which = "attn" if node.kind in ("head", "bias") else "mlp"
+        if node.kind not in ("head", "bias", "neurons") or not post_sublayer_norms(
+            adapter,
+            node.layer,
+            which,  # type: ignore[arg-type]
+        ):
+            continue
+        if node.kind == "bias":
+            outputs[row] = 0.0
+            continue
+        if node.kind == "head":
+            W_O = adapter.attention(node.layer).W_O[node.index]
+            hook = f"blocks.{node.layer}.attn.hook_z"
+            before = (clean[hook][:, :, node.index] - corrupt[hook][:, :, node.index]) @ W_O
+        else:
+            mlp, neurons = adapter.mlp(node.layer), list(node.neurons or ())
+            hook = f"blocks.{node.layer}.mlp.hook_post"
+            before = (clean[hook][..., neurons] - corrupt[hook][..., neurons]) @ mlp.W_out[neurons]
+        outputs[row] = difference_outputs(adapter, clean, corrupt, node.layer, which, before)
+    groups = [i for i in spec.senders if spec.nodes[i].kind == "neurons"]
+    for layer in {spec.nodes[i].layer for i in groups}:  # the rest: what the groups leave
+        rows = [
+            r
+            for r, i in enumerate(spec.senders)
+            if spec.nodes[i].layer == layer and spec.nodes[i].kind in ("neurons", "mlp")
+        ]
+        hook = f"blocks.{layer}.hook_mlp_out"
+        outputs[rows[-1]] = (clean[hook] - corrupt[hook]) - outputs[rows[:-1]].sum(0)
+    return outputs
 
 
 __all__ = [
@@ -352,26 +423,44 @@ def depass_graph(
     rule: TaylorRule,
     split: AttentionSplit,
     contrast: Int[Tensor, "batch pos"] | None = None,
+    linearisation: Literal["difference", "clean"] = "difference",
     by_position: bool = False,
     progress: bool = False,
     str_tokens: list[list[str]] | None = None,
 ) -> Graph:
-    """The DePass graph: absolute, or relative to a corrupted input (``contrast``)."""
+    """The DePass graph: absolute, or relative to a corrupted input (``contrast``), with the
+    difference (secant) linearisation or the clean run's frozen one."""
     hooks = {t.read_hook(adapter) for t in targets}
     if len(hooks) != 1:
         raise DePassInputError(f"a graph's targets must read one hook; these read {sorted(hooks)}")
     spec = build_spec(adapter, options, tokens.shape[1], hooks.pop())
-    passed = graph_pass(adapter, spec, tokens, attention_mask, targets, rule=rule, split=split)
+    difference = contrast is not None and linearisation == "difference"
+    corrupt = None
+    if contrast is not None:
+        extra = reference_hooks(adapter) if difference else ()
+        corrupt = plain_activations(
+            adapter, spec, contrast, attention_mask, targets, extra, split_inputs=difference
+        )
+    passed = graph_pass(
+        adapter,
+        spec,
+        tokens,
+        attention_mask,
+        targets,
+        rule=rule,
+        split=split,
+        reference=corrupt if difference else None,
+    )
     with torch.no_grad():
         acts = passed.activations
         outputs = sender_outputs(adapter, spec, acts)
-        stream = {
-            h: acts[h] for h in {receiver_input_hook(adapter, spec, i) for i in spec.receivers}
-        }
-        corrupt = None
-        if contrast is not None:
-            corrupt = plain_activations(adapter, spec, contrast, attention_mask, targets)
-            outputs = outputs - sender_outputs(adapter, spec, corrupt).to(outputs.dtype)
+        reads = {receiver_input_hook(adapter, spec, i) for i in spec.receivers}
+        stream = {h: acts[h] for h in reads}
+        if corrupt is not None:
+            if difference:
+                outputs = difference_sender_outputs(adapter, spec, acts, corrupt)
+            else:
+                outputs = outputs - sender_outputs(adapter, spec, corrupt).to(outputs.dtype)
             stream = {h: v - corrupt[h].to(v.dtype) for h, v in stream.items()}
         the_slots = slots(spec)
         edge_rows, by_pos_rows, nodes, values = [], [], [], []
@@ -399,10 +488,10 @@ def depass_graph(
                 outputs,
                 grads,
                 stream,
-                passed.ledger if corrupt is None else None,
+                passed.ledger if corrupt is None or difference else None,
                 sites,
                 node_value,
-                constant,
+                constant if corrupt is None else torch.zeros_like(constant),
             )
             nodes.append(quantities)
             values.append(value)
@@ -415,8 +504,9 @@ def depass_graph(
             target_names=target_names,
             target_values=torch.stack(values, 1),
             method="depass",
-            attention=split.side,
+            attention=None if difference else split.side,
             contrast=contrast is not None,
+            linearisation=None if contrast is None else linearisation,
             edge_scores_by_pos=torch.stack(by_pos_rows, 1) if by_position else None,
             str_tokens=str_tokens,
             meta={"rule": repr(rule)},

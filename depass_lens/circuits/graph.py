@@ -38,6 +38,8 @@ class Graph:
         method: ``"depass"``, ``"eap"``, ``"eap-ig"``, ``"acdc"``, ...
         attention: the attention split (DePass) or ``None``.
         contrast: whether scores are relative to a corrupted prompt.
+        linearisation: for contrastive DePass graphs, ``"difference"`` (the exact secant map of
+            clean - corrupted changes) or ``"clean"`` (the clean run's frozen linearisation).
         edge_scores_by_pos: ``batch target edge pos`` when token-resolved (else ``None``).
     """
 
@@ -54,10 +56,17 @@ class Graph:
     edge_scores_by_pos: Float[Tensor, "batch target edge pos"] | None = None
     str_tokens: list[list[str]] | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    linearisation: str | None = None
+
+    @property
+    def exact(self) -> bool:
+        """Whether node scores, own terms and edges form one exact flow (absolute DePass
+        graphs, and contrastive ones with the difference linearisation)."""
+        return self.method == "depass" and (not self.contrast or self.linearisation == "difference")
 
     def __repr__(self) -> str:
         b, t, e = self.edge_scores.shape
-        kind = "contrastive" if self.contrast else "absolute"
+        kind = f"contrastive ({self.linearisation})" if self.contrast else "absolute"
         return (
             f"Graph({self.method}, {kind}, nodes={len(self.spec.nodes)}, edges={e}, batch={b}, "
             f"targets={t}, attention={self.attention!r})"
@@ -168,9 +177,12 @@ class Graph:
 
         - ``outgoing``: a sender's edges sum to its score ``<out_A, h_A>``;
         - ``incoming``: a receiver's edges sum to its input's score ``<in_B, g_B>``;
-        - ``node`` (absolute graphs): input score plus own constants is the node's score;
-        - ``total`` (absolute graphs): the target value is the sources' scores (embeddings and
-          output biases) plus every receiver's own constants.
+        - ``node``: input score plus own terms is the node's score (own terms are a node's
+          constants in an absolute graph, its quadrature remainder in a difference graph);
+        - ``total``: the target (its change, in a difference graph) is the sources' scores
+          (embeddings and output biases) plus every receiver's own terms.
+
+        ``node`` and ``total`` are reported for exact graphs only (:attr:`exact`).
         """
         n = len(self.spec.nodes)
         batch, n_t, _ = self.edge_scores.shape
@@ -191,14 +203,15 @@ class Graph:
             "outgoing": worst(outflow - self.node_scores, send),
             "incoming": worst(inflow - self.node_inputs, recv),
         }
-        if not self.contrast:
+        if self.exact:
             node_gap = self.node_inputs + self.own_bias - self.node_scores
             out["node"] = worst(node_gap, recv)
             sources = torch.tensor(
                 [node.sends and not node.receives for node in self.spec.nodes], device=edges.device
             )
             total = (self.node_scores * sources).sum(-1) + (self.own_bias * recv).sum(-1)
-            out["total"] = float((total - self.target_values).abs().amax() / scale)
+            value = self.node_scores[..., self.spec.target]
+            out["total"] = float((total - value).abs().amax() / scale)
         return out
 
     # ------------------------------------------------------------------ circuits

@@ -125,9 +125,9 @@ def figure(
     fig = make_subplots(rows=1, cols=len(names), subplot_titles=names, horizontal_spacing=0.06)
     palette = {
         "depass-symmetric": "#d62728",
-        "depass-contrast-symmetric": "#ff7f0e",
+        "depass-contrast": "#ff7f0e",
         "depass-value": "#8c564b",
-        "depass-contrast-value": "#e377c2",
+        "depass-contrast-clean": "#e377c2",
         "eap": "#1f77b4",
         "eap-ig": "#2ca02c",
         "acdc": "#7f7f7f",

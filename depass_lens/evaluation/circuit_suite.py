@@ -62,11 +62,9 @@ def run_model(name: str, n: int = 48, seed: int = 31, progress: bool = True) -> 
     runs = {
         "depass-value": lambda: depass.graph(tokens, target, attention="value"),
         "depass-symmetric": lambda: depass.graph(tokens, target, attention="symmetric"),
-        "depass-contrast-value": lambda: depass.graph(
-            tokens, target, attention="value", contrast=corrupted
-        ),
-        "depass-contrast-symmetric": lambda: depass.graph(
-            tokens, target, attention="symmetric", contrast=corrupted
+        "depass-contrast": lambda: depass.graph(tokens, target, contrast=corrupted),
+        "depass-contrast-clean": lambda: depass.graph(
+            tokens, target, attention="symmetric", contrast=corrupted, linearisation="clean"
         ),
         "eap": lambda: eap_graph(adapter, spec, tokens, corrupted, [target], names),
         "eap-ig": lambda: eap_graph(

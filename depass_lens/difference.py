@@ -1,0 +1,341 @@
+"""The difference linearisation: the model as an exact linear map of clean - corrupted changes.
+
+DePass freezes each nonlinearity at its real value, which makes the model a linear map of the
+*state*. To explain a *difference* between two runs (a clean prompt and a corrupted one, as edge
+patching does), every nonlinearity is instead replaced by its exact secant between the two runs:
+
+- an activation: ``act(g_x) - act(g_y) = r (g_x - g_y)`` with ``r`` the secant slope (the
+  tangent where the two pre-activations coincide);
+- a product (gated MLPs, ``pattern @ values``, ``q . k``): ``ab - a'b' = (a - a')(b + b')/2 +
+  (a + a')/2 (b - b')``;
+- a norm: ``x/s_x - y/s_y = d/s_x - y <d, x + y> / (n (s_x + s_y) s_x s_y)`` for the centred
+  inputs and their difference ``d`` (exact: ``s_x^2 - s_y^2 = <x - y, x + y>/n``);
+- the softmax: ``A_x - A_y = M(s_x - s_y)``, the softmax Jacobian integrated on the straight path
+  from the corrupted scores to the clean ones (the quadrature's small remainder is recorded);
+- an attention soft cap: its secant slope.
+
+Constants are equal in both runs and cancel. The result is linear in the change of every node's
+input and *exact* for the actual change: in a contrastive circuit graph each node's incoming edges
+sum to its outgoing edges (up to the recorded quadrature remainder), and the direct edges sum to
+the target's actual change. As elsewhere, values are never changed: each hook adds ``L(live) -
+L(live).detach()``, so only gradients follow the secant map.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import einops
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from depass_lens.adapter import ModelAdapter, NormWeights
+from depass_lens.constants import ConstantLedger, ConstantSite
+from depass_lens.errors import UnsupportedModelError
+from depass_lens.integrated_softmax import gauss_legendre
+from depass_lens.norms import post_sublayer_norms
+
+HookFn = Callable[..., Tensor | None]
+
+
+def check_difference_supported(adapter: ModelAdapter) -> None:
+    """Refuse settings whose secant this module does not follow (naming them)."""
+    cfg = adapter.cfg
+    problems = []
+    if adapter.is_moe:
+        problems.append("mixture of experts (the routing itself differs between the two runs)")
+    if cfg.use_qk_norm and adapter.positional != "rotary":
+        problems.append("a QK norm without rotary positions (its output has no hook)")
+    if cfg.use_logn_attn:
+        problems.append("use_logn_attn (applied after the last query hook)")
+    if problems:
+        raise UnsupportedModelError(
+            "the difference linearisation cannot follow this model: "
+            + "; ".join(problems)
+            + ". Use linearisation='clean' (gradients of the clean run's linearisation)."
+        )
+
+
+def norm_names(adapter: ModelAdapter) -> list[str]:
+    """Every normalisation module with a scale hook (``blocks.0.ln1``, ..., ``ln_final``)."""
+    return sorted(
+        name.removesuffix(".hook_scale")
+        for name in adapter.model.hook_dict
+        if name.endswith(".hook_scale")
+    )
+
+
+def query_key_hooks(adapter: ModelAdapter, layer: int) -> tuple[str, str]:
+    """Where the final (rotated, normed) queries and keys of a layer are exposed."""
+    prefix = f"blocks.{layer}.attn"
+    if adapter.positional == "rotary":
+        return f"{prefix}.hook_rot_q", f"{prefix}.hook_rot_k"
+    return f"{prefix}.hook_q", f"{prefix}.hook_k"
+
+
+def reference_hooks(adapter: ModelAdapter) -> list[str]:
+    """Activations of the corrupted run the difference linearisation reads."""
+    check_difference_supported(adapter)
+    names = []
+    for norm in norm_names(adapter):
+        names += [f"{norm}.hook_scale", f"{norm}.hook_normalized"]
+    for layer in range(adapter.n_layers):
+        prefix = f"blocks.{layer}"
+        names += list(query_key_hooks(adapter, layer))
+        names += [f"{prefix}.attn.hook_{h}" for h in ("v", "attn_scores", "pattern", "z")]
+        if not adapter.attn_only:
+            names += [f"{prefix}.mlp.hook_pre", f"{prefix}.mlp.hook_post"]
+            mlp = adapter.mlp(layer)
+            if mlp.gated:
+                names.append(f"{prefix}.mlp.hook_pre_linear")
+            if mlp.inner_norm is not None:
+                names.append(f"{prefix}.mlp.hook_mid")
+    return names
+
+
+def secant_slope(act: Callable[[Tensor], Tensor], x: Tensor, y: Tensor) -> Float[Tensor, "*shape"]:
+    """``(act(x) - act(y)) / (x - y)``, the central-difference tangent where ``x ~ y``."""
+    gap = x - y
+    eps = 1e-9 if x.dtype == torch.float64 else 1e-4
+    small = gap.abs() < eps
+    h = torch.full_like(x, eps)
+    tangent = (act(x + h) - act(x - h)) / (2 * h)
+    safe = torch.where(small, torch.ones_like(gap), gap)
+    return torch.where(small, tangent, (act(x) - act(y)) / safe)
+
+
+def secant_norm(
+    delta: Float[Tensor, "*batch d"],
+    normalized_x: Tensor,
+    scale_x: Tensor,
+    normalized_y: Tensor,
+    scale_y: Tensor,
+    norm: NormWeights,
+) -> Float[Tensor, "*batch d"]:
+    """The exact linear map from a change of a norm's input to the change of its output (with
+    its weight; the bias cancels), given both runs' normalised values and scales."""
+    if norm.centres:
+        delta = delta - delta.mean(-1, keepdim=True)
+    d = delta.shape[-1]
+    coef = (normalized_x * scale_x + normalized_y * scale_y) / (d * (scale_x + scale_y))
+    out = delta / scale_x - normalized_y / scale_x * (delta * coef).sum(-1, keepdim=True)
+    return out * norm.w if norm.w is not None else out
+
+
+#: Gauss-Legendre nodes by the largest spread (max - min) of a row's score change (the same
+#: accuracy table as the integrated softmax from uniform uses for the scores themselves).
+_NODES_FOR_SPREAD = ((10.0, 8), (40.0, 16), (160.0, 32), (640.0, 64), (2560.0, 128))
+
+
+def node_count_for(delta: Tensor, allowed: Tensor) -> int:
+    """Quadrature nodes for the path ``start -> start + delta`` (256 beyond the table)."""
+    high = torch.where(allowed, delta, torch.full_like(delta, -torch.inf)).amax(-1)
+    low = torch.where(allowed, delta, torch.full_like(delta, torch.inf)).amin(-1)
+    spreads = (high - low)[allowed.any(-1)]
+    spread = float(spreads.max()) if spreads.numel() else 0.0
+    return next((n for limit, n in _NODES_FOR_SPREAD if spread <= limit), 256)
+
+
+class _PathSoftmaxFn(torch.autograd.Function):
+    """``M`` on the path from ``start`` to ``start + delta`` (gradient only; ``M`` is symmetric)."""
+
+    @staticmethod
+    def forward(ctx, shares: Tensor, start: Tensor, delta: Tensor, mask: Tensor, nodes: int):
+        ctx.save_for_backward(start, delta, mask)
+        ctx.nodes = nodes
+        return torch.zeros_like(shares)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        start, delta, mask = ctx.saved_tensors
+        return path_softmax_apply(start, delta, mask, ctx.nodes, grad), None, None, None, None
+
+
+def path_softmax_apply(
+    start: Tensor, delta: Tensor, mask: Tensor, nodes: int, shares: Tensor
+) -> Tensor:
+    """``int_0^1 J(start + a delta) shares da`` per query row (masked keys excluded)."""
+    alphas, weights = gauss_legendre(nodes, start)
+    out = torch.zeros_like(shares)
+    for alpha, weight in zip(alphas, weights):
+        p = torch.nan_to_num(torch.softmax(start + alpha * delta + mask, -1))
+        out = out + weight * p * (shares - (p * shares).sum(-1, keepdim=True))
+    return out
+
+
+class DifferenceLinearisation:
+    """TransformerLens hooks making the model (run on the clean input) the exact secant map of
+    changes from a reference run (``reference``: its activations, recorded on split inputs when
+    the clean run uses them). Same interface as :class:`~depass_lens.adjoint.Linearisation`."""
+
+    def __init__(
+        self,
+        adapter: ModelAdapter,
+        reference: Mapping[str, Tensor],
+        ledger: ConstantLedger,
+        nodes: int | None = None,
+    ):
+        check_difference_supported(adapter)
+        self.adapter = adapter
+        self.reference = reference
+        self.ledger = ledger
+        self.nodes = nodes
+        self.frozen: dict[str, Tensor] = {}
+
+    def hooks(self) -> list[tuple[str, HookFn]]:
+        hooks: list[tuple[str, HookFn]] = []
+        for name in norm_names(self.adapter):
+            hooks += [(f"{name}.hook_scale", self._scale), (f"{name}.hook_normalized", self._norm)]
+        for layer in range(self.adapter.n_layers):
+            hooks += self._attention(layer)
+            if not self.adapter.attn_only:
+                hooks += self._mlp(layer)
+        return hooks
+
+    def _ref(self, name: str, like: Tensor) -> Tensor:
+        """A reference activation, broadcast over a per-head axis the clean run may add."""
+        value = self.reference[name].to(like.dtype)
+        if value.shape != like.shape and value.ndim == like.ndim - 1:
+            value = value.unsqueeze(2).expand_as(like)
+        return value
+
+    # ------------------------------------------------------------------ norms
+    def _scale(self, value: Tensor, hook) -> Tensor:
+        frozen = value.detach()
+        self.frozen[hook.name] = frozen
+        return frozen
+
+    def _norm(self, value: Tensor, hook) -> Tensor:
+        """At ``hook_normalized`` (``x / s_x``, ``s_x`` frozen): add the secant's second term."""
+        base = hook.name.removesuffix(".hook_normalized")
+        scale_x = self.frozen[f"{base}.hook_scale"]
+        normalized_x = value.detach()
+        normalized_y = self._ref(hook.name, value)
+        scale_y = self._ref(f"{base}.hook_scale", scale_x)
+        d = value.shape[-1]
+        coef = (normalized_x * scale_x + normalized_y * scale_y) / (d * (scale_x + scale_y))
+        extra = -normalized_y * (value * coef).sum(-1, keepdim=True)
+        return value + (extra - extra.detach())
+
+    # ------------------------------------------------------------------ MLPs
+    def _mlp(self, layer: int) -> list[tuple[str, HookFn]]:
+        mlp = self.adapter.mlp(layer)
+        prefix = f"blocks.{layer}.mlp"
+        live: dict[str, Tensor] = {}
+
+        def store(key: str) -> HookFn:
+            def fn(value: Tensor, hook) -> None:
+                live[key] = value
+
+            return fn
+
+        def secant(value: Tensor, hook) -> Tensor:
+            gate = live["gate"]
+            gate_x, gate_y = gate.detach(), self._ref(f"{prefix}.hook_pre", gate)
+            slope = secant_slope(mlp.act_fn, gate_x, gate_y)
+            if mlp.gated:
+                up = live["up"]
+                up_x, up_y = up.detach(), self._ref(f"{prefix}.hook_pre_linear", up)
+                act_mean = (mlp.act_fn(gate_x) + mlp.act_fn(gate_y)) / 2
+                linear = slope * gate * (up_x + up_y) / 2 + act_mean * up
+                change = slope * (gate_x - gate_y) * (up_x + up_y) / 2 + act_mean * (up_x - up_y)
+            else:
+                linear = slope * gate
+                change = slope * (gate_x - gate_y)
+            out = value.detach() + (linear - linear.detach())
+            real = value.detach() - self._ref(hook.name, value)
+            name = f"{hook.name}.secant_remainder"
+            self.ledger.add(ConstantSite(name, hook.name, "mlp", layer, out, real - change, -1))
+            return out
+
+        hooks: list[tuple[str, HookFn]] = [(f"{prefix}.hook_pre", store("gate"))]
+        if mlp.gated:
+            hooks.append((f"{prefix}.hook_pre_linear", store("up")))
+        value_hook = f"{prefix}.hook_mid" if mlp.inner_norm is not None else f"{prefix}.hook_post"
+        hooks.append((value_hook, secant))
+        return hooks
+
+    # ------------------------------------------------------------------ attention
+    def _attention(self, layer: int) -> list[tuple[str, HookFn]]:
+        """``z_x - z_y = A_bar dv + dA v_bar`` with ``dA = M(ds)`` and ``ds`` the symmetric
+        product rule on the final queries and keys (times the soft cap's secant)."""
+        adapter = self.adapter
+        prefix = f"blocks.{layer}.attn"
+        q_hook, k_hook = query_key_hooks(adapter, layer)
+        seen: dict[str, Tensor] = {}
+
+        def store(key: str, frozen: bool = False) -> HookFn:
+            def fn(value: Tensor, hook) -> Tensor:
+                seen[key] = value.detach() if frozen else value
+                return seen[key]
+
+            return fn
+
+        def steer(z: Tensor, hook) -> Tensor:
+            scale = adapter.qk(layer).attn_scale
+            repeat = adapter.attention(layer).kv_repeat
+            q, k, v = seen["q"], seen["k"], seen["v"]
+            q_y, k_y = self._ref(q_hook, q), self._ref(k_hook, k)
+            v_y = self._ref(f"{prefix}.hook_v", v)
+            if repeat > 1:
+                k, v, k_y, v_y = (torch.repeat_interleave(t, repeat, 2) for t in (k, v, k_y, v_y))
+            q_bar, k_bar = (q.detach() + q_y) / 2, (k.detach() + k_y) / 2
+            v_bar = (v.detach() + v_y) / 2
+            raw = einops.einsum(q, k_bar, "b i h e, b j h e -> b h i j")
+            raw = (raw + einops.einsum(q_bar, k, "b i h e, b j h e -> b h i j")) / scale
+            cap = float(adapter.cfg.attn_scores_soft_cap or 0.0)
+            if cap > 0:
+                raw_x = einops.einsum(q.detach(), k.detach(), "b i h e, b j h e -> b h i j") / scale
+                raw_y = einops.einsum(q_y, k_y, "b i h e, b j h e -> b h i j") / scale
+                raw = raw * secant_slope(lambda t: cap * torch.tanh(t / cap), raw_x, raw_y)
+            scores_x = seen["scores"]
+            allowed = torch.isfinite(scores_x)
+            zero = torch.zeros_like(scores_x)
+            start = torch.where(allowed, self._ref(f"{prefix}.hook_attn_scores", scores_x), zero)
+            delta = torch.where(allowed, scores_x, zero) - start
+            mask = torch.where(allowed, 0.0, -torch.inf).to(scores_x.dtype)
+            shares = torch.where(allowed, raw, torch.zeros_like(raw))
+            nodes = self.nodes or node_count_for(delta, allowed)
+            moved = _PathSoftmaxFn.apply(shares, start, delta, mask, nodes)
+            pattern_x = seen["pattern"]
+            pattern_y = self._ref(f"{prefix}.hook_pattern", pattern_x)
+            mixing = (pattern_y - pattern_x) / 2  # A_bar - A_x: TL's own z mixes v by A_x
+            correction = einops.einsum(mixing.to(v.dtype), v, "b h q k, b k h d -> b q h d")
+            correction = correction + einops.einsum(moved, v_bar, "b h q k, b k h d -> b q h d")
+            # the quadrature remainder dA - M(ds): <dA, G> - <ds, M G> from two sites
+            change = (pattern_x - pattern_y).to(moved.dtype)
+            for name, live, constant in (("move", moved, change), ("scores", shares, -delta)):
+                site = ConstantSite(
+                    f"{prefix}.path_{name}", hook.name, "attn", layer, live, constant, 1
+                )
+                self.ledger.add(site)
+            return z + (correction - correction.detach())
+
+        return [
+            (q_hook, store("q")),
+            (k_hook, store("k")),
+            (f"{prefix}.hook_v", store("v")),
+            (f"{prefix}.hook_attn_scores", store("scores", frozen=True)),
+            (f"{prefix}.hook_pattern", store("pattern", frozen=True)),
+            (f"{prefix}.hook_z", steer),
+        ]
+
+
+def difference_outputs(
+    adapter: ModelAdapter,
+    clean: Mapping[str, Tensor],
+    corrupt: Mapping[str, Tensor],
+    layer: int,
+    which: str,
+    before: Tensor,
+) -> Tensor:
+    """Send sublayer-output changes (before its post-norms) through the post-norms' secants."""
+    for norm in post_sublayer_norms(adapter, layer, which):  # type: ignore[arg-type]
+        assert norm.scale_hook is not None
+        base = norm.scale_hook.removesuffix(".hook_scale")
+        stats = [clean[f"{base}.hook_normalized"], clean[norm.scale_hook]]
+        stats += [corrupt[f"{base}.hook_normalized"], corrupt[norm.scale_hook]]
+        n_x, s_x, n_y, s_y = (s.unsqueeze(1) if s.ndim == before.ndim - 1 else s for s in stats)
+        before = secant_norm(before, n_x, s_x, n_y, s_y, norm)
+    return before
