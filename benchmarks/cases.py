@@ -60,6 +60,8 @@ CONFIGS = {
 
 #: Neurons per reference-style forward-DePass pass (the reference propagates groups of neurons).
 REFERENCE_GROUP = 64
+#: Edges timed for per-edge patching (one patched forward each), extrapolated to all edges.
+PATCHED_EDGES = 6
 #: The layer whose neurons cases (d) attribute.
 NEURON_LAYER = 6
 
@@ -131,6 +133,8 @@ def make_case(name: str, model: HookedTransformer, tokens: torch.Tensor):
             ]
 
         return atp, 1.0
+    if name in ("graph_all", "graph_value", "graph_contrast", "eap", "edge_patching"):
+        return _graph_case(name, model, tokens, depass, answer, wrong)
     if name == "forward_mode_tokens":  # forward mode with n = n_pos + 1 components
         return (lambda: depass.attribute(tokens, target, dp.Tokens(), mode="forward")), 1.0
     if name == "plain_forwards_n":  # n plain forwards, batched 16 at a time
@@ -179,6 +183,38 @@ def make_case(name: str, model: HookedTransformer, tokens: torch.Tensor):
 
         return ablate_neurons, d_mlp / len(sample)
     raise SystemExit(f"unknown case {name!r}")
+
+
+def _graph_case(name, model, tokens, depass, answer, wrong):
+    """Circuit cases: every edge (each head's q/k/v input, each MLP, the logits) of the model."""
+    from depass_lens.circuits import GraphNodes, build_spec  # noqa: PLC0415
+    from depass_lens.circuits.patching import EdgePatcher, logit_diff_metric  # noqa: PLC0415
+    from depass_lens.evaluation.circuit_baselines import eap_graph  # noqa: PLC0415
+
+    corrupted = torch.roll(tokens, 1, dims=1)
+    target = dp.LogitDiff(answer, wrong)
+    if name == "graph_all":  # absolute graph with query and key edges (symmetric split)
+        return (lambda: depass.graph(tokens, target, attention="symmetric")), 1.0
+    if name == "graph_value":  # absolute graph, patterns frozen (query/key edges are 0)
+        return (lambda: depass.graph(tokens, target, attention="value")), 1.0
+    if name == "graph_contrast":  # contrastive graph, difference linearisation
+        return (lambda: depass.graph(tokens, target, contrast=corrupted)), 1.0
+    spec = build_spec(depass.adapter, GraphNodes(), tokens.shape[1])
+    if name == "eap":
+        return (lambda: eap_graph(depass.adapter, spec, tokens, corrupted, [target], ["t"])), 1.0
+    ids = torch.tensor([answer]), torch.tensor([wrong])
+    patcher = EdgePatcher(
+        depass.adapter, spec, tokens, logit_diff_metric(*ids), corrupted=corrupted
+    )
+    n_edges = sum(spec.nodes[e.sender].kind != "bias" for e in spec.edges)
+
+    def patch_sample():
+        for i in range(PATCHED_EDGES):
+            keep = torch.ones(len(spec.edges), dtype=torch.bool)
+            keep[i] = False
+            patcher.logits(keep)
+
+    return patch_sample, n_edges / PATCHED_EDGES
 
 
 def _synchronise(device: torch.device) -> None:

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 RESULTS = Path(__file__).parent / "results"
 
-#: (config, case, n_pos, repeats, warm-up?) -- the matrix of issue 4, (a) to (e).
+#: (config, case, n_pos, repeats, warm-up?) -- issue 4's matrix, (a) to (d), and circuits (e).
 FULL = (
     [
         (c, case, n, 3, True)
@@ -36,6 +36,17 @@ FULL = (
         (c, case, 128, 1, True)
         for c in ("gpt2", "llama")
         for case in ("forward_mode_tokens", "plain_forwards_n")
+    ]
+    + [
+        ("gpt2", case, n, r, True)
+        for n in (128, 512)
+        for case, r in (
+            ("graph_all", 3),
+            ("graph_value", 3),
+            ("graph_contrast", 3),
+            ("eap", 3),
+            ("edge_patching", 1),
+        )
     ]
     + [
         ("gpt2", case, 256, r, w)
@@ -70,6 +81,12 @@ RATIOS = [
         "<=",
     ),
     ("(c) per-head ablation / adjoint heads", "head_ablation", "adjoint_heads", 50.0, ">="),
+    ("(e) all edges, q/k/v + MLPs (symmetric) / run_with_cache", "graph_all", "forward", 3.0, "<="),
+    ("(e) all edges (symmetric) / EAP", "graph_all", "eap", 1.0, "<="),
+    ("(e) per-edge patching / all edges (symmetric)", "edge_patching", "graph_all", 100.0, ">="),
+    ("(e) all edges, patterns frozen / run_with_cache", "graph_value", "forward", None, "<="),
+    ("(e) contrastive graph / run_with_cache", "graph_contrast", "forward", None, "<="),
+    ("(e) contrastive graph / EAP", "graph_contrast", "eap", None, "<="),
     (
         "(d) reference grouped forward / adjoint neurons",
         "reference_grouped",
