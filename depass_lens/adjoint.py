@@ -53,14 +53,19 @@ class AdjointPass:
     ledger: ConstantLedger = field(default_factory=ConstantLedger)
 
     def backward(
-        self, scalar: Tensor, hooks: Iterable[str], retain_graph: bool
+        self,
+        scalar: Tensor,
+        hooks: Iterable[str],
+        retain_graph: bool,
+        zeros_for_unused: bool = True,
     ) -> tuple[dict[str, Tensor], list[Tensor]]:
-        """Gradients at the named hooks, and every constant site's share of ``scalar``."""
+        """Gradients at the named hooks (zeros, or ``None`` if asked, where the target does not
+        depend on them), and every constant site's share of ``scalar``."""
         names = list(dict.fromkeys(hooks))
         tensors = [self.live[name] for name in names] + self.ledger.live_tensors()
         grads = torch.autograd.grad(scalar, tensors, retain_graph=retain_graph, allow_unused=True)
         named = {
-            name: grad if grad is not None else torch.zeros_like(tensor)
+            name: grad if grad is not None or not zeros_for_unused else torch.zeros_like(tensor)
             for name, grad, tensor in zip(names, grads, tensors)
         }
         with torch.no_grad():

@@ -51,8 +51,20 @@ class ConstantSite:
     def contribution(self, grad: Tensor | None, batch: int) -> Tensor:
         """``<constant, grad>`` per prompt: ``[batch]``, or ``[batch, n]`` with a kept axis."""
         if grad is None:
-            grad = torch.zeros_like(self.live)
-        product = self.constant.to(grad.dtype) * grad
+            shape = (batch,) if self.axis is None else (batch, self.live.shape[self.axis])
+            return self.live.new_zeros(shape)
+        constant = self.constant.to(grad.dtype)
+        if constant.ndim < grad.ndim:
+            constant = constant.reshape((1,) * (grad.ndim - constant.ndim) + constant.shape)
+        keep = {0, self.axis % grad.ndim if self.axis is not None else 0}
+        broadcast = [
+            d
+            for d in range(grad.ndim)
+            if d not in keep and constant.shape[d] == 1 and grad.shape[d] > 1 and self.rows is None
+        ]
+        if broadcast:  # sum the gradient over what the constant repeats, before multiplying
+            grad = grad.sum(broadcast, keepdim=True)
+        product = constant * grad
         if self.rows is not None:
             per_row = product.flatten(1).sum(-1)
             return per_row.new_zeros(batch).index_add_(0, self.rows, per_row)

@@ -236,13 +236,13 @@ def test_removing_a_path_breaks_conservation(monkeypatch):
 
     model = make_model("gpt2", torch.float64)
     tokens = random_tokens(model)
-    original = build.receiver_gradient
+    original = build.slot_blocks
 
-    def no_keys(adapter, node, side, grads, acts, target_hook):
-        grad = original(adapter, node, side, grads, acts, target_hook)
-        return torch.zeros_like(grad) if side == "k" else grad
+    def no_keys(adapter, spec, the_slots, grads, acts):
+        blocks = original(adapter, spec, the_slots, grads, acts)
+        return [b for b in blocks if the_slots[b.slots[0]].kind != "k"]
 
-    monkeypatch.setattr(build, "receiver_gradient", no_keys)
+    monkeypatch.setattr(build, "slot_blocks", no_keys)
     graph = dp.DePass(model, attention="symmetric").graph(tokens, dp.Logit(3))
     assert graph.conservation()["outgoing"] > 1e-4
 

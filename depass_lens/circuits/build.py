@@ -30,13 +30,13 @@ from depass_lens.adapter import ModelAdapter
 from depass_lens.adjoint import AdjointPass, linearised_forward, target_scalar
 from depass_lens.circuits.graph import Graph
 from depass_lens.circuits.spec import (
+    HEAD_SIDES,
     Edge,
     EdgeKind,
     GraphNodes,
     GraphSpec,
     build_spec,
     neuron_gradients,
-    receiver_gradient,
     receiver_hooks,
     sender_hooks,
     sender_outputs,
@@ -106,55 +106,74 @@ def receiver_input_hook(adapter: ModelAdapter, spec: GraphSpec, node: int) -> st
     return target_read_hook(adapter, spec.target_hook)
 
 
-def receiver_slot_gradients(
+@dataclass
+class SlotBlock:
+    """Receiving inputs that read the same stream, their gradients side by side (``None``: all
+    zero, e.g. queries and keys with frozen patterns). ``slots`` index the slot list."""
+
+    slots: list[int]
+    grads: Float[Tensor, "batch pos k d_model"] | None
+
+
+def slot_blocks(
     adapter: ModelAdapter,
     spec: GraphSpec,
     the_slots: Sequence[Slot],
-    grads: Mapping[str, Tensor],
+    grads: Mapping[str, Tensor | None],
     acts: Mapping[str, Tensor],
-) -> list[Tensor]:
-    """The gradient at each slot's input, in the stream's space."""
-    groups: dict[int, dict[int, Tensor]] = {}
-    out = []
-    for slot in the_slots:
-        node = spec.nodes[slot.receiver]
-        if node.kind == "neurons" or (node.kind == "mlp" and node.index == -1):
-            if node.layer not in groups:
-                members = [
-                    i
-                    for i, n in enumerate(spec.nodes)
-                    if n.layer == node.layer and n.kind in ("neurons", "mlp")
-                ]
-                neurons = [spec.nodes[i].neurons for i in members]
-                stacked = neuron_gradients(adapter, node.layer, neurons, grads, acts)
-                groups[node.layer] = dict(zip(members, stacked))
-            out.append(groups[node.layer][slot.receiver])
+) -> list[SlotBlock]:
+    """Every receiving input's gradient in the stream's space, grouped by what it reads: a
+    layer's heads per side (one ``[batch, pos, head, d_model]`` tensor, no copy), an MLP or its
+    neuron groups, the target."""
+    index = {(s.receiver, s.kind): i for i, s in enumerate(the_slots)}
+    blocks = []
+    for layer in range(adapter.n_layers):
+        heads = [i for i, n in enumerate(spec.nodes) if n.kind == "head" and n.layer == layer]
+        for side in HEAD_SIDES if heads else ():
+            grad = grads.get(f"blocks.{layer}.hook_{side}_input")
+            blocks.append(SlotBlock([index[(h, side)] for h in heads], grad))
+        members = [
+            i for i, n in enumerate(spec.nodes) if n.layer == layer and n.kind in ("mlp", "neurons")
+        ]
+        if not members:
+            continue
+        if len(members) == 1:
+            grad = grads.get(f"blocks.{layer}.hook_mlp_in")
+            blocks.append(SlotBlock([index[(members[0], "mlp")]], _unsqueeze(grad)))
         else:
-            out.append(receiver_gradient(adapter, node, slot.kind, grads, acts, spec.target_hook))
-    return out
+            neurons = [spec.nodes[i].neurons for i in members]
+            stacked = neuron_gradients(adapter, layer, neurons, grads, acts)
+            side_by_side = None if stacked is None else stacked.permute(1, 2, 0, 3)
+            blocks.append(SlotBlock([index[(i, "mlp")] for i in members], side_by_side))
+    grad = grads.get(target_read_hook(adapter, spec.target_hook))
+    blocks.append(SlotBlock([index[(spec.target, "direct")]], _unsqueeze(grad)))
+    return blocks
+
+
+def _unsqueeze(grad: Tensor | None) -> Tensor | None:
+    return None if grad is None else grad.unsqueeze(2)
 
 
 def contract(
     spec: GraphSpec,
     the_slots: Sequence[Slot],
-    slot_grads: Sequence[Tensor],
+    blocks: Sequence[SlotBlock],
     outputs: Float[Tensor, "sender batch pos d_model"],
     by_position: bool = False,
 ) -> Tensor:
     """Edge scores ``sum_pos <out_A, g_B>`` for every edge: ``[batch, edge]`` (or ``[batch, edge,
-    pos]``), one batched contraction per group of slots that share their senders."""
+    pos]``), one batched contraction per block (its inputs share their senders)."""
     batch, n_pos = outputs.shape[1], outputs.shape[2]
     shape = (batch, len(spec.edges), n_pos) if by_position else (batch, len(spec.edges))
     scores = outputs.new_zeros(shape)
-    by_count: dict[int, list[int]] = {}
-    for i, slot in enumerate(the_slots):
-        by_count.setdefault(slot.n_senders, []).append(i)
-    pattern = "k b p d, a b p d -> b k a p" if by_position else "k b p d, a b p d -> b k a"
-    for count, members in by_count.items():
-        grads = torch.stack([slot_grads[i] for i in members])
-        part = einops.einsum(grads, outputs[:count].to(grads.dtype), pattern)
-        for j, i in enumerate(members):
-            first = the_slots[i].first_edge
+    pattern = "b p k d, a b p d -> b k a p" if by_position else "b p k d, a b p d -> b k a"
+    for block in blocks:
+        if block.grads is None:
+            continue
+        count = the_slots[block.slots[0]].n_senders
+        part = einops.einsum(block.grads, outputs[:count].to(block.grads.dtype), pattern)
+        for j, slot in enumerate(block.slots):
+            first = the_slots[slot].first_edge
             scores[:, first : first + count] = part[:, j]
     return scores
 
@@ -172,7 +191,7 @@ def node_quantities(
     adapter: ModelAdapter,
     spec: GraphSpec,
     the_slots: Sequence[Slot],
-    slot_grads: Sequence[Tensor],
+    blocks: Sequence[SlotBlock],
     outputs: Tensor,
     sender_grads: Mapping[str, Tensor],
     stream: Mapping[str, Tensor],
@@ -190,12 +209,20 @@ def node_quantities(
     score = outputs.new_zeros(batch, n)
     inputs = outputs.new_zeros(batch, n)
     own = outputs.new_zeros(batch, n)
+    by_hook: dict[str, list[int]] = {}
     for row, node in enumerate(spec.senders):
-        h = sender_grads[sender_score_hook(adapter, spec, node)]
-        score[:, node] = (outputs[row] * h).sum((-1, -2))
-    for slot, grad in zip(the_slots, slot_grads):
-        read = stream[receiver_input_hook(adapter, spec, slot.receiver)]
-        inputs[:, slot.receiver] += (read.to(grad.dtype) * grad).sum((-1, -2))
+        by_hook.setdefault(sender_score_hook(adapter, spec, node), []).append(row)
+    senders = torch.tensor(spec.senders)
+    for hook, rows in by_hook.items():
+        values = einops.einsum(outputs[rows], sender_grads[hook], "a b p d, b p d -> b a")
+        score[:, senders[rows]] = values.to(score.dtype)
+    for block in blocks:
+        if block.grads is None:
+            continue
+        receivers = [the_slots[i].receiver for i in block.slots]
+        read = stream[receiver_input_hook(adapter, spec, receivers[0])].to(block.grads.dtype)
+        values = einops.einsum(read, block.grads, "b p d, b p k d -> b k").to(inputs.dtype)
+        inputs.index_add_(1, torch.tensor(receivers), values)
     score[:, spec.target] = target_value
     if ledger is not None:
         own = own_constants(spec, ledger, constants, own)
@@ -323,7 +350,9 @@ def backward_jobs(
         constant = constants[:, k].to(state.dtype)
         with torch.enable_grad():
             value = target_scalar(state, weights[:, k].to(state.dtype), constant)
-            grads, sites = passed.backward(value.sum(), hooks, retain_graph=i < len(jobs) - 1)
+            grads, sites = passed.backward(
+                value.sum(), hooks, retain_graph=i < len(jobs) - 1, zeros_for_unused=False
+            )
         yield value.detach(), constant, grads, sites
 
 
@@ -406,7 +435,7 @@ __all__ = [
     "graph_pass",
     "node_quantities",
     "own_constants",
-    "receiver_slot_gradients",
+    "slot_blocks",
     "sender_outputs",
     "slots",
 ]
@@ -469,8 +498,8 @@ def depass_graph(
         jobs = target_jobs(adapter, targets)
         results = backward_jobs(adapter, spec, passed, tokens, attention_mask, targets, progress)
         for (t, k), (value, constant, grads, sites) in zip(jobs, results):
-            slot_grads = receiver_slot_gradients(adapter, spec, the_slots, grads, acts)
-            scores = contract(spec, the_slots, slot_grads, outputs, by_position)
+            blocks = slot_blocks(adapter, spec, the_slots, grads, acts)
+            scores = contract(spec, the_slots, blocks, outputs, by_position)
             if by_position:
                 by_pos_rows.append(scores)
                 scores = scores.sum(-1)
@@ -484,7 +513,7 @@ def depass_graph(
                 adapter,
                 spec,
                 the_slots,
-                slot_grads,
+                blocks,
                 outputs,
                 grads,
                 stream,

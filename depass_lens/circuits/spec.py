@@ -278,33 +278,16 @@ def target_read_hook(adapter: ModelAdapter, target_hook: str) -> str:
     return target_hook
 
 
-def receiver_gradient(
-    adapter: ModelAdapter,
-    node: Node,
-    side: EdgeKind,
-    grads: Mapping[str, Tensor],
-    acts: Activations,
-    target_hook: str,
-) -> Float[Tensor, "batch pos d_model"]:
-    """The gradient of the target through one receiver's input only (in the stream's space)."""
-    if node.kind == "head":
-        return grads[f"blocks.{node.layer}.hook_{side}_input"][:, :, node.index]
-    if node.kind == "mlp" and node.neurons is None and node.index != -1:
-        return grads[f"blocks.{node.layer}.hook_mlp_in"]
-    if node.kind == "target":
-        return grads[target_read_hook(adapter, target_hook)]
-    raise ValueError(f"{node.name} is read through its neuron groups")  # handled by the builder
-
-
 def neuron_gradients(
     adapter: ModelAdapter,
     layer: int,
     groups: Sequence[tuple[int, ...] | None],
-    grads: Mapping[str, Tensor],
+    grads: Mapping[str, Tensor | None],
     acts: Activations,
-) -> Float[Tensor, "group batch pos d_model"]:
+) -> Float[Tensor, "group batch pos d_model"] | None:
     """Each neuron group's input gradient: its neurons' pre-activation gradients pulled back
-    through their input weights and the frozen input norm. ``None`` is the rest of the layer."""
+    through their input weights and the frozen input norm. A ``None`` group is the rest of the
+    layer; ``None`` comes back where the target does not depend on the layer's MLP."""
     mlp = adapter.mlp(layer)
     prefix = f"blocks.{layer}.mlp"
     chosen = {n for group in groups if group is not None for n in group}
@@ -312,13 +295,18 @@ def neuron_gradients(
     norms = adapter.block_norms(layer)
     ln2 = None if adapter.post_norm else norms["ln2"]
     out = []
+    gate, up = grads.get(f"{prefix}.hook_pre"), grads.get(f"{prefix}.hook_pre_linear")
+    like = gate if gate is not None else up
+    if like is None:
+        return None
     for group in groups:
         neurons = list(rest if group is None else group)
-        if mlp.W_gate is not None:
-            up = grads[f"{prefix}.hook_pre_linear"][..., neurons] @ mlp.W_in[:, neurons].T
-            pulled = grads[f"{prefix}.hook_pre"][..., neurons] @ mlp.W_gate[:, neurons].T + up
-        else:
-            pulled = grads[f"{prefix}.hook_pre"][..., neurons] @ mlp.W_in[:, neurons].T
+        pulled = like.new_zeros(*like.shape[:-1], adapter.d_model)
+        if gate is not None:  # the gate side reads W_gate (gated MLPs), else W_in
+            W = mlp.W_gate if mlp.W_gate is not None else mlp.W_in
+            pulled = pulled + gate[..., neurons] @ W[:, neurons].T
+        if up is not None and mlp.W_gate is not None:
+            pulled = pulled + up[..., neurons] @ mlp.W_in[:, neurons].T
         out.append(norm_map_transpose(pulled, ln2, frozen_scale(acts, ln2)))
     return torch.stack(out)
 

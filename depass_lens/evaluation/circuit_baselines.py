@@ -25,11 +25,12 @@ from tqdm import tqdm
 
 from depass_lens.adapter import ModelAdapter
 from depass_lens.circuits.build import (
+    SlotBlock,
     backward_jobs,
     contract,
     graph_pass,
     plain_activations,
-    receiver_slot_gradients,
+    slot_blocks,
     slots,
 )
 from depass_lens.circuits.extract import patchable
@@ -69,7 +70,7 @@ def eap_graph(
     alphas: list[float | None] = [None]
     if steps is not None:  # midpoints of ``steps`` equal intervals of [0, 1]
         alphas = [(k + 0.5) / steps for k in range(steps)]
-    sums: list[list[Tensor]] | None = None
+    sums: list[list[SlotBlock]] | None = None
     values: list[Tensor] = []
     points = tqdm(alphas, desc="EAP-IG", leave=False, delay=2.0) if progress else alphas
     for alpha in points:
@@ -93,20 +94,20 @@ def eap_graph(
             adapter, spec, passed, tokens, attention_mask, targets
         ):
             with torch.no_grad():
-                per_target.append(
-                    receiver_slot_gradients(adapter, spec, the_slots, grads, passed.activations)
-                )
+                per_target.append(slot_blocks(adapter, spec, the_slots, grads, passed.activations))
             if alpha is None:
                 values.append(value)
-        if sums is None:
-            sums = per_target
-        else:
-            sums = [[a + b for a, b in zip(x, y)] for x, y in zip(sums, per_target)]
+        sums = (
+            per_target
+            if sums is None
+            else [[_add(a, b) for a, b in zip(x, y)] for x, y in zip(sums, per_target)]
+        )
     assert sums is not None
     with torch.no_grad():
         outputs = sender_outputs(adapter, spec, clean) - sender_outputs(adapter, spec, corrupt)
-        mean = [[g / len(alphas) for g in grads] for grads in sums]
-        edge_scores = torch.stack([contract(spec, the_slots, g, outputs) for g in mean], 1)
+        edge_scores = torch.stack(
+            [contract(spec, the_slots, blocks, outputs) / len(alphas) for blocks in sums], 1
+        )
     batch, n_t = edge_scores.shape[:2]
     zeros = edge_scores.new_zeros(batch, n_t, len(spec.nodes))
     return Graph(
@@ -121,6 +122,13 @@ def eap_graph(
         contrast=True,
         meta={"steps": steps} if steps is not None else {},
     )
+
+
+def _add(a: SlotBlock, b: SlotBlock) -> SlotBlock:
+    """Two gradient blocks of the same inputs, summed (``None`` is zero)."""
+    if a.grads is None or b.grads is None:
+        return a if b.grads is None else b
+    return SlotBlock(a.slots, a.grads + b.grads)
 
 
 @dataclass
