@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 import torch
 
@@ -11,7 +13,7 @@ from depass_lens.zoo.tasks import TASKS
 from depass_lens.zoo.train import accuracy, train
 
 #: Held-out top-1 accuracy each shipped model must keep (recall/bilingual: memorised facts).
-BARS = {"ioi": 0.95, "induction": 0.9, "recall": 0.95, "bilingual": 0.95}
+BARS = {"ioi": 0.95, "induction": 0.9, "recall": 0.95, "bilingual": 0.95, "binding": 0.95}
 
 
 @pytest.mark.parametrize("name", sorted(SPECS))
@@ -84,3 +86,41 @@ def test_induction_prompts_are_unambiguous():
         earlier = example.words.index(query)
         assert example.words[earlier + 1] == example.answer
         assert example.corrupted is not None and example.corrupted.count(query) == 1
+
+
+def test_binding_prompts_are_unambiguous_programs():
+    """Each variable is assigned once, before any alias uses it; the query is an alias whose chain
+    ends in the answer; every counterfactual keeps the clean prompt, its length and the answer."""
+    from depass_lens.zoo.tasks.binding import COUNTERFACTUALS, LENGTH, BindingTask, _held_out
+
+    def resolve(words: list[str]) -> dict[str, str]:
+        assigned: dict[str, str] = {}
+        for i in range(0, len(words) - 2, 4):
+            source, arrow, variable, end = words[i : i + 4]
+            assert arrow == "->" and end == ";" and variable not in assigned
+            assert not source.isalpha() or source in assigned  # program order
+            assigned[variable] = assigned.get(source, source)
+        return assigned
+
+    task = zoo.task("binding")
+    variants = {kind: BindingTask(kind) for kind in ["redirect", *COUNTERFACTUALS]}
+    examples = {kind: t.examples(100, seed=5) for kind, t in variants.items()}
+    for i, example in enumerate(task.examples(100, seed=5)):
+        assert len(example.words) == LENGTH and example.words[-2] == "?"
+        query = example.words[-1]
+        values = resolve(example.words[:-2])
+        assert values[query] == example.answer and example.wrong != example.answer
+        assert _held_out(query, example.words[example.words.index(query) - 2])
+        for kind, corrupted in examples.items():
+            assert corrupted[i].words == example.words and corrupted[i].answer == example.answer
+            assert corrupted[i].corrupted is not None
+            assert len(corrupted[i].corrupted) == LENGTH
+            flipped = resolve(corrupted[i].corrupted[:-2])[query]
+            assert flipped != example.answer
+            if kind != "realias":
+                assert flipped == example.wrong
+    for words, _ in (task.sentence_with_mask(random.Random(i)) for i in range(100)):
+        resolve(words[: LENGTH - 2])
+        for j in range(0, LENGTH - 2, 4):  # no held-out (alias, variable) pair in training
+            if words[j].isalpha():
+                assert not _held_out(words[j + 2], words[j])

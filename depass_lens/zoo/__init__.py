@@ -2,10 +2,11 @@
 
 >>> from depass_lens import zoo
 >>> zoo.list()
-['bilingual', 'induction', 'ioi', 'recall']
+['bilingual', 'binding', 'induction', 'ioi', 'recall']
 >>> model = zoo.load("ioi")                   # a HookedTransformer with its tokenizer
 >>> batch = zoo.task("ioi").batch(model, 32)  # tokens, answers, wrong answers, corrupted prompts
 >>> zoo.ground_truth("ioi")["heads_mean"]     # per-head mean-ablation effects
+>>> zoo.mechanism("binding").stages           # stages and edges, established by path patching
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 
 from transformer_lens import HookedTransformer
 
+from depass_lens.zoo.mechanisms import MECHANISMS, Mechanism, read_paths
 from depass_lens.zoo.registry import SPECS, ZooSpec
 from depass_lens.zoo.store import load_model, read_meta
 from depass_lens.zoo.tasks import TASKS, Task, ZooBatch
@@ -47,6 +49,21 @@ def ground_truth(name: str) -> dict[str, Any]:
     return json.loads(spec(name).ablation_path.read_text())
 
 
+def mechanism(name: str) -> Mechanism:
+    """The model's mechanism: stages (their heads) and edges, each established by path patching."""
+    if name not in MECHANISMS:
+        raise KeyError(f"no mechanism documented for {name!r}; documented: {sorted(MECHANISMS)}")
+    return MECHANISMS[name]
+
+
+def path_effects(name: str) -> dict[str, Any]:
+    """The measured path-patching effect of every edge of ``mechanism(name)``."""
+    measured = read_paths(spec(name).root, name)
+    if measured is None:
+        raise FileNotFoundError(f"no path-patching results for {name!r}")
+    return measured
+
+
 def card(name: str) -> str:
     """The model card (markdown)."""
     return spec(name).card_path.read_text()
@@ -63,4 +80,17 @@ def example(name: str) -> tuple[str, str | None, str | None]:
     return " ".join(ex.words), ex.answer, ex.wrong
 
 
-__all__ = ["ZooBatch", "card", "example", "ground_truth", "info", "list", "load", "spec", "task"]
+__all__ = [
+    "Mechanism",
+    "ZooBatch",
+    "card",
+    "example",
+    "ground_truth",
+    "info",
+    "list",
+    "load",
+    "mechanism",
+    "path_effects",
+    "spec",
+    "task",
+]

@@ -106,5 +106,21 @@ SPECS: dict[str, ZooSpec] = {
             description="2-layer GPT-2-style model on the recall facts in two languages",
             extra={"probe_hook": "blocks.1.hook_resid_mid"},
         ),
+        ZooSpec(
+            "binding",
+            "binding",
+            dict(
+                n_layers=3,
+                d_model=64,
+                n_heads=4,
+                d_head=16,
+                n_ctx=37,
+                attn_only=True,
+                normalization_type="LN",
+            ),
+            steps=4000,
+            lr=3e-3,
+            description="3-layer attention-only model on two-hop variable binding",
+        ),
     )
 }

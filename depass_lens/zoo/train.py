@@ -2,6 +2,7 @@
 
     python -m depass_lens.zoo.train ioi                  # full recipe, writes depass_lens/zoo/
     python -m depass_lens.zoo.train ioi --steps 20 --out /tmp/zoo   # a quick check
+    python -m depass_lens.zoo.train ioi --card-only      # rewrite the card from the shipped files
 
 Training is next-token prediction over whole sentences (for ``ioi``: IOI sentences, so the name
 mechanism is learnt as part of language modelling rather than as a single answer classifier).
@@ -22,10 +23,11 @@ import torch.nn.functional as F
 from tqdm import tqdm
 from transformer_lens import HookedTransformer
 
-from depass_lens.zoo.ablation import ablation_effects, circuit_heads, top_components
+from depass_lens.zoo.ablation import ablation_effects, circuit_heads, logit_diff, top_components
+from depass_lens.zoo.mechanisms import MECHANISMS, card_section, paths_path, read_paths
 from depass_lens.zoo.registry import SPECS, ZooSpec
 from depass_lens.zoo.roles import ROLES, head_role_scores, heads_with_role
-from depass_lens.zoo.store import build_model, save
+from depass_lens.zoo.store import build_model, load_model, read_meta, save
 from depass_lens.zoo.tasks import TASKS, Task
 
 
@@ -117,8 +119,29 @@ def language_probe(model: HookedTransformer, task: Task, hook: str, n: int = 400
     }
 
 
-def card_text(spec: ZooSpec, meta: dict[str, Any], effects: dict[str, Any]) -> str:
-    """The model card: config, training command, results and circuit."""
+@torch.no_grad()
+def corrupted_metric(model: HookedTransformer, task: Task) -> dict[str, float]:
+    """The ablation metric on the held-out prompts and on their corrupted versions."""
+    batch = task.batch(model, 200, split="test", seed=11)  # the prompts the ablations use
+    assert batch.wrong is not None and batch.corrupted is not None
+    corrupted = model(batch.corrupted)
+    return {
+        "clean": float(logit_diff(model(batch.tokens), batch.answers, batch.wrong)),
+        "corrupted": float(logit_diff(corrupted, batch.answers, batch.wrong)),
+        "corrupted_top1_answer": float(
+            (corrupted[:, -1].argmax(-1) == batch.answers).float().mean()
+        ),
+    }
+
+
+def card_text(
+    spec: ZooSpec,
+    meta: dict[str, Any],
+    effects: dict[str, Any],
+    corruption: dict[str, float] | None = None,
+    paths: dict[str, Any] | None = None,
+) -> str:
+    """The model card: config, training command, results, corrupted distribution and circuit."""
     acc = meta["accuracy"]
     lines = [
         f"# Zoo model `{spec.name}`",
@@ -155,6 +178,17 @@ def card_text(spec: ZooSpec, meta: dict[str, Any], effects: dict[str, Any]) -> s
             f"- language probe at `{meta['probe']['hook']}` (last position): held-out "
             f"accuracy {meta['probe']['accuracy']:.3f}"
         )
+    task = TASKS[spec.task]
+    if task.corruption:
+        lines += ["", "## Corrupted distribution", "", task.corruption]
+        if corruption is not None:
+            lines += [
+                "",
+                f"On the {effects['n_examples']} held-out prompts of the ablations the logit "
+                f"difference (answer - wrong answer) falls from {corruption['clean']:.2f} to "
+                f"{corruption['corrupted']:.2f} on the corrupted prompts; the clean answer stays "
+                f"top-1 on {corruption['corrupted_top1_answer']:.1%} of them.",
+            ]
     lines += [
         "",
         "## Circuit (exhaustive ablation)",
@@ -187,7 +221,22 @@ def card_text(spec: ZooSpec, meta: dict[str, Any], effects: dict[str, Any]) -> s
                 f"- top-5 by |{key.replace('_', ' ')} ablation effect|: "
                 + ", ".join(f"{n} ({v:+.2f})" for n, v in top)
             )
-    return "\n".join(lines) + "\n"
+    mechanism = card_section(spec.name, paths)
+    if mechanism:
+        lines += ["", *mechanism]
+    return "\n".join(lines).rstrip("\n") + "\n"
+
+
+def write_card(spec: ZooSpec, model: HookedTransformer | None = None) -> str:
+    """Rewrite ``spec``'s card from its shipped files (weights, metadata, ablations, paths)."""
+    model = model if model is not None else load_model(spec)
+    meta = read_meta(spec)
+    effects = json.loads(spec.ablation_path.read_text())
+    corruption = corrupted_metric(model, TASKS[spec.task]())
+    text = card_text(spec, meta, effects, corruption, read_paths(spec.root, spec.name))
+    spec.card_path.parent.mkdir(parents=True, exist_ok=True)
+    spec.card_path.write_text(text)
+    return text
 
 
 def run(name: str, steps: int | None, seed: int, out: Path | None, threads: int) -> dict[str, Any]:
@@ -222,8 +271,11 @@ def run(name: str, steps: int | None, seed: int, out: Path | None, threads: int)
     meta["weights_bytes"] = spec.weights_path.stat().st_size
     save(model, spec, task.words(), meta)
     spec.ablation_path.write_text(json.dumps(effects))
-    spec.card_path.parent.mkdir(parents=True, exist_ok=True)
-    spec.card_path.write_text(card_text(spec, meta, effects))
+    if spec.name in MECHANISMS:  # re-measure the documented edges on the new weights
+        from depass_lens.zoo.paths import measure
+
+        paths_path(spec.root, spec.name).write_text(json.dumps(measure(model, spec), indent=1))
+    write_card(spec, model)
     return meta
 
 
@@ -234,7 +286,15 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None, help="default: the package's zoo folder")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--card-only", action="store_true", help="rewrite the card from the shipped files only"
+    )
     args = parser.parse_args()
+    if args.card_only:
+        spec = SPECS[args.name] if args.out is None else replace(SPECS[args.name], root=args.out)
+        write_card(spec)
+        print(spec.card_path)
+        return
     meta = run(args.name, args.steps, args.seed, args.out, args.threads)
     print(json.dumps({k: v for k, v in meta.items() if k not in ("config", "probe")}, indent=1))
 

@@ -2,6 +2,7 @@
 
 from depass_lens.zoo.tasks.base import Example, Task, ZooBatch
 from depass_lens.zoo.tasks.bilingual import BilingualTask
+from depass_lens.zoo.tasks.binding import BindingTask
 from depass_lens.zoo.tasks.induction import InductionTask
 from depass_lens.zoo.tasks.ioi import IOITask
 from depass_lens.zoo.tasks.recall import RecallTask
@@ -11,11 +12,13 @@ TASKS: dict[str, type[Task]] = {
     "induction": InductionTask,
     "recall": RecallTask,
     "bilingual": BilingualTask,
+    "binding": BindingTask,
 }
 
 __all__ = [
     "TASKS",
     "BilingualTask",
+    "BindingTask",
     "Example",
     "IOITask",
     "InductionTask",

@@ -43,6 +43,9 @@ class Task(ABC):
     """A seeded, deterministic synthetic task."""
 
     name: str = "task"
+    #: What the corrupted prompt (``Example.corrupted``) changes and why that breaks the mechanism
+    #: (one paragraph of markdown, for the model card).
+    corruption: str = ""
 
     @abstractmethod
     def words(self) -> list[str]:

@@ -20,6 +20,12 @@ def translate(word: str) -> str:
 
 class BilingualTask(Task):
     name = "bilingual"
+    corruption = (
+        "As for `recall`, in the prompt's own language: the subject is swapped for another "
+        "subject with the same relation (language B words renamed the same way), so the fact "
+        "looked up is the other subject's; the language does not change. The wrong answer is a "
+        "random other object of the relation."
+    )
 
     def __init__(self) -> None:
         self.recall = RecallTask()

@@ -36,6 +36,13 @@ def _draw(rng: random.Random, n: int) -> list[str]:
 
 class InductionTask(Task):
     name = "induction"
+    corruption = (
+        "The first copy of the repeated sequence is replaced by fresh random tokens that do not "
+        "contain the query token; the noise around it and the start of the repeat are kept, so "
+        "the prompt has the same length and layout. The query token now has no earlier "
+        'occurrence, so the previous-token head marks no position as "comes after the query" '
+        "and the induction heads find nothing to copy."
+    )
 
     def words(self) -> list[str]:
         return list(VOCAB)

@@ -41,6 +41,14 @@ def _held_out(io: str, s: str) -> bool:
 
 class IOITask(Task):
     name = "ioi"
+    corruption = (
+        "The ABC distribution: the second mention of the subject is replaced by a third name that "
+        'occurs nowhere else in the prompt ("When Mary and John went to the store , Kate gave a '
+        'drink to"), same template, place and object. Both earlier names now occur once each, so '
+        "nothing marks either of them as the subject any more: the duplicated-name signal that "
+        "tells the model which of the two names not to say is gone, and the answer is a guess "
+        "between the indirect object and the subject (the wrong answer)."
+    )
 
     def words(self) -> list[str]:
         template_words = {

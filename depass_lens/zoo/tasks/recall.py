@@ -33,6 +33,13 @@ def fact_table(seed: int = 1234) -> dict[tuple[str, tuple[str, str]], str]:
 
 class RecallTask(Task):
     name = "recall"
+    corruption = (
+        'The subject is swapped for another subject, with the same relation ("Alice lives in" '
+        '-> "Bruno lives in"). Only the subject identity changes, and that is the key the model '
+        "moves to the last position and looks the fact up with, so the model recalls the other "
+        "subject's fact. The wrong answer is a random other object of the relation, not the "
+        "corrupted prompt's answer (the two subjects may even share the object)."
+    )
 
     def __init__(self) -> None:
         self.facts = fact_table()
