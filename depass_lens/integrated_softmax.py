@@ -99,18 +99,21 @@ class _Chunk:
     hi: int
     alphas: Tensor  # [rows, nodes]
     weights: Tensor  # [rows, nodes]
+    segments: list[tuple[int, int, int, int]]  # (start, stop, batch, head): runs of one head
     patterns: Tensor | None = None  # [rows, nodes, hi - lo] when kept
 
     def select(self, keep: Tensor) -> _Chunk:
         patterns = self.patterns[keep] if self.patterns is not None else None
+        b, h = self.b[keep], self.h[keep]
         return _Chunk(
-            self.b[keep],
-            self.h[keep],
+            b,
+            h,
             self.q[keep],
             self.lo,
             self.hi,
             self.alphas[keep],
             self.weights[keep],
+            _segments(b.cpu().numpy(), h.cpu().numpy()),
             patterns,
         )
 
@@ -239,6 +242,45 @@ class IntegratedSoftmax:
         the cost (adjoint mode only needs the gradient of the pattern-side term)."""
         return _IntegratedSoftmaxFn.apply(shares, self, False)  # type: ignore[no-any-return]
 
+    def contract(
+        self,
+        left: Float[Tensor, "batch query head r"],
+        right: Float[Tensor, "batch key head r"],
+        queries: Float[Tensor, "batch query head e"],
+        keys: Float[Tensor, "batch key head e"],
+        ratio: Float[Tensor, "batch head query key"] | None = None,
+    ) -> tuple[Float[Tensor, "batch query head e"], Float[Tensor, "batch key head e"]]:
+        """``(G keys, G^T queries)`` per head, with ``G = ratio * M(left right^T)``, without any
+        ``query x key`` tensor (each chunk of rows builds its own tile of ``left right^T``).
+
+        Adjoint mode's pattern side needs exactly this: with ``g`` the gradient at ``hook_z`` and
+        ``v`` the real values, the gradient at the score shares is ``M(g v^T)`` (``M`` is
+        symmetric), and at the queries and keys that build the shares it is that times the real
+        keys and queries (and the soft cap's frozen ratio). ``ratio`` defaults to 1.
+        """
+        out_q = queries.new_zeros(queries.shape)
+        out_k = keys.new_zeros(keys.shape)
+        for chunk in self._chunks:
+            patterns = self._node_patterns(chunk)
+            keys_span = slice(chunk.lo, chunk.hi)
+            tiles = [
+                left[b, chunk.q[start:stop], h]
+                @ right[b, keys_span, h].transpose(0, 1).to(left.dtype)
+                for start, stop, b, h in chunk.segments
+            ]
+            tile = torch.cat(tiles) if len(tiles) > 1 else tiles[0]
+            moved = _combine(
+                patterns.to(tile.dtype), chunk.weights.to(tile.dtype), tile.unsqueeze(1)
+            )[:, 0]
+            if ratio is not None:
+                moved = moved * ratio[chunk.b, chunk.h, chunk.q, keys_span].to(moved.dtype)
+            for start, stop, b, h in chunk.segments:
+                rows, part = chunk.q[start:stop], moved[start:stop]
+                out_q[b, rows, h] = (part @ keys[b, keys_span, h].to(part.dtype)).to(out_q.dtype)
+                pulled = part.transpose(0, 1) @ queries[b, rows, h].to(part.dtype)
+                out_k[b, keys_span, h] += pulled.to(out_k.dtype)
+        return out_q, out_k
+
     def _apply(self, shares: Tensor) -> Tensor:
         out = torch.zeros_like(shares)
         n_comp = shares.shape[1]
@@ -296,13 +338,11 @@ class IntegratedSoftmax:
         query = rows % n_query
         lo, hi = stats.lo[query], stats.hi[query]
         total = _slots(total, hi - lo, self._budget)
-        order = np.lexsort((query, hi, total))
+        order = np.lexsort((query, rows // n_query, total))  # by slots, then batch and head
         rows, total, lo, hi = rows[order], total[order], lo[order], hi[order]
         device, dtype = self._raw.device, self._raw.dtype
-        index = torch.from_numpy(
-            np.stack([rows // (n_head * n_query), rows // n_query % n_head, rows % n_query])
-        )
-        index = index.to(device)
+        index_np = np.stack([rows // (n_head * n_query), rows // n_query % n_head, rows % n_query])
+        index = torch.from_numpy(index_np).to(device)
         chunks = []
         starts = np.flatnonzero(np.diff(total, prepend=-1))
         for group, end in zip(starts, [*starts[1:], len(rows)]):
@@ -320,16 +360,18 @@ class IntegratedSoftmax:
             cut = (np.cumsum(cost) - cost) // self._budget
             edges = np.flatnonzero(np.diff(cut, prepend=-1))
             for start, stop in zip(edges, [*edges[1:], end - group]):
-                b, h, q = index[:, group + start : group + stop]
+                part = slice(group + start, group + stop)
+                b, h, q = index[:, part]
                 chunks.append(
                     _Chunk(
                         b,
                         h,
                         q,
-                        int(lo[group + start : group + stop].min()),
-                        int(hi[group + start : group + stop].max()),
+                        int(lo[part].min()),
+                        int(hi[part].max()),
                         alphas[start:stop],
                         weights[start:stop],
+                        _segments(index_np[0, part], index_np[1, part]),
                     )
                 )
         return chunks
@@ -434,6 +476,14 @@ def _slots(total: np.ndarray, width: np.ndarray, budget: int) -> np.ndarray:
         if int(width[which].sum()) * int(large - small) <= budget:
             slots[which] = large
     return slots
+
+
+def _segments(batch: np.ndarray, head: np.ndarray) -> list[tuple[int, int, int, int]]:
+    """Runs of rows of one ``(batch, head)``: ``(start, stop, batch, head)``."""
+    key = batch * (int(head.max(initial=0)) + 1) + head
+    starts = np.flatnonzero(np.diff(key, prepend=-1))
+    stops = [*starts[1:].tolist(), len(key)]
+    return [(int(a), int(z), int(batch[a]), int(head[a])) for a, z in zip(starts.tolist(), stops)]
 
 
 def _unflatten(index: Tensor, shape: torch.Size) -> tuple[Tensor, Tensor, Tensor]:

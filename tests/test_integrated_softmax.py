@@ -256,3 +256,24 @@ def test_broadcast_mask_and_mixed_dtypes():
     out = integrated.apply(v)
     assert out.dtype == DOUBLE and integrated.uniform.shape == scores.shape
     assert gap(out, reference(scores, allowed, v)) <= 1e-5
+
+
+@pytest.mark.parametrize("with_ratio", [False, True])
+def test_contract_equals_the_dense_computation(with_ratio, monkeypatch):
+    """``contract`` (no query x key tensor) against ``G = ratio * M(left right^T)`` built densely,
+    with padding, several heads and prompts, and chunks that cross heads."""
+    monkeypatch.setitem(integrated_softmax.CHUNK_ELEMENTS, "cpu", 3000)
+    allowed = causal(2, 3, 26, pad=4)
+    scores = random_scores(allowed, 40.0, seed=27)
+    integrated = IntegratedSoftmax(scores, allowed, softmax(scores, allowed), exact=False)
+    assert any(len(chunk.segments) > 1 for chunk in integrated._chunks)
+    gen = torch.Generator().manual_seed(28)
+    left, right, queries, keys = (
+        torch.randn(2, 26, 3, d, generator=gen, dtype=DOUBLE) for d in (5, 5, 7, 7)
+    )
+    ratio = 0.5 + torch.rand(2, 3, 26, 26, generator=gen, dtype=DOUBLE) if with_ratio else None
+    out_q, out_k = integrated.contract(left, right, queries, keys, ratio)
+    dense = torch.einsum("bqhr,bkhr->bhqk", left, right) * allowed
+    g = integrated.apply(dense.unsqueeze(1))[:, 0] * (ratio if with_ratio else 1.0)
+    torch.testing.assert_close(out_q, torch.einsum("bhqk,bkhe->bqhe", g, keys))
+    torch.testing.assert_close(out_k, torch.einsum("bhqk,bqhe->bkhe", g, queries))
