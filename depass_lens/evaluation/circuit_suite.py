@@ -116,16 +116,20 @@ def summary(results: list[dict[str, Any]]) -> str:
         "Area under normalised faithfulness against the kept fraction of edges (1 is perfect);",
         "the best per model in bold.",
         "",
-        "| model | DePass variant | budgets where it is at least as faithful as EAP-IG | "
-        "largest shortfall (at edges) |",
-        "|---|---|---|---|",
+        "Budgets where each DePass variant is at least as faithful as EAP-IG: strictly (within "
+        "0.001) and within 0.01 of the normalised faithfulness (1% of the clean - corrupt gap).",
+        "",
+        "| model | DePass variant | strictly | within 0.01 | largest shortfall (at edges) |",
+        "|---|---|---|---|---|",
     ]
     for r in results:
         for m in [m for m in r["curves"] if m.startswith("depass")]:
             w = wins(r["curves"], m, "eap-ig")
+            loose = wins(r["curves"], m, "eap-ig", tolerance=0.01)
             lines.append(
                 f"| {r['model']} | {m} | {w['at_least_as_faithful']} of {w['budgets']} "
-                f"({100 * w['share']:.0f}%) | {max(w['worst_gap'], 0.0):.3f} "
+                f"({100 * w['share']:.0f}%) | {loose['at_least_as_faithful']} of {w['budgets']} "
+                f"({100 * loose['share']:.0f}%) | {max(w['worst_gap'], 0.0):.3f} "
                 f"({w['worst_gap_budget']}) |"
             )
     lines += ["", "| model | method | seconds to score all edges |", "|---|---|---|"]
