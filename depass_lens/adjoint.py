@@ -37,7 +37,8 @@ from depass_lens.constants import (
 )
 from depass_lens.difference import DifferenceLinearisation
 from depass_lens.integrated_softmax import IntegratedSoftmax
-from depass_lens.qk import AttentionSplit, LayerQK, attention_input, layer_qk, score_shares
+from depass_lens.pattern_gradient import PatternTerm
+from depass_lens.qk import SIDE_WEIGHTS, AttentionSplit, LayerQK, attention_input, layer_qk, project
 from depass_lens.rules import NeuronValues, TaylorRule
 
 HookFn = Callable[..., Tensor | None]
@@ -62,6 +63,9 @@ class AdjointPass:
         """Gradients at the named hooks (zeros, or ``None`` if asked, where the target does not
         depend on them), and every constant site's share of ``scalar``."""
         names = list(dict.fromkeys(hooks))
+        for site in self.ledger.sites:  # computed sites are refilled by this backward pass
+            if site.computed is not None:
+                site.computed.clear()
         tensors = [self.live[name] for name in names] + self.ledger.live_tensors()
         grads = torch.autograd.grad(scalar, tensors, retain_graph=retain_graph, allow_unused=True)
         named = {
@@ -194,21 +198,37 @@ class Linearisation:
             integrated = IntegratedSoftmax(
                 real.scores, real.allowed, pattern, split.nodes, exact=False
             )
-            one = z.new_ones(1, 1, 1, 1)
-            x_query, x_key = self._live_attention_inputs(layer, seen, real)
-            shares = score_shares(real, x_query, one, x_key=x_key)
-            moved_full = integrated.gradient_path(shares)  # value 0, gradient M
-            self._record_pattern_constants(layer, real, integrated, pattern, shares, moved_full)
-            moved = moved_full[:, 0]
             v = seen[f"{prefix}.hook_v"]
             kv_repeat = adapter.attention(layer).kv_repeat
             if kv_repeat > 1:
                 v = torch.repeat_interleave(v, kv_repeat, dim=2)
-            mixing = split.value_pattern(pattern, integrated.uniform) - pattern
-            correction = einops.einsum(mixing.to(v.dtype), v, "b h q k, b k h d -> b q h d")
-            correction = correction + split.pattern_weight * einops.einsum(
-                moved.to(v.dtype), v.detach(), "b h q k, b k h d -> b q h d"
+            weight = split.pattern_weight
+            uniform_v = einops.einsum(
+                integrated.uniform.to(v.dtype), v, "b h q k, b k h d -> b q h d"
             )
+            # the value side: P_v v - A v = w (U - A) v for both pattern-side splits
+            correction = weight * (uniform_v - z)
+            x_query, x_key = self._live_attention_inputs(layer, seen, real)
+            queries, keys = self._projections(real, x_query, x_key)
+            zero_q, zero_k = self._projections(real, *self._bias_only_inputs(layer, real))
+            holder = self.ledger.computed(f"{prefix}.pattern_constants", hook.name, "attn", layer)
+            w_query, w_key = SIDE_WEIGHTS["symmetric"]
+            term = PatternTerm(
+                integrated=integrated,
+                values=v.detach(),
+                queries=real.q,
+                keys=real.k,
+                weight_q=w_query,
+                weight_k=w_key,
+                scale=real.weights.attn_scale,
+                weight=weight,
+                ratio=real.ratio if adapter.cfg.attn_scores_soft_cap else None,
+                moved_values=(uniform_v.detach() * -1 + z.detach()),  # (A - U) v_real
+                query_offset=zero_q - real.q,
+                key_offset=zero_k - real.k,
+                on_constants=holder.append,
+            )
+            correction = correction + term.apply(queries, keys)
             return z + (correction - correction.detach())
 
         if self.split_inputs:
@@ -274,39 +294,27 @@ class Linearisation:
             )
         return inputs[0], inputs[1]
 
-    def _record_pattern_constants(
-        self,
-        layer: int,
-        real: LayerQK,
-        integrated: IntegratedSoftmax,
-        pattern: Tensor,
-        shares: Tensor,
-        moved: Tensor,
-    ) -> None:
-        """The pattern side's constants, per head: the score shares' constant part ``s_0``
-        (biases, ALiBi, shortformer positions: the shares of an all-zero input) and the
-        quadrature remainder ``R = A - U - M(s)``.
+    def _projections(
+        self, real: LayerQK, x_query: Tensor, x_key: Tensor | None
+    ) -> tuple[Tensor, Tensor]:
+        """Queries and keys (rotated, QK-normed with frozen scales, keys repeated per head) of
+        one-component attention inputs ``[batch, 1, pos, (head,) d_model]``."""
+        batch = x_query.shape[0]
+        ones = x_query.new_ones(batch)
+        q_scale, k_scale = real.scales_for(1)
+        mask = real.mask_for(1)
+        queries = project(real.weights, x_query[:, 0], "q", ones, q_scale, mask)
+        key_input = x_query if x_key is None else x_key
+        keys = project(real.weights, key_input[:, 0], "k", ones, k_scale, mask)
+        return queries, keys
 
-        ``<R, G> = <A - U, G> - <s, M G>`` and ``M G`` is the gradient at the shares (``M`` is
-        symmetric), so both come from the two sites ``(shares, s_0 - s)`` and ``(moved, A - U)``.
-        """
-        one = shares.new_ones(1, 1, 1, 1)
-        zeros = real.q.new_zeros(real.q.shape[0], 1, real.q.shape[1], self.adapter.d_model)
-        constant = score_shares(
-            real, attention_input(self.adapter, layer, zeros, one, real.pos_embed), one
-        )
-        hook = f"blocks.{layer}.attn.hook_z"
-        prefix = f"blocks.{layer}.attn"
-        real_scores = integrated.scores.unsqueeze(1).to(shares.dtype)
-        moved_real = (pattern - integrated.uniform).unsqueeze(1).to(shares.dtype)
-        self.ledger.add(
-            ConstantSite(
-                f"{prefix}.score_constants", hook, "attn", layer, shares, constant - real_scores, 2
-            )
-        )
-        self.ledger.add(
-            ConstantSite(f"{prefix}.pattern_move", hook, "attn", layer, moved, moved_real, 2)
-        )
+    def _bias_only_inputs(self, layer: int, real: LayerQK) -> tuple[Tensor, None]:
+        """The attention input of an all-zero stream: what queries and keys get from constants
+        (the input norm's bias, shortformer positions)."""
+        batch, n_pos = real.q.shape[:2]
+        zeros = real.q.new_zeros(batch, 1, n_pos, self.adapter.d_model)
+        one = real.q.new_ones(1, 1, 1, 1)
+        return attention_input(self.adapter, layer, zeros, one, real.pos_embed), None
 
     # ------------------------------------------------------------------ MLP
     def _mlp_hooks(self, layer: int) -> list[tuple[str, HookFn]]:
@@ -487,7 +495,8 @@ def linearised_forward(
 
     linearisation: Linearisation | DifferenceLinearisation
     if reference is not None:
-        linearisation = DifferenceLinearisation(adapter, reference, ledger)
+        nodes = split.nodes if split is not None else None
+        linearisation = DifferenceLinearisation(adapter, reference, ledger, nodes)
     else:
         linearisation = Linearisation(
             adapter, rule, split, attention_mask, ledger, tokens.shape[1], split_inputs=split_inputs

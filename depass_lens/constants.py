@@ -43,13 +43,17 @@ class ConstantSite:
     hook: str
     owner: Owner
     layer: int
-    live: Tensor
-    constant: Tensor
+    live: Tensor | None
+    constant: Tensor | None
     axis: int | None = None
     rows: Tensor | None = None
+    computed: list[Tensor] | None = None  # no live tensor: the backward pass fills this in
 
     def contribution(self, grad: Tensor | None, batch: int) -> Tensor:
         """``<constant, grad>`` per prompt: ``[batch]``, or ``[batch, n]`` with a kept axis."""
+        if self.computed is not None:  # computed during the backward pass (or not reached)
+            return self.computed[-1] if self.computed else torch.zeros(batch)
+        assert self.live is not None and self.constant is not None
         if grad is None:
             shape = (batch,) if self.axis is None else (batch, self.live.shape[self.axis])
             return self.live.new_zeros(shape)
@@ -86,12 +90,24 @@ class ConstantLedger:
             self.sites.append(site)
 
     def live_tensors(self) -> list[Tensor]:
-        return [site.live for site in self.sites]
+        return [site.live for site in self.sites if site.live is not None]
+
+    def computed(self, name: str, hook: str, owner: Owner, layer: int) -> list[Tensor]:
+        """A site whose share the backward pass computes itself: returns the list to append it
+        to (``[batch]`` or ``[batch, head]``), the latest entry counting."""
+        holder: list[Tensor] = []
+        self.add(ConstantSite(name, hook, owner, layer, None, None, computed=holder))
+        return holder
 
     def contributions(
         self, grads: Sequence[Tensor | None], batch: int
     ) -> list[Float[Tensor, "batch *head"]]:
-        return [site.contribution(g, batch) for site, g in zip(self.sites, grads)]
+        """Every site's share, given the gradients of :meth:`live_tensors` in order."""
+        remaining = iter(grads)
+        return [
+            site.contribution(None if site.live is None else next(remaining), batch)
+            for site in self.sites
+        ]
 
     def total_after(
         self, adapter: ModelAdapter, contributions: Sequence[Tensor], start: str

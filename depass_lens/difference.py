@@ -33,8 +33,9 @@ from torch import Tensor
 from depass_lens.adapter import ModelAdapter, NormWeights
 from depass_lens.constants import ConstantLedger, ConstantSite
 from depass_lens.errors import UnsupportedModelError
-from depass_lens.integrated_softmax import gauss_legendre
+from depass_lens.integrated_softmax import IntegratedSoftmax
 from depass_lens.norms import post_sublayer_norms
+from depass_lens.pattern_gradient import PatternTerm
 
 HookFn = Callable[..., Tensor | None]
 
@@ -123,47 +124,6 @@ def secant_norm(
     return out * norm.w if norm.w is not None else out
 
 
-#: Gauss-Legendre nodes by the largest spread (max - min) of a row's score change (the same
-#: accuracy table as the integrated softmax from uniform uses for the scores themselves).
-_NODES_FOR_SPREAD = ((10.0, 8), (40.0, 16), (160.0, 32), (640.0, 64), (2560.0, 128))
-
-
-def node_count_for(delta: Tensor, allowed: Tensor) -> int:
-    """Quadrature nodes for the path ``start -> start + delta`` (256 beyond the table)."""
-    high = torch.where(allowed, delta, torch.full_like(delta, -torch.inf)).amax(-1)
-    low = torch.where(allowed, delta, torch.full_like(delta, torch.inf)).amin(-1)
-    spreads = (high - low)[allowed.any(-1)]
-    spread = float(spreads.max()) if spreads.numel() else 0.0
-    return next((n for limit, n in _NODES_FOR_SPREAD if spread <= limit), 256)
-
-
-class _PathSoftmaxFn(torch.autograd.Function):
-    """``M`` on the path from ``start`` to ``start + delta`` (gradient only; ``M`` is symmetric)."""
-
-    @staticmethod
-    def forward(ctx, shares: Tensor, start: Tensor, delta: Tensor, mask: Tensor, nodes: int):
-        ctx.save_for_backward(start, delta, mask)
-        ctx.nodes = nodes
-        return torch.zeros_like(shares)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        start, delta, mask = ctx.saved_tensors
-        return path_softmax_apply(start, delta, mask, ctx.nodes, grad), None, None, None, None
-
-
-def path_softmax_apply(
-    start: Tensor, delta: Tensor, mask: Tensor, nodes: int, shares: Tensor
-) -> Tensor:
-    """``int_0^1 J(start + a delta) shares da`` per query row (masked keys excluded)."""
-    alphas, weights = gauss_legendre(nodes, start)
-    out = torch.zeros_like(shares)
-    for alpha, weight in zip(alphas, weights):
-        p = torch.nan_to_num(torch.softmax(start + alpha * delta + mask, -1))
-        out = out + weight * p * (shares - (p * shares).sum(-1, keepdim=True))
-    return out
-
-
 class DifferenceLinearisation:
     """TransformerLens hooks making the model (run on the clean input) the exact secant map of
     changes from a reference run (``reference``: its activations, recorded on split inputs when
@@ -176,6 +136,8 @@ class DifferenceLinearisation:
         ledger: ConstantLedger,
         nodes: int | None = None,
     ):
+        """``nodes`` forces a fixed quadrature on every row (default: per row, from the spread
+        of its score change)."""
         check_difference_supported(adapter)
         self.adapter = adapter
         self.reference = reference
@@ -280,36 +242,44 @@ class DifferenceLinearisation:
             v_y = self._ref(f"{prefix}.hook_v", v)
             if repeat > 1:
                 k, v, k_y, v_y = (torch.repeat_interleave(t, repeat, 2) for t in (k, v, k_y, v_y))
-            q_bar, k_bar = (q.detach() + q_y) / 2, (k.detach() + k_y) / 2
-            v_bar = (v.detach() + v_y) / 2
-            raw = einops.einsum(q, k_bar, "b i h e, b j h e -> b h i j")
-            raw = (raw + einops.einsum(q_bar, k, "b i h e, b j h e -> b h i j")) / scale
+            q_x, k_x, v_x = q.detach(), k.detach(), v.detach()
+            ratio = None
             cap = float(adapter.cfg.attn_scores_soft_cap or 0.0)
             if cap > 0:
-                raw_x = einops.einsum(q.detach(), k.detach(), "b i h e, b j h e -> b h i j") / scale
+                raw_x = einops.einsum(q_x, k_x, "b i h e, b j h e -> b h i j") / scale
                 raw_y = einops.einsum(q_y, k_y, "b i h e, b j h e -> b h i j") / scale
-                raw = raw * secant_slope(lambda t: cap * torch.tanh(t / cap), raw_x, raw_y)
+                ratio = secant_slope(lambda t: cap * torch.tanh(t / cap), raw_x, raw_y)
             scores_x = seen["scores"]
             allowed = torch.isfinite(scores_x)
-            zero = torch.zeros_like(scores_x)
-            start = torch.where(allowed, self._ref(f"{prefix}.hook_attn_scores", scores_x), zero)
-            delta = torch.where(allowed, scores_x, zero) - start
-            mask = torch.where(allowed, 0.0, -torch.inf).to(scores_x.dtype)
-            shares = torch.where(allowed, raw, torch.zeros_like(raw))
-            nodes = self.nodes or node_count_for(delta, allowed)
-            moved = _PathSoftmaxFn.apply(shares, start, delta, mask, nodes)
-            pattern_x = seen["pattern"]
+            scores_y = self._ref(f"{prefix}.hook_attn_scores", scores_x)
+            integrated = IntegratedSoftmax(
+                scores_x, allowed, seen["pattern"], self.nodes, exact=False, start=scores_y
+            )
+            pattern_x = seen["pattern"].to(v.dtype)
             pattern_y = self._ref(f"{prefix}.hook_pattern", pattern_x)
-            mixing = (pattern_y - pattern_x) / 2  # A_bar - A_x: TL's own z mixes v by A_x
-            correction = einops.einsum(mixing.to(v.dtype), v, "b h q k, b k h d -> b q h d")
-            correction = correction + einops.einsum(moved, v_bar, "b h q k, b k h d -> b q h d")
-            # the quadrature remainder dA - M(ds): <dA, G> - <ds, M G> from two sites
-            change = (pattern_x - pattern_y).to(moved.dtype)
-            for name, live, constant in (("move", moved, change), ("scores", shares, -delta)):
-                site = ConstantSite(
-                    f"{prefix}.path_{name}", hook.name, "attn", layer, live, constant, 1
-                )
-                self.ledger.add(site)
+            v_mean = (v_x + v_y) / 2
+            # the value side: A_bar v - A_x v (TL's own z mixes v by A_x)
+            y_v = einops.einsum(pattern_y, v, "b h q k, b k h d -> b q h d")
+            correction = (y_v - z) / 2
+            holder = self.ledger.computed(f"{prefix}.path_remainder", hook.name, "attn", layer)
+            term = PatternTerm(
+                integrated=integrated,
+                values=v_mean,
+                queries=(q_x + q_y) / 2,
+                keys=(k_x + k_y) / 2,
+                weight_q=1.0,
+                weight_k=1.0,
+                scale=scale,
+                weight=1.0,
+                ratio=ratio,
+                moved_values=einops.einsum(
+                    pattern_x - pattern_y, v_mean, "b h q k, b k h d -> b q h d"
+                ),
+                query_offset=q_y - q_x,
+                key_offset=k_y - k_x,
+                on_constants=holder.append,
+            )
+            correction = correction + term.apply(q, k)
             return z + (correction - correction.detach())
 
         return [

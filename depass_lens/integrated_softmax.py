@@ -133,6 +133,11 @@ class IntegratedSoftmax:
     ``|A - U|`` (the largest over the layer) has its nodes doubled, up to :data:`MAX_NODES`.
     ``nodes`` forces plain ``nodes``-point Gauss-Legendre on every row (no doubling).
     :attr:`n_nodes` is the largest node count of any row.
+
+    ``start`` (gradient-only, ``exact=False``) integrates on the straight path from ``start`` to
+    ``scores`` instead: ``M(s - start) = softmax(s) - softmax(start)``, the softmax's exact secant
+    between two runs (:mod:`depass_lens.difference`), with the plain rule on each row's spread of
+    ``s - start``.
     """
 
     def __init__(
@@ -143,8 +148,15 @@ class IntegratedSoftmax:
         nodes: int | None = None,
         tolerance: float = 1e-6,
         exact: bool = True,
+        start: Float[Tensor, "batch head query key"] | None = None,
     ):
+        if start is not None and exact:
+            raise ValueError("a path from start scores is gradient-only: pass exact=False")
         self.allowed = allowed
+        self._start = None
+        if start is not None:  # integrate on the straight path start -> scores
+            self._start = torch.where(allowed, start, 0.0)
+            scores = torch.where(allowed, scores, 0.0) - self._start
         self._raw = scores
         self._shape = torch.broadcast_shapes(scores.shape, allowed.shape)
         self._budget = CHUNK_ELEMENTS["cpu" if scores.device.type == "cpu" else "other"]
@@ -158,6 +170,8 @@ class IntegratedSoftmax:
         if nodes is not None:
             per_panel = np.full(rows.shape, nodes, dtype=np.int64)
             panels = np.ones(rows.shape, dtype=np.int64)
+        elif start is not None:  # the pattern may turn anywhere on the path: plain rule only
+            per_panel, panels = _plain_rule(spread[rows]), np.ones(rows.shape, dtype=np.int64)
         else:
             per_panel, panels = _rules(spread[rows], keys[rows])
         self._per_panel = np.zeros(keys.shape, dtype=np.int64)
@@ -302,18 +316,23 @@ class IntegratedSoftmax:
         return (chunk.b * n_head + chunk.h) * n_query + chunk.q
 
     def _tile(self, chunk: _Chunk) -> tuple[Tensor, Tensor]:
-        """The chunk's scores and its mask."""
+        """The chunk's scores (their change from ``start``, if given) and its mask."""
         keys = slice(chunk.lo, chunk.hi)
         allowed = self.allowed.expand(self._shape)[chunk.b, chunk.h, chunk.q, keys]
         return self._raw.expand(self._shape)[chunk.b, chunk.h, chunk.q, keys], allowed
 
     def _node_patterns(self, chunk: _Chunk) -> Tensor:
-        """``softmax(alpha_n s)`` of each row at each of its nodes: ``[rows, nodes, keys]``."""
+        """``softmax(start + alpha_n s)`` of each row at each of its nodes (``start`` 0 unless
+        given): ``[rows, nodes, keys]``."""
         if chunk.patterns is not None:
             return chunk.patterns
         x, allowed = self._tile(chunk)
         x = torch.where(allowed, x, -torch.inf)
-        patterns = torch.softmax(x.unsqueeze(1) * chunk.alphas.unsqueeze(-1), dim=-1)
+        logits = x.unsqueeze(1) * chunk.alphas.unsqueeze(-1)
+        if self._start is not None:
+            begin = self._start.expand(self._shape)[chunk.b, chunk.h, chunk.q, chunk.lo : chunk.hi]
+            logits = torch.where(allowed.unsqueeze(1), logits + begin.unsqueeze(1), -torch.inf)
+        patterns = torch.softmax(logits, dim=-1)
         size = patterns.numel() * patterns.element_size()
         if size <= self._keep_bytes:
             self._keep_bytes -= size
@@ -424,6 +443,16 @@ def _row_stats(scores: Tensor, allowed: Tensor, budget: int) -> _RowStats:
         lo_np,
         hi_np,
     )
+
+
+def _plain_rule(spread: np.ndarray) -> np.ndarray:
+    """Plain Gauss-Legendre node counts by spread, continued linearly past the table (for paths
+    that do not start at the uniform pattern, where graded panels do not apply)."""
+    limits = np.array([limit for limit, _ in PLAIN_NODES])
+    counts = np.array([n for _, n in PLAIN_NODES] + [0])
+    plain = counts[np.searchsorted(limits, spread, side="left")]
+    wide = np.minimum(MAX_NODES, np.ceil(2 * spread)).astype(np.int64)
+    return np.where(spread > limits[-1], wide, plain).astype(np.int64)
 
 
 def _rules(spread: np.ndarray, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

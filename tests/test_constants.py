@@ -53,8 +53,8 @@ def test_bias_matches_forward_mode_bias():
         ("gpt2", "value", "attn.b_O"),
         ("gpt2", "value", "mlp.b_out"),
         ("llama", "value", "hook_post.remainder"),  # a gated MLP's b_in lives in the remainder
-        ("gpt2", "symmetric", "pattern_move"),  # the quadrature remainder and A - U
-        ("alibi_local", "symmetric", "score_constants"),  # ALiBi and the Q/K biases
+        ("gpt2", "symmetric", "pattern_constants"),  # quadrature remainder, Q/K biases
+        ("alibi_local", "pattern", "pattern_constants"),  # the same with ALiBi and a window
     ],
 )
 def test_dropping_one_constant_breaks_completeness(monkeypatch, family, split, dropped):
