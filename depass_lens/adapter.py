@@ -358,6 +358,18 @@ class ModelAdapter:
             names.append("hook_pos_embed")
         return names
 
+    def final_query_key_hooks(self, layer: int) -> tuple[str, str] | None:
+        """Hooks holding a layer's queries and keys exactly as the scores use them (rotated, QK
+        normed), or ``None`` where TransformerLens changes them after its last hook."""
+        prefix = f"blocks.{layer}.attn"
+        if self.cfg.use_logn_attn:
+            return None
+        if self.positional == "rotary":
+            return f"{prefix}.hook_rot_q", f"{prefix}.hook_rot_k"
+        if self.qk(layer).norm_style == "none":
+            return f"{prefix}.hook_q", f"{prefix}.hook_k"
+        return None
+
     def mlp(self, layer: int) -> MLPWeights:
         mlp = self.model.blocks[layer].mlp
         gated = hasattr(mlp, "W_gate")

@@ -38,7 +38,16 @@ from depass_lens.constants import (
 from depass_lens.difference import DifferenceLinearisation
 from depass_lens.integrated_softmax import IntegratedSoftmax
 from depass_lens.pattern_gradient import PatternTerm
-from depass_lens.qk import SIDE_WEIGHTS, AttentionSplit, LayerQK, attention_input, layer_qk, project
+from depass_lens.qk import (
+    SIDE_WEIGHTS,
+    AttentionSplit,
+    LayerQK,
+    attention_input,
+    layer_qk,
+    norm_scale_of,
+    project,
+    project_constant,
+)
 from depass_lens.rules import NeuronValues, TaylorRule
 
 HookFn = Callable[..., Tensor | None]
@@ -192,40 +201,48 @@ class Linearisation:
 
             return fn
 
+        final = adapter.final_query_key_hooks(layer)  # TransformerLens's own live q and k
+
         def steer(z: Tensor, hook) -> Tensor:
-            real = self._real_qk(layer, seen)
-            pattern = seen[f"{prefix}.hook_pattern"].to(real.scores.dtype)
-            integrated = IntegratedSoftmax(
-                real.scores, real.allowed, pattern, split.nodes, exact=False
-            )
+            scores = seen[f"{prefix}.hook_attn_scores"]
+            allowed = torch.isfinite(scores)
+            pattern = seen[f"{prefix}.hook_pattern"].to(scores.dtype)
+            integrated = IntegratedSoftmax(scores, allowed, pattern, split.nodes, exact=False)
             v = seen[f"{prefix}.hook_v"]
             kv_repeat = adapter.attention(layer).kv_repeat
             if kv_repeat > 1:
                 v = torch.repeat_interleave(v, kv_repeat, dim=2)
+            if final is not None:
+                queries, keys = seen["q"], seen["k"]
+                if keys.shape[2] != queries.shape[2]:  # grouped keys, per query head
+                    keys = torch.repeat_interleave(keys, queries.shape[2] // keys.shape[2], 2)
+                q_real, k_real = queries.detach(), keys.detach()
+            else:  # rebuilt from the live attention input (frozen norm scales)
+                real = self._real_qk(layer, seen)
+                x_query, x_key = self._live_attention_inputs(layer, seen, real)
+                queries, keys = self._projections(real, x_query, x_key)
+                q_real, k_real = real.q, real.k
             weight = split.pattern_weight
-            uniform_v = einops.einsum(
-                integrated.uniform.to(v.dtype), v, "b h q k, b k h d -> b q h d"
-            )
+            uniform = integrated.uniform.to(v.dtype)
+            uniform_v = einops.einsum(uniform, v, "b h q k, b k h d -> b q h d")
             # the value side: P_v v - A v = w (U - A) v for both pattern-side splits
             correction = weight * (uniform_v - z)
-            x_query, x_key = self._live_attention_inputs(layer, seen, real)
-            queries, keys = self._projections(real, x_query, x_key)
-            zero_q, zero_k = self._projections(real, *self._bias_only_inputs(layer, real))
+            zero_q, zero_k = self._constant_projections(layer, q_real, seen)
             holder = self.ledger.computed(f"{prefix}.pattern_constants", hook.name, "attn", layer)
             w_query, w_key = SIDE_WEIGHTS["symmetric"]
             term = PatternTerm(
                 integrated=integrated,
                 values=v.detach(),
-                queries=real.q,
-                keys=real.k,
+                queries=q_real,
+                keys=k_real,
                 weight_q=w_query,
                 weight_k=w_key,
-                scale=real.weights.attn_scale,
+                scale=adapter.qk(layer).attn_scale,
                 weight=weight,
-                ratio=real.ratio if adapter.cfg.attn_scores_soft_cap else None,
-                moved_values=(uniform_v.detach() * -1 + z.detach()),  # (A - U) v_real
-                query_offset=zero_q - real.q,
-                key_offset=zero_k - real.k,
+                ratio=self._cap_ratio(layer, q_real, k_real),
+                moved_values=z.detach() - uniform_v.detach(),  # (A - U) v_real
+                query_offset=zero_q - q_real,
+                key_offset=zero_k - k_real,
                 on_constants=holder.append,
             )
             correction = correction + term.apply(queries, keys)
@@ -247,11 +264,55 @@ class Linearisation:
         ln1 = adapter.block_norms(layer)["ln1"]
         if self.split_inputs and ln1 is not None and ln1.scale_hook is not None:
             hooks.append((ln1.scale_hook, store(ln1.scale_hook, frozen=True)))
+        if final is not None:
+            hooks += [(final[0], store("q")), (final[1], store("k"))]
         hooks += [
             (f"{prefix}.hook_pattern", store(f"{prefix}.hook_pattern", frozen=True)),
             (f"{prefix}.hook_z", steer),
         ]
         return hooks
+
+    def _cap_ratio(self, layer: int, queries: Tensor, keys: Tensor) -> Tensor | None:
+        """A soft cap's frozen ratio ``cap tanh(raw / cap) / raw`` (``None`` without a cap)."""
+        cap = float(self.adapter.cfg.attn_scores_soft_cap or 0.0)
+        if cap <= 0:
+            return None
+        raw = einops.einsum(queries, keys, "b i h e, b j h e -> b h i j")
+        raw = raw / self.adapter.qk(layer).attn_scale
+        safe = torch.where(raw == 0, torch.ones_like(raw), raw)
+        return torch.where(raw == 0, torch.ones_like(raw), cap * torch.tanh(raw / cap) / safe)
+
+    def _constant_projections(
+        self, layer: int, like: Tensor, seen: dict[str, Tensor]
+    ) -> tuple[Tensor, Tensor]:
+        """Queries and keys of an all-zero stream: what the constants (input norm bias,
+        projection biases, shortformer positions) make of them, QK norm and rotary included."""
+        adapter = self.adapter
+        qk = adapter.qk(layer)
+        batch, n_pos = like.shape[:2]
+        prefix = f"blocks.{layer}.attn"
+        scales: list[Tensor | None] = [None, None]
+        if qk.norm_style != "none":
+            scales = [
+                norm_scale_of(seen[f"{prefix}.{n}_norm.hook_scale"], batch, n_pos, qk.norm_style)
+                for n in ("q", "k")
+            ]
+        if adapter.positional == "shortformer":  # positions differ: one product per position
+            zeros = like.new_zeros(batch, 1, n_pos, adapter.d_model)
+            one = like.new_ones(1, 1, 1, 1)
+            pos = seen["hook_pos_embed"].detach()
+            x = attention_input(adapter, layer, zeros, one, pos)[:, 0]
+            ones = like.new_ones(batch)
+            return (
+                project(qk, x, "q", ones, scales[0], self.attention_mask),
+                project(qk, x, "k", ones, scales[1], self.attention_mask),
+            )
+        norm = adapter.attention_input_norm(layer)
+        constant = norm.b if norm is not None else None
+        return (
+            project_constant(qk, constant, "q", (batch, n_pos), scales[0], self.attention_mask),
+            project_constant(qk, constant, "k", (batch, n_pos), scales[1], self.attention_mask),
+        )
 
     def _real_qk(self, layer: int, seen: dict[str, Tensor]) -> LayerQK:
         """The real QK quantities of ``layer`` from the values the hooks have seen so far."""
@@ -307,14 +368,6 @@ class Linearisation:
         key_input = x_query if x_key is None else x_key
         keys = project(real.weights, key_input[:, 0], "k", ones, k_scale, mask)
         return queries, keys
-
-    def _bias_only_inputs(self, layer: int, real: LayerQK) -> tuple[Tensor, None]:
-        """The attention input of an all-zero stream: what queries and keys get from constants
-        (the input norm's bias, shortformer positions)."""
-        batch, n_pos = real.q.shape[:2]
-        zeros = real.q.new_zeros(batch, 1, n_pos, self.adapter.d_model)
-        one = real.q.new_ones(1, 1, 1, 1)
-        return attention_input(self.adapter, layer, zeros, one, real.pos_embed), None
 
     # ------------------------------------------------------------------ MLP
     def _mlp_hooks(self, layer: int) -> list[tuple[str, HookFn]]:

@@ -83,6 +83,35 @@ def project(
     else:
         y = einops.einsum(x, W, "n pos d_model, head d_model d_head -> n pos head d_head")
     y = y + is_bias.view(-1, 1, 1, 1).to(y.dtype) * b
+    return _finish(qk, y, which, is_bias, norm_scale, attention_mask)
+
+
+def project_constant(
+    qk: QKWeights,
+    constant: Float[Tensor, " d_model"] | None,
+    which: Literal["q", "k"],
+    shape: tuple[int, int],
+    norm_scale: Tensor | None,
+    attention_mask: Int[Tensor, "n pos"] | None,
+) -> Float[Tensor, "n pos head d_head"]:
+    """:func:`project` of an input equal to ``constant`` at every position (``None``: zero),
+    biases included, with one row's matrix product instead of one per position."""
+    W, b = (qk.W_Q, qk.b_Q) if which == "q" else (qk.W_K, qk.b_K)
+    y = b if constant is None else einops.einsum(constant, W, "d, head d e -> head e") + b
+    y = y.expand(*shape, *y.shape)
+    ones = y.new_ones(shape[0])
+    return _finish(qk, y, which, ones, norm_scale, attention_mask)
+
+
+def _finish(
+    qk: QKWeights,
+    y: Tensor,
+    which: Literal["q", "k"],
+    is_bias: Tensor,
+    norm_scale: Tensor | None,
+    attention_mask: Int[Tensor, "n pos"] | None,
+) -> Tensor:
+    """A projection's frozen QK norm, rotary, log-n scaling and grouped-key repeat."""
     norm = qk.q_norm if which == "q" else qk.k_norm
     y = _frozen_qk_norm(y, norm, qk.norm_style, norm_scale, is_bias.to(y.dtype))
     module: Any = qk.module  # TransformerLens's attention: its own rotary and log-n code
@@ -151,7 +180,7 @@ def _repeat(x: Tensor | None, n: int) -> Tensor | None:
     return einops.repeat(x, "batch ... -> (batch comp) ...", comp=n)
 
 
-def _norm_scale(value: Tensor | None, batch: int, n_pos: int, style: str) -> Tensor | None:
+def norm_scale_of(value: Tensor | None, batch: int, n_pos: int, style: str) -> Tensor | None:
     """TransformerLens flattens per-head QK-norm scales to ``[batch*pos*head, 1]``."""
     if value is None:
         return None
@@ -176,10 +205,10 @@ def layer_qk(
     x = attention_input(adapter, layer, normalized.unsqueeze(1), one, pos_embed)[:, 0]
     q_scale = k_scale = None
     if qk.norm_style != "none":
-        q_scale = _norm_scale(
+        q_scale = norm_scale_of(
             activations[f"{prefix}.q_norm.hook_scale"], batch, n_pos, qk.norm_style
         )
-        k_scale = _norm_scale(
+        k_scale = norm_scale_of(
             activations[f"{prefix}.k_norm.hook_scale"], batch, n_pos, qk.norm_style
         )
     ones = normalized.new_ones(batch)
