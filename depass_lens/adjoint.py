@@ -223,8 +223,7 @@ class Linearisation:
                 queries, keys = self._projections(real, x_query, x_key)
                 q_real, k_real = real.q, real.k
             weight = split.pattern_weight
-            uniform = integrated.uniform.to(v.dtype)
-            uniform_v = einops.einsum(uniform, v, "b h q k, b k h d -> b q h d")
+            uniform_v = self._uniform_values(layer, integrated, v)
             # the value side: P_v v - A v = w (U - A) v for both pattern-side splits
             correction = weight * (uniform_v - z)
             zero_q, zero_k = self._constant_projections(layer, q_real, seen)
@@ -271,6 +270,21 @@ class Linearisation:
             (f"{prefix}.hook_z", steer),
         ]
         return hooks
+
+    def _uniform_values(
+        self, layer: int, integrated: IntegratedSoftmax, v: Float[Tensor, "batch key head d"]
+    ) -> Float[Tensor, "batch query head d"]:
+        """``U v``: the mean of the values each query may see. A running mean where the mask is
+        plain causal (no padding, no local window), else the uniform pattern times ``v``."""
+        cfg = self.adapter.cfg
+        local = (
+            cfg.use_local_attn and cfg.attn_types is not None and cfg.attn_types[layer] == "local"
+        )
+        if self.attention_mask is None and not local:
+            counts = torch.arange(1, v.shape[1] + 1, device=v.device, dtype=v.dtype)
+            return v.cumsum(1) / counts.view(1, -1, 1, 1)
+        uniform = integrated.uniform.to(v.dtype)
+        return einops.einsum(uniform, v, "b h q k, b k h d -> b q h d")
 
     def _cap_ratio(self, layer: int, queries: Tensor, keys: Tensor) -> Tensor | None:
         """A soft cap's frozen ratio ``cap tanh(raw / cap) / raw`` (``None`` without a cap)."""
