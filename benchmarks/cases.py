@@ -95,7 +95,7 @@ def zero_hook(index: int, axis: int) -> Callable:
 def make_case(name: str, model: HookedTransformer, tokens: torch.Tensor):
     """Return ``(fn, scale)``: ``fn`` runs the case once; ``scale`` extrapolates a sample."""
     answer, wrong = 1234, 4321
-    depass = dp.DePass(model, progress=False)
+    depass = dp.DePass(model, progress=False, attention="value")  # the published split
     target = dp.Logit(answer)
     n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
     d_mlp = model.cfg.d_mlp

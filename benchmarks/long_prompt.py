@@ -34,7 +34,7 @@ def main() -> None:
     gen = torch.Generator().manual_seed(1)
     tokens = torch.randint(0, model.cfg.d_vocab, (1, args.n_pos), generator=gen).to(args.device)
     budget = None if args.memory_budget_gib is None else int(args.memory_budget_gib * 2**30)
-    depass = dp.DePass(model, memory_budget=budget)
+    depass = dp.DePass(model, memory_budget=budget, attention="value")
     chunk = depass._chunk(depass.prepare(tokens), args.n_pos + 1)
     cuda = torch.device(args.device).type == "cuda"
     if cuda:

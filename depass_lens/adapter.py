@@ -286,11 +286,16 @@ class ModelAdapter:
             kv_repeat=self.n_heads // int(W_V.shape[0]),
         )
 
-    def check_qk_supported(self) -> None:
-        """Raise :class:`UnsupportedModelError` naming settings the QK path cannot follow."""
+    def qk_problems(self) -> list[str]:
+        """Settings the QK path cannot follow (empty when it can)."""
         problems = qk_unsupported_settings(self.model)
         if self._splitting:  # the split inputs are DePass's own: the QK path reads them per head
             problems = [p for p in problems if not p.startswith("use_split_qkv_input")]
+        return problems
+
+    def check_qk_supported(self) -> None:
+        """Raise :class:`UnsupportedModelError` naming settings the QK path cannot follow."""
+        problems = self.qk_problems()
         if problems:
             raise UnsupportedModelError(
                 "the QK circuit of this model cannot be decomposed exactly. Unsupported "

@@ -59,9 +59,12 @@ class DePass:
             :class:`~depass_lens.errors.UnsupportedModelError` naming them.
         rule: default MLP split rule (``"taylor"``, ``"softmax"``, ``"max"``, ``"relu"``,
             ``"linear"`` or an :class:`~depass_lens.rules.MLPRule`).
-        attention: default attention split: ``"value"`` (DePass as published: patterns frozen,
-            credit through the values), ``"pattern"`` or ``"symmetric"`` (also credit for moving
-            the pattern, through the QK circuit), or an :class:`~depass_lens.qk.AttentionSplit`.
+        attention: default attention split: ``"symmetric"`` or ``"pattern"`` (credit for what a
+            component writes through the values *and* for moving the pattern, through the QK
+            circuit), ``"value"`` (DePass as published: patterns frozen, credit through the
+            values only), or an :class:`~depass_lens.qk.AttentionSplit`. ``None`` (default):
+            ``"symmetric"`` where the model's QK path can be followed exactly, else ``"value"``
+            (chosen from the faithfulness and speed measurements in ``docs/qk.md``).
         chunk_size: components propagated at once in forward mode; ``None`` picks one from
             ``memory_budget``.
         memory_budget: bytes forward mode may use for intermediates (default: a quarter of the free
@@ -75,7 +78,7 @@ class DePass:
         model: HookedTransformer,
         rule: str | MLPRule = "taylor",
         *,
-        attention: str | AttentionSplit = "value",
+        attention: str | AttentionSplit | None = None,
         chunk_size: int | None = None,
         memory_budget: int | None = None,
         check: bool = True,
@@ -84,6 +87,8 @@ class DePass:
         self.adapter = ModelAdapter(model)
         self.model = model
         self.rule = get_rule(rule)
+        if attention is None:  # the QK-aware split where the model allows it
+            attention = "value" if self.adapter.qk_problems() else "symmetric"
         self.attention = get_attention_split(attention)
         if self.attention.uses_pattern:
             self.adapter.check_qk_supported()  # refuse up front, not mid-run

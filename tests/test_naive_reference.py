@@ -28,7 +28,7 @@ def test_engine_equals_naive(family, rule, chunk_size):
     model = make_model(family, torch.float64, n_layers=2)
     tokens = random_tokens(model, batch=1, n_pos=7)
     expected = naive_token_depass(model, tokens, rule)
-    engine = dp.DePass(model, rule=rule, chunk_size=chunk_size)
+    engine = dp.DePass(model, rule=rule, chunk_size=chunk_size, attention="value")
     got = engine.run(tokens)["unembed.hook_in"][0]
     assert _gap(got, expected) <= 1e-10
 
@@ -52,7 +52,8 @@ def test_reference_parity_equals_naive(rule):
     model = make_model("llama", torch.float64, n_layers=2)
     tokens = random_tokens(model, batch=1, n_pos=7)
     expected = naive_token_depass(model, tokens, rule, parity=True)
-    got = dp.DePass(model, rule=dp.ReferenceParity(rule)).run(tokens)["unembed.hook_in"][0]
+    parity = dp.DePass(model, rule=dp.ReferenceParity(rule), attention="value")
+    got = parity.run(tokens)["unembed.hook_in"][0]
     assert _gap(got, expected) <= 1e-10
 
 

@@ -65,9 +65,10 @@ def test_pattern_side_adjoint_equals_forward(family, side):
     assert forward.completeness_error() <= 1e-5 and adjoint.attention == side
 
 
-def test_splits_differ_and_value_side_is_the_published_one():
+def test_splits_differ_and_the_default_is_symmetric_where_supported():
     """From heads of layer 1 only layer 2's attention lies ahead, so symmetric is the average
-    (further back the splits compose and it is not)."""
+    (further back the splits compose and it is not). The default is the symmetric split; on a
+    model whose QK path is not followed (attention sinks) it is the published value split."""
     model = make_model("gpt2", torch.float64)
     tokens = random_tokens(model, batch=1)
     source = dp.Heads(1)
@@ -78,7 +79,10 @@ def test_splits_differ_and_value_side_is_the_published_one():
     assert (scores["value"] - scores["pattern"]).abs().max() > 1e-3
     torch.testing.assert_close(scores["symmetric"], 0.5 * (scores["value"] + scores["pattern"]))
     default = dp.DePass(model).attribute(tokens, dp.Logit(2), source)
-    torch.testing.assert_close(default.scores, scores["value"])
+    assert default.attention == "symmetric"
+    torch.testing.assert_close(default.scores, scores["symmetric"])
+    sinks = make_model("gpt2", torch.float64, use_attention_sinks=True)
+    assert dp.DePass(sinks).attention.side == "value"
 
 
 @pytest.mark.parametrize("side", ["left", "right"])

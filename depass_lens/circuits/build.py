@@ -247,6 +247,8 @@ def own_constants(
             lookup[("final", node.layer, None)] = i
     for site, value in zip(ledger.sites, constants):
         if site.owner == "attn":
+            if value.ndim == 1:  # a computed site the backward pass never reached: zero
+                continue
             for head in range(value.shape[1]):
                 node_index = lookup.get(("attn", site.layer, head))
                 if node_index is not None:
