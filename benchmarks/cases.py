@@ -137,6 +137,9 @@ def make_case(name: str, model: HookedTransformer, tokens: torch.Tensor):
         return _graph_case(name, model, tokens, depass, answer, wrong)
     if name == "forward_mode_tokens":  # forward mode with n = n_pos + 1 components
         return (lambda: depass.attribute(tokens, target, dp.Tokens(), mode="forward")), 1.0
+    if name == "forward_mode_tokens_qk":  # the same with the QK-aware (symmetric) split
+        qk = dp.DePass(model, attention="symmetric", progress=False)
+        return (lambda: qk.attribute(tokens, target, dp.Tokens(), mode="forward")), 1.0
     if name == "plain_forwards_n":  # n plain forwards, batched 16 at a time
         n = tokens.shape[1] + 1
 

@@ -35,7 +35,7 @@ FULL = (
     + [
         (c, case, 128, 1, True)
         for c in ("gpt2", "llama")
-        for case in ("forward_mode_tokens", "plain_forwards_n")
+        for case in ("forward_mode_tokens", "forward_mode_tokens_qk", "plain_forwards_n")
     ]
     + [
         ("gpt2", case, n, r, True)
@@ -70,12 +70,19 @@ RATIOS = [
         "(a') adjoint all, QK-aware (symmetric) split / run_with_cache",
         "adjoint_all_qk",
         "forward",
-        None,
+        4.0,
         "<=",
     ),
     (
         "(b) forward mode, n comps / n plain forwards",
         "forward_mode_tokens",
+        "plain_forwards_n",
+        1.5,
+        "<=",
+    ),
+    (
+        "(b') forward mode, QK-aware split / n plain forwards",
+        "forward_mode_tokens_qk",
         "plain_forwards_n",
         1.5,
         "<=",
