@@ -48,9 +48,8 @@ from depass_lens.qk import (
     project,
     project_constant,
 )
+from depass_lens.recorders import HookFn, store
 from depass_lens.rules import NeuronValues, TaylorRule
-
-HookFn = Callable[..., Tensor | None]
 
 
 @dataclass
@@ -194,12 +193,8 @@ class Linearisation:
         input_hook = adapter.attention_input_hook(layer)
         seen: dict[str, Tensor] = {}
 
-        def store(key: str, frozen: bool = False) -> HookFn:
-            def fn(value: Tensor, hook) -> Tensor:
-                seen[key] = value.detach() if frozen else value
-                return seen[key]
-
-            return fn
+        def remember(key: str, frozen: bool = False) -> HookFn:
+            return store(seen, key, frozen)
 
         final = adapter.final_query_key_hooks(layer)  # TransformerLens's own live q and k
 
@@ -252,21 +247,21 @@ class Linearisation:
             inputs.append(f"blocks.{layer}.hook_resid_pre")
         else:
             inputs = [input_hook]
-        hooks: list[tuple[str, HookFn]] = [(name, store(name)) for name in inputs]
+        hooks: list[tuple[str, HookFn]] = [(name, remember(name)) for name in inputs]
         hooks += [
-            (f"{prefix}.hook_v", store(f"{prefix}.hook_v")),
-            (f"{prefix}.hook_attn_scores", store(f"{prefix}.hook_attn_scores", frozen=True)),
+            (f"{prefix}.hook_v", remember(f"{prefix}.hook_v")),
+            (f"{prefix}.hook_attn_scores", remember(f"{prefix}.hook_attn_scores", frozen=True)),
         ]
         for name in adapter.qk_hook_names(layer):
             if name.endswith("hook_scale") or name == "hook_pos_embed":
-                hooks.append((name, store(name, frozen=name.endswith("hook_scale"))))
+                hooks.append((name, remember(name, frozen=name.endswith("hook_scale"))))
         ln1 = adapter.block_norms(layer)["ln1"]
         if self.split_inputs and ln1 is not None and ln1.scale_hook is not None:
-            hooks.append((ln1.scale_hook, store(ln1.scale_hook, frozen=True)))
+            hooks.append((ln1.scale_hook, remember(ln1.scale_hook, frozen=True)))
         if final is not None:
-            hooks += [(final[0], store("q")), (final[1], store("k"))]
+            hooks += [(final[0], remember("q")), (final[1], remember("k"))]
         hooks += [
-            (f"{prefix}.hook_pattern", store(f"{prefix}.hook_pattern", frozen=True)),
+            (f"{prefix}.hook_pattern", remember(f"{prefix}.hook_pattern", frozen=True)),
             (f"{prefix}.hook_z", steer),
         ]
         return hooks
@@ -479,12 +474,6 @@ class Linearisation:
         rule = self.rule
         live: dict[str, Tensor] = {}
 
-        def store(key: str) -> HookFn:
-            def fn(value: Tensor, hook) -> None:
-                live[key] = value
-
-            return fn
-
         def linearise(value: Tensor, hook) -> Tensor:
             gate = live["gate"]
             if up_hook is not None:
@@ -511,9 +500,9 @@ class Linearisation:
             self.ledger.add(ConstantSite(name, hook.name, "mlp", layer, out, remainder, axis, rows))
             return out
 
-        hooks: list[tuple[str, HookFn]] = [(gate_hook, store("gate"))]
+        hooks: list[tuple[str, HookFn]] = [(gate_hook, store(live, "gate"))]
         if up_hook is not None:
-            hooks.append((up_hook, store("up")))
+            hooks.append((up_hook, store(live, "up")))
         hooks.append((value_hook, linearise))
         return hooks
 

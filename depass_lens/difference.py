@@ -36,20 +36,21 @@ from depass_lens.errors import UnsupportedModelError
 from depass_lens.integrated_softmax import IntegratedSoftmax
 from depass_lens.norms import post_sublayer_norms
 from depass_lens.pattern_gradient import PatternTerm
-
-HookFn = Callable[..., Tensor | None]
+from depass_lens.recorders import HookFn, store
 
 
 def check_difference_supported(adapter: ModelAdapter) -> None:
     """Refuse settings whose secant this module does not follow (naming them)."""
-    cfg = adapter.cfg
     problems = []
     if adapter.is_moe:
         problems.append("mixture of experts (the routing itself differs between the two runs)")
-    if cfg.use_qk_norm and adapter.positional != "rotary":
-        problems.append("a QK norm without rotary positions (its output has no hook)")
-    if cfg.use_logn_attn:
-        problems.append("use_logn_attn (applied after the last query hook)")
+    if not adapter.is_moe and any(
+        adapter.final_query_key_hooks(layer) is None for layer in range(adapter.n_layers)
+    ):
+        problems.append(
+            "a QK norm without rotary positions or use_logn_attn (the final queries and keys "
+            "have no hook)"
+        )
     if problems:
         raise UnsupportedModelError(
             "the difference linearisation cannot follow this model: "
@@ -69,10 +70,10 @@ def norm_names(adapter: ModelAdapter) -> list[str]:
 
 def query_key_hooks(adapter: ModelAdapter, layer: int) -> tuple[str, str]:
     """Where the final (rotated, normed) queries and keys of a layer are exposed."""
-    prefix = f"blocks.{layer}.attn"
-    if adapter.positional == "rotary":
-        return f"{prefix}.hook_rot_q", f"{prefix}.hook_rot_k"
-    return f"{prefix}.hook_q", f"{prefix}.hook_k"
+    hooks = adapter.final_query_key_hooks(layer)
+    if hooks is None:  # refused by check_difference_supported before we get here
+        raise UnsupportedModelError("this model's final queries and keys have no hook")
+    return hooks
 
 
 def reference_hooks(adapter: ModelAdapter) -> list[str]:
@@ -186,12 +187,6 @@ class DifferenceLinearisation:
         prefix = f"blocks.{layer}.mlp"
         live: dict[str, Tensor] = {}
 
-        def store(key: str) -> HookFn:
-            def fn(value: Tensor, hook) -> None:
-                live[key] = value
-
-            return fn
-
         def secant(value: Tensor, hook) -> Tensor:
             gate = live["gate"]
             gate_x, gate_y = gate.detach(), self._ref(f"{prefix}.hook_pre", gate)
@@ -211,9 +206,9 @@ class DifferenceLinearisation:
             self.ledger.add(ConstantSite(name, hook.name, "mlp", layer, out, real - change, -1))
             return out
 
-        hooks: list[tuple[str, HookFn]] = [(f"{prefix}.hook_pre", store("gate"))]
+        hooks: list[tuple[str, HookFn]] = [(f"{prefix}.hook_pre", store(live, "gate"))]
         if mlp.gated:
-            hooks.append((f"{prefix}.hook_pre_linear", store("up")))
+            hooks.append((f"{prefix}.hook_pre_linear", store(live, "up")))
         value_hook = f"{prefix}.hook_mid" if mlp.inner_norm is not None else f"{prefix}.hook_post"
         hooks.append((value_hook, secant))
         return hooks
@@ -226,13 +221,6 @@ class DifferenceLinearisation:
         prefix = f"blocks.{layer}.attn"
         q_hook, k_hook = query_key_hooks(adapter, layer)
         seen: dict[str, Tensor] = {}
-
-        def store(key: str, frozen: bool = False) -> HookFn:
-            def fn(value: Tensor, hook) -> Tensor:
-                seen[key] = value.detach() if frozen else value
-                return seen[key]
-
-            return fn
 
         def steer(z: Tensor, hook) -> Tensor:
             scale = adapter.qk(layer).attn_scale
@@ -283,11 +271,11 @@ class DifferenceLinearisation:
             return z + (correction - correction.detach())
 
         return [
-            (q_hook, store("q")),
-            (k_hook, store("k")),
-            (f"{prefix}.hook_v", store("v")),
-            (f"{prefix}.hook_attn_scores", store("scores", frozen=True)),
-            (f"{prefix}.hook_pattern", store("pattern", frozen=True)),
+            (q_hook, store(seen, "q")),
+            (k_hook, store(seen, "k")),
+            (f"{prefix}.hook_v", store(seen, "v")),
+            (f"{prefix}.hook_attn_scores", store(seen, "scores", frozen=True)),
+            (f"{prefix}.hook_pattern", store(seen, "pattern", frozen=True)),
             (f"{prefix}.hook_z", steer),
         ]
 

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-NODES = 64  # quadrature nodes of the pattern side (the engine is given the same count)
+from tests.naive_depass import NODES, _moved  # the same naive quadrature
 
 
 def _norm_linear(x: Tensor, module, scale: Tensor) -> Tensor:
@@ -37,18 +37,6 @@ def _rotate(attn, x: Tensor) -> Tensor:
     if attn.cfg.positional_embedding_type != "rotary":
         return x
     return attn.apply_rotary(x[None, :, None, :])[0, :, 0, :]
-
-
-def _moved(scores: Tensor, share: Tensor) -> Tensor:
-    """``int_0^1 J(a s) share da``, row by row over the causal keys (Gauss-Legendre)."""
-    nodes, weights = np.polynomial.legendre.leggauss(NODES)
-    out = torch.zeros_like(share)
-    for i in range(scores.shape[0]):
-        s, v = scores[i, : i + 1], share[i, : i + 1]
-        for x, w in zip(nodes, weights):
-            p = torch.softmax(float((x + 1) / 2) * s, 0)
-            out[i, : i + 1] += float(w / 2) * (p * v - p * (p @ v))
-    return out
 
 
 class NaiveLinearModel:
