@@ -4,6 +4,7 @@
 >>> dp_model = dp.DePass(model)                          # wraps a HookedTransformer
 >>> res = dp_model.run(prompt, source=dp.Tokens())       # decomposed stream at every hook
 >>> scores = dp_model.attribute(prompt, dp.LogitDiff(" Mary", " John"), source=dp.Heads())
+>>> graph = dp_model.graph(prompts, dp.LogitDiff(" Mary", " John"), contrast=corrupted)  # edges
 """
 
 import importlib
@@ -53,7 +54,7 @@ from depass_lens.targets import (
 
 __version__ = "0.1.0"
 
-_LAZY = {"zoo", "evaluation"}  # heavier subpackages, imported on first use
+_LAZY = {"zoo", "evaluation", "circuits"}  # subpackages, imported on first use
 
 
 def __getattr__(name: str) -> Any:

@@ -293,8 +293,10 @@ class AttentionSplit:
     - ``"symmetric"``: the average of the two.
 
     Every side is lossless and linear in the components (adjoint mode works with each).
-    ``nodes``: quadrature nodes for ``M`` (default: chosen per layer, 16 up to 256, until the
-    quadrature remainder, which goes to ``bias``, is below 1e-6 of ``|A - U|``).
+    ``nodes``: quadrature nodes for ``M`` on every row (default: chosen per row from its score
+    spread and key count, see :mod:`depass_lens.integrated_softmax`; the remainder, which goes to
+    ``bias``, stays below 1e-6 of ``|A - U|``). With a contrastive circuit graph's difference
+    linearisation, the same count is used on the path between the two runs' scores.
     """
 
     side: AttentionSide = "value"
