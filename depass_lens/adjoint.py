@@ -271,11 +271,7 @@ class Linearisation:
     ) -> Float[Tensor, "batch query head d"]:
         """``U v``: the mean of the values each query may see. A running mean where the mask is
         plain causal (no padding, no local window), else the uniform pattern times ``v``."""
-        cfg = self.adapter.cfg
-        local = (
-            cfg.use_local_attn and cfg.attn_types is not None and cfg.attn_types[layer] == "local"
-        )
-        if self.attention_mask is None and not local:
+        if self.attention_mask is None and not self.adapter.local_attention(layer):
             counts = torch.arange(1, v.shape[1] + 1, device=v.device, dtype=v.dtype)
             return v.cumsum(1) / counts.view(1, -1, 1, 1)
         uniform = integrated.uniform.to(v.dtype)
@@ -283,7 +279,7 @@ class Linearisation:
 
     def _cap_ratio(self, layer: int, queries: Tensor, keys: Tensor) -> Tensor | None:
         """A soft cap's frozen ratio ``cap tanh(raw / cap) / raw`` (``None`` without a cap)."""
-        cap = float(self.adapter.cfg.attn_scores_soft_cap or 0.0)
+        cap = self.adapter.attn_scores_soft_cap
         if cap <= 0:
             return None
         raw = einops.einsum(queries, keys, "b i h e, b j h e -> b h i j")
@@ -568,12 +564,9 @@ def linearised_forward(
     n_layers = adapter.n_layers if stop_at_layer is None else stop_at_layer
     context = adapter.split_inputs() if split_inputs else nullcontext()
     with torch.enable_grad(), context, model.hooks(fwd_hooks=fwd_hooks):
-        resid = model(
-            tokens, attention_mask=attention_mask, stop_at_layer=n_layers, return_type=None
-        )
+        resid = adapter.stream(tokens, attention_mask, n_layers)
         if stop_at_layer is None and "unembed.hook_in" in wanted:
-            has_final_norm = adapter.cfg.normalization_type is not None
-            final = model.ln_final(resid) if has_final_norm else resid
+            final = adapter.apply_final_norm(resid)
             live["unembed.hook_in"] = final
             final_norm = adapter.final_norm()
             if linearise and reference is None and final_norm.b is not None:

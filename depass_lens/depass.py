@@ -1,4 +1,5 @@
-"""``DePass``: the user-facing wrapper around a ``HookedTransformer``.
+"""``DePass``: the user-facing wrapper around a TransformerLens model (``HookedTransformer`` or
+``TransformerBridge``; the adapter hides which).
 
 It wraps the model without copying weights, reads the frozen quantities from one ``run_with_cache``
 (or a cache the caller already has), and offers two calls:
@@ -18,10 +19,11 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 from tqdm import tqdm
-from transformer_lens import ActivationCache, HookedTransformer
+from transformer_lens import ActivationCache
 from transformer_lens.utilities import get_attention_mask
 
-from depass_lens.adapter import ModelAdapter
+from depass_lens.adapters import ModelAdapter, make_adapter
+from depass_lens.adapters.base import TLModel
 from depass_lens.adjoint import linearised_forward, target_scalar
 from depass_lens.circuits.graph import Graph
 from depass_lens.circuits.spec import GraphNodes
@@ -52,7 +54,8 @@ DEFAULT_CACHED = (
 
 
 class DePass:
-    """Decomposed forward pass for a ``HookedTransformer``.
+    """Decomposed forward pass for a TransformerLens model (3.x ``HookedTransformer`` or 4.x
+    ``TransformerBridge``).
 
     Args:
         model: the model; wrapped, never copied. Unsupported settings raise
@@ -75,7 +78,7 @@ class DePass:
 
     def __init__(
         self,
-        model: HookedTransformer,
+        model: TLModel,
         rule: str | MLPRule = "taylor",
         *,
         attention: str | AttentionSplit | None = None,
@@ -84,7 +87,7 @@ class DePass:
         check: bool = True,
         progress: bool = True,
     ):
-        self.adapter = ModelAdapter(model)
+        self.adapter = make_adapter(model)
         self.model = model
         self.rule = get_rule(rule)
         if attention is None:  # the QK-aware split where the model allows it
@@ -100,7 +103,7 @@ class DePass:
 
     def __repr__(self) -> str:
         return (
-            f"DePass({self.model.cfg.model_name!r}, rule={self.rule!r}, "
+            f"DePass({self.adapter.model_name!r}, rule={self.rule!r}, "
             f"attention={self.attention.side!r})"
         )
 
@@ -138,7 +141,7 @@ class DePass:
                 and tokens.shape[0] > 1
                 and model.tokenizer.pad_token_id is not None
             ):
-                bos = model.cfg.default_prepend_bos if prepend_bos is None else prepend_bos
+                bos = self.adapter.default_prepend_bos if prepend_bos is None else prepend_bos
                 attention_mask = get_attention_mask(model.tokenizer, tokens, bos, padding_side)
                 if bool(attention_mask.all()):
                     attention_mask = None
@@ -498,7 +501,7 @@ class DePass:
     def _validate_read_hooks(self, targets: Sequence[Target]) -> None:
         for t in targets:
             hook = t.read_hook(self.adapter)
-            if hook != FINAL and hook not in self.model.hook_dict:
+            if hook != FINAL and hook not in self.adapter.hook_names():
                 raise DePassInputError(f"{t!r} reads hook {hook!r}, which this model does not have")
 
     def _validate_order(self, source: Source, targets: Sequence[Target]) -> None:
@@ -693,21 +696,21 @@ def _validate_tokens(tokens: Tensor, adapter: ModelAdapter) -> Int[Tensor, "batc
         )
     if tokens.shape[1] == 0 or tokens.shape[0] == 0:
         raise DePassInputError("tokens are empty")
-    vocab = adapter.cfg.d_vocab
+    vocab = adapter.d_vocab
     bad = (tokens < 0) | (tokens >= vocab)
     if bad.any():
         raise DePassInputError(
             f"token id {int(tokens[bad][0])} is outside the vocabulary (0..{vocab - 1})"
         )
-    if tokens.shape[1] > adapter.cfg.n_ctx:
+    if tokens.shape[1] > adapter.n_ctx:
         raise DePassInputError(
-            f"{tokens.shape[1]} tokens exceed the model's context of {adapter.cfg.n_ctx}; "
+            f"{tokens.shape[1]} tokens exceed the model's context of {adapter.n_ctx}; "
             "nothing is truncated silently"
         )
     return tokens.to(adapter.device)
 
 
-def _reject_unknown(model: HookedTransformer, tokens: Tensor, text: Any) -> None:
+def _reject_unknown(model: TLModel, tokens: Tensor, text: Any) -> None:
     """Word-level tokenizers map unknown words to ``<unk>``: refuse rather than explain noise."""
     tok = model.tokenizer
     unk = getattr(tok, "unk_token_id", None)

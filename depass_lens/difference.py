@@ -63,7 +63,7 @@ def norm_names(adapter: ModelAdapter) -> list[str]:
     """Every normalisation module with a scale hook (``blocks.0.ln1``, ..., ``ln_final``)."""
     return sorted(
         name.removesuffix(".hook_scale")
-        for name in adapter.model.hook_dict
+        for name in adapter.hook_names()
         if name.endswith(".hook_scale")
     )
 
@@ -232,7 +232,7 @@ class DifferenceLinearisation:
                 k, v, k_y, v_y = (torch.repeat_interleave(t, repeat, 2) for t in (k, v, k_y, v_y))
             q_x, k_x, v_x = q.detach(), k.detach(), v.detach()
             ratio = None
-            cap = float(adapter.cfg.attn_scores_soft_cap or 0.0)
+            cap = adapter.attn_scores_soft_cap
             if cap > 0:
                 raw_x = einops.einsum(q_x, k_x, "b i h e, b j h e -> b h i j") / scale
                 raw_y = einops.einsum(q_y, k_y, "b i h e, b j h e -> b h i j") / scale

@@ -119,7 +119,7 @@ def validate_cache(
             f"have shape {tuple(tokens.shape)}; it was computed on another prompt"
         )
     with torch.no_grad():
-        expected = adapter.model.embed(tokens.to(adapter.device))
+        expected = adapter.embed(tokens.to(adapter.device))
     if not torch.allclose(embed.to(expected.dtype), expected, rtol=1e-4, atol=1e-6):
         raise CacheMismatchError(
             "the ActivationCache's token embeddings do not match these tokens (or the embedding "

@@ -16,7 +16,7 @@ the pattern, not only through the values).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 import einops
 import torch
@@ -114,11 +114,10 @@ def _finish(
     """A projection's frozen QK norm, rotary, log-n scaling and grouped-key repeat."""
     norm = qk.q_norm if which == "q" else qk.k_norm
     y = _frozen_qk_norm(y, norm, qk.norm_style, norm_scale, is_bias.to(y.dtype))
-    module: Any = qk.module  # TransformerLens's attention: its own rotary and log-n code
-    if module.cfg.positional_embedding_type == "rotary":
-        y = module.apply_rotary(y, 0, attention_mask)
-    if which == "q" and module.cfg.use_logn_attn:
-        y = module._apply_logn_scaling(y, 0)
+    if qk.rotary is not None:  # the backend's own rotary and log-n code (see QKWeights)
+        y = qk.rotary(y, attention_mask)
+    if which == "q" and qk.logn is not None:
+        y = qk.logn(y)
     if which == "k" and qk.kv_repeat > 1:
         y = torch.repeat_interleave(y, qk.kv_repeat, dim=2)
     return y
@@ -216,7 +215,7 @@ def layer_qk(
     k = project(qk, x, "k", ones, k_scale, attention_mask)
     raw = einops.einsum(q, k, "b i h e, b j h e -> b h i j") / qk.attn_scale
     scores = activations[f"{prefix}.hook_attn_scores"].to(raw.dtype)
-    cap = float(adapter.cfg.attn_scores_soft_cap or 0.0)
+    cap = adapter.attn_scores_soft_cap
     if cap > 0:
         safe = torch.where(raw == 0, torch.ones_like(raw), raw)
         ratio = torch.where(raw == 0, torch.ones_like(raw), cap * torch.tanh(raw / cap) / safe)

@@ -70,7 +70,7 @@ class Readout:
         real = state.sum(1)
         if norm.centres:
             real = real - real.mean(-1, keepdim=True)
-        scale = (real.pow(2).mean(-1, keepdim=True) + self.adapter.cfg.eps).sqrt()
+        scale = (real.pow(2).mean(-1, keepdim=True) + self.adapter.eps).sqrt()
         out = frozen_norm_linear(state, norm, scale)
         if norm.w is not None:
             out = out * norm.w

@@ -1,22 +1,32 @@
-"""The one place that reads a TransformerLens model: config, weights per layer and hook names.
+"""The adapter protocol: everything DePass reads from a model, in backend-neutral terms.
 
-Everything else in depass_lens talks to a :class:`ModelAdapter`, never to ``model.blocks[...]``
-directly, so a second adapter (e.g. for TransformerLens 4's ``TransformerBridge``, which keeps the
-hook names and ``ActivationCache``) can be added without touching the engine.
+Sources, targets, the engine and the evaluation talk only to a :class:`ModelAdapter`: config
+values, per-layer weights (by reference, never copied), hook names and the few model calls the
+adjoint pass needs. Two implementations sit behind it, one per TransformerLens generation:
+:class:`~depass_lens.adapters.hooked.HookedAdapter` (3.x ``HookedTransformer``) and
+:class:`~depass_lens.adapters.bridge.BridgeAdapter` (4.x ``TransformerBridge`` in
+compatibility mode). Every difference between the two lives in those two modules; this one holds
+the weight views both return and the logic both share (hook order, which cache entries are
+frozen, where attention reads its input).
+
+Both backends keep TransformerLens's hook names, ``ActivationCache``, ``run_with_cache``,
+``run_with_hooks``, ``hooks()``, ``to_tokens`` and ``tokenizer``, so callers use those on the
+model directly; what differs (config fields, weight layout, norm classes, rotary code) is read
+through the adapter.
 """
 
 from __future__ import annotations
 
 import re
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from torch import Tensor
-from transformer_lens import HookedTransformer
 
 from depass_lens.errors import UnsupportedModelError
 
@@ -28,6 +38,13 @@ Stage = Literal["pre", "mid", "post"]
 POST_NORM_ARCHITECTURES = frozenset({"Olmo2ForCausalLM", "Olmo3ForCausalLM"})
 #: Architectures whose QK norm acts on the whole ``head * d_head`` query/key vector (OLMo family).
 QK_FULL_NORM_ARCHITECTURES = frozenset({"OlmoeForCausalLM", "Olmo2ForCausalLM", "Olmo3ForCausalLM"})
+
+#: A TransformerLens model: a 3.x ``HookedTransformer`` or a 4.x ``TransformerBridge``. Typed
+#: loosely on purpose: neither class can be imported under the other generation.
+TLModel = Any
+
+#: ``rotate(y, attention_mask)``: rotary embedding of queries or keys ``[n, pos, head, d_head]``.
+Rotary = Callable[[Tensor, "Tensor | None"], Tensor]
 
 
 @dataclass(frozen=True)
@@ -60,8 +77,10 @@ class QKWeights:
     """Query/key path of one attention layer, for the QK circuit (scores are bilinear in it).
 
     ``norm_style`` says how a QK norm is applied: per head on ``d_head`` (Gemma 3, Qwen 3),
-    over the full ``head * d_head`` vector (OLMo), or not at all. ``module`` is TransformerLens's
-    attention module, whose own rotary and log-n code the QK path calls.
+    over the full ``head * d_head`` vector (OLMo), or not at all. ``rotary`` applies the model's
+    own rotary embedding (``None``: no rotary), ``logn`` its log-n query scaling (``None``:
+    none); both come from the backend's own code, so the decomposed scores rotate exactly as the
+    real ones.
     """
 
     W_Q: Float[Tensor, "head d_model d_head"]
@@ -73,7 +92,8 @@ class QKWeights:
     k_norm: NormWeights | None
     norm_style: Literal["none", "head", "full"]
     attn_scale: float
-    module: torch.nn.Module
+    rotary: Rotary | None = None
+    logn: Callable[[Tensor], Tensor] | None = None
 
 
 @dataclass(frozen=True)
@@ -103,60 +123,72 @@ class MoEWeights:
     weights_hook: str
 
 
-def _tensor(value: object, name: str) -> Tensor:
+def as_tensor(value: object, name: str) -> Tensor:
     """A weight as a tensor; anything else (e.g. a quantised module) is unsupported."""
     if not isinstance(value, Tensor):
         raise UnsupportedModelError(f"weight {name} is a {type(value).__name__}, not a tensor")
     return value
 
 
-def _norm_kind(module: torch.nn.Module) -> NormKind:
-    name = type(module).__name__
-    kinds: dict[str, NormKind] = {
-        "LayerNorm": "LN",
-        "LayerNormPre": "LNPre",
-        "RMSNorm": "RMS",
-        "RMSNormPre": "RMSPre",
-        "Identity": "none",
-    }
-    if name not in kinds:
-        raise UnsupportedModelError(f"normalisation layer {name!r} is not supported by DePass")
-    return kinds[name]
-
-
-class ModelAdapter:
-    """Read-only view of a ``HookedTransformer`` in the terms DePass needs.
+class ModelAdapter(ABC):
+    """Read-only view of a TransformerLens model in the terms DePass needs.
 
     Weights are returned by reference (never copied), so memory stays that of the model and a
     change to the model is visible immediately (the cache check then catches stale caches).
+    Subclasses implement the abstract reads for one backend; build one with
+    :func:`~depass_lens.adapters.make_adapter`.
     """
 
-    def __init__(self, model: HookedTransformer):
-        if not isinstance(model, HookedTransformer):
-            raise TypeError(
-                f"DePass wraps a transformer_lens.HookedTransformer, got {type(model).__name__}"
-            )
+    #: Short name of the backend, for messages and reports ("HookedTransformer", ...).
+    backend: str = "?"
+
+    def __init__(self, model: Any):
         self.model = model
-        self.cfg = model.cfg
         self._splitting = False  # inside split_inputs(): per-head inputs DePass itself manages
-        check_supported(model)
 
     # ---------------------------------------------------------------- config
     @property
+    def cfg(self) -> Any:
+        """The model's own config object. Only for TransformerLens machinery that reads it
+        itself (``ActivationCache`` key resolution); DePass reads config through the
+        properties below."""
+        return self.model.cfg
+
+    @property
     def n_layers(self) -> int:
-        return self.cfg.n_layers
+        return int(self.cfg.n_layers)
 
     @property
     def n_heads(self) -> int:
-        return self.cfg.n_heads
+        return int(self.cfg.n_heads)
 
     @property
     def d_model(self) -> int:
-        return self.cfg.d_model
+        return int(self.cfg.d_model)
 
     @property
     def d_mlp(self) -> int:
-        return self.cfg.d_mlp or 0
+        return int(self.cfg.d_mlp or 0)
+
+    @property
+    def d_vocab(self) -> int:
+        return int(self.cfg.d_vocab)
+
+    @property
+    def n_ctx(self) -> int:
+        return int(self.cfg.n_ctx)
+
+    @property
+    def eps(self) -> float:
+        return float(self.cfg.eps)
+
+    @property
+    def model_name(self) -> str:
+        return str(getattr(self.cfg, "model_name", None) or type(self.model).__name__)
+
+    @property
+    def default_prepend_bos(self) -> bool:
+        return bool(self.cfg.default_prepend_bos)
 
     @property
     def attn_only(self) -> bool:
@@ -167,8 +199,9 @@ class ModelAdapter:
         return bool(self.cfg.parallel_attn_mlp)
 
     @property
+    @abstractmethod
     def post_norm(self) -> bool:
-        return self.cfg.original_architecture in POST_NORM_ARCHITECTURES
+        """``ln1``/``ln2`` normalise the sublayer *output* (OLMo 2/3 style)."""
 
     @property
     def has_resid_mid(self) -> bool:
@@ -176,20 +209,46 @@ class ModelAdapter:
 
     @property
     def positional(self) -> str:
-        return self.cfg.positional_embedding_type
+        """``standard``, ``shortformer``, ``rotary``, ``alibi``, ..."""
+        return str(self.cfg.positional_embedding_type)
+
+    @property
+    def attn_scores_soft_cap(self) -> float:
+        """The attention-score soft cap (0: none)."""
+        return float(getattr(self.cfg, "attn_scores_soft_cap", 0.0) or 0.0)
+
+    @property
+    def output_logits_soft_cap(self) -> float:
+        """The output-logit soft cap (0: none); DePass reads logits out before it."""
+        return float(getattr(self.cfg, "output_logits_soft_cap", 0.0) or 0.0)
+
+    def local_attention(self, layer: int) -> bool:
+        """Whether ``layer`` attends within a local window (its pattern masks more than causal)."""
+        types = getattr(self.cfg, "attn_types", None)
+        return bool(getattr(self.cfg, "use_local_attn", False)) and (
+            types is not None and types[layer] == "local"
+        )
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.model.W_E.dtype
+        return self.embedding_weight.dtype
 
     @property
     def device(self) -> torch.device:
-        return self.model.W_E.device
+        return self.embedding_weight.device
+
+    @property
+    def embedding_weight(self) -> Float[Tensor, "d_vocab d_model"]:
+        return self.model.W_E
 
     # ---------------------------------------------------------------- hook names
     @staticmethod
     def resid_hook(layer: int, stage: Stage) -> str:
         return f"blocks.{layer}.hook_resid_{stage}"
+
+    def hook_names(self) -> list[str]:
+        """Every hook point of the model, by its TransformerLens name."""
+        return list(self.model.hook_dict)
 
     def hook_position(self, name: str) -> tuple[int, int]:
         """Where a hook sits in the forward pass, as ``(layer, step)``: comparable by order.
@@ -248,88 +307,6 @@ class ModelAdapter:
             names.append(final.scale_hook)
         return names
 
-    # ---------------------------------------------------------------- weights
-    def _norm(self, module: torch.nn.Module | None, name: str) -> NormWeights | None:
-        if module is None:
-            return None
-        kind = _norm_kind(module)
-        if kind == "none":
-            return NormWeights("none", None)
-        w = getattr(module, "w", None) if kind in ("LN", "RMS") else None
-        b = getattr(module, "b", None) if kind == "LN" else None
-        return NormWeights(kind, f"{name}.hook_scale", w, b)
-
-    def block_norms(self, layer: int) -> dict[str, NormWeights | None]:
-        block = self.model.blocks[layer]
-        prefix = f"blocks.{layer}"
-        return {
-            name: self._norm(getattr(block, name, None), f"{prefix}.{name}")
-            for name in ("ln1", "ln2", "ln1_post", "ln2_post")
-        }
-
-    def final_norm(self) -> NormWeights:
-        module = getattr(self.model, "ln_final", None)
-        norm = self._norm(module, "ln_final")
-        return norm if norm is not None else NormWeights("none", None)
-
-    def attention(self, layer: int) -> AttentionWeights:
-        attn = self.model.blocks[layer].attn
-        grouped = hasattr(attn, "_W_V") and not self.cfg.ungroup_grouped_query_attention
-        W_V = attn._W_V if grouped else attn.W_V
-        b_V = attn._b_V if grouped else attn.b_V
-        W_V, b_V = _tensor(W_V, "W_V"), _tensor(b_V, "b_V")
-        return AttentionWeights(
-            W_V=W_V,
-            b_V=b_V,
-            W_O=_tensor(attn.W_O, "W_O"),
-            b_O=_tensor(attn.b_O, "b_O"),
-            kv_repeat=self.n_heads // int(W_V.shape[0]),
-        )
-
-    def qk_problems(self) -> list[str]:
-        """Settings the QK path cannot follow (empty when it can)."""
-        problems = qk_unsupported_settings(self.model)
-        if self._splitting:  # the split inputs are DePass's own: the QK path reads them per head
-            problems = [p for p in problems if not p.startswith("use_split_qkv_input")]
-        return problems
-
-    def check_qk_supported(self) -> None:
-        """Raise :class:`UnsupportedModelError` naming settings the QK path cannot follow."""
-        problems = self.qk_problems()
-        if problems:
-            raise UnsupportedModelError(
-                "the QK circuit of this model cannot be decomposed exactly. Unsupported "
-                "setting(s): " + "; ".join(problems)
-            )
-
-    def qk(self, layer: int) -> QKWeights:
-        """The query/key weights of ``layer`` (raises for settings the QK path cannot follow)."""
-        self.check_qk_supported()
-        attn = self.model.blocks[layer].attn
-        grouped = hasattr(attn, "_W_K") and not self.cfg.ungroup_grouped_query_attention
-        W_K = _tensor(attn._W_K if grouped else attn.W_K, "W_K")
-        b_K = _tensor(attn._b_K if grouped else attn.b_K, "b_K")
-        prefix = f"blocks.{layer}.attn"
-        q_norm = self._norm(getattr(attn, "q_norm", None), f"{prefix}.q_norm")
-        k_norm = self._norm(getattr(attn, "k_norm", None), f"{prefix}.k_norm")
-        style: Literal["none", "head", "full"] = "none"
-        if q_norm is not None and self.cfg.original_architecture in QK_FULL_NORM_ARCHITECTURES:
-            style = "full"
-        elif q_norm is not None and self.cfg.use_qk_norm:
-            style = "head"
-        return QKWeights(
-            W_Q=_tensor(attn.W_Q, "W_Q"),
-            b_Q=_tensor(attn.b_Q, "b_Q"),
-            W_K=W_K,
-            b_K=b_K,
-            kv_repeat=self.n_heads // int(W_K.shape[0]),
-            q_norm=q_norm if style != "none" else None,
-            k_norm=k_norm if style != "none" else None,
-            norm_style=style,
-            attn_scale=float(attn.attn_scale),
-            module=attn,
-        )
-
     def attention_input_hook(self, layer: int) -> str:
         """Where the (normalised) stream that queries, keys and values read is exposed.
 
@@ -363,149 +340,109 @@ class ModelAdapter:
             names.append("hook_pos_embed")
         return names
 
+    @abstractmethod
     def final_query_key_hooks(self, layer: int) -> tuple[str, str] | None:
         """Hooks holding a layer's queries and keys exactly as the scores use them (rotated, QK
-        normed), or ``None`` where TransformerLens changes them after its last hook."""
-        prefix = f"blocks.{layer}.attn"
-        if self.cfg.use_logn_attn:
-            return None
-        if self.positional == "rotary":
-            return f"{prefix}.hook_rot_q", f"{prefix}.hook_rot_k"
-        if self.qk(layer).norm_style == "none":
-            return f"{prefix}.hook_q", f"{prefix}.hook_k"
-        return None
+        normed), or ``None`` where the backend changes them after its last hook."""
 
+    # ---------------------------------------------------------------- weights
+    @abstractmethod
+    def block_norms(self, layer: int) -> dict[str, NormWeights | None]:
+        """``ln1``, ``ln2``, ``ln1_post``, ``ln2_post`` of a block (``None``: absent)."""
+
+    @abstractmethod
+    def final_norm(self) -> NormWeights:
+        """The final norm (kind ``none`` where the model has none)."""
+
+    @abstractmethod
+    def attention(self, layer: int) -> AttentionWeights:
+        """The value/output weights of ``layer``'s attention."""
+
+    @abstractmethod
+    def qk_problems(self) -> list[str]:
+        """Settings the QK path cannot follow (empty when it can)."""
+
+    def check_qk_supported(self) -> None:
+        """Raise :class:`UnsupportedModelError` naming settings the QK path cannot follow."""
+        problems = self.qk_problems()
+        if problems:
+            raise UnsupportedModelError(
+                "the QK circuit of this model cannot be decomposed exactly. Unsupported "
+                "setting(s): " + "; ".join(problems)
+            )
+
+    @abstractmethod
+    def qk(self, layer: int) -> QKWeights:
+        """The query/key weights of ``layer`` (raises for settings the QK path cannot follow)."""
+
+    @abstractmethod
     def mlp(self, layer: int) -> MLPWeights:
-        mlp = self.model.blocks[layer].mlp
-        gated = hasattr(mlp, "W_gate")
-        inner = None
-        if getattr(mlp, "ln", None) is not None:
-            inner = self._norm(mlp.ln, f"blocks.{layer}.mlp.ln")
-        return MLPWeights(
-            W_in=_tensor(mlp.W_in, "W_in"),
-            b_in=_tensor(mlp.b_in, "b_in"),
-            W_out=_tensor(mlp.W_out, "W_out"),
-            b_out=_tensor(mlp.b_out, "b_out"),
-            W_gate=_tensor(mlp.W_gate, "W_gate") if gated else None,
-            act_fn=mlp.act_fn,
-            inner_norm=inner,
-        )
+        """The dense MLP of ``layer``."""
 
     @property
     def is_moe(self) -> bool:
-        """Mixture-of-experts MLPs (TransformerLens ``MoE``): routing is frozen, experts split."""
-        return bool(getattr(self.cfg, "num_experts", None)) and not self.attn_only
+        """Mixture-of-experts MLPs: routing is frozen, experts split."""
+        return False
 
     def moe(self, layer: int) -> MoEWeights:
-        mlp = self.model.blocks[layer].mlp
-        experts = []
-        for expert in getattr(mlp, "experts", []):
-            W_in = _tensor(expert.W_in.weight, "W_in").T
-            zeros_in = W_in.new_zeros(W_in.shape[1])
-            W_out = _tensor(expert.W_out.weight, "W_out").T
-            experts.append(
-                MLPWeights(
-                    W_in=W_in,
-                    b_in=zeros_in,
-                    W_out=W_out,
-                    b_out=W_out.new_zeros(W_out.shape[1]),
-                    W_gate=_tensor(expert.W_gate.weight, "W_gate").T,
-                    act_fn=expert.act_fn,
-                    inner_norm=None,
-                )
-            )
-        return MoEWeights(
-            experts=experts,
-            experts_per_token=int(self.cfg.experts_per_token or 1),
-            renormalise=bool(getattr(self.cfg, "norm_topk_prob", False)),
-            weights_hook=f"blocks.{layer}.mlp.hook_expert_weights",
-        )
+        raise UnsupportedModelError(f"{self.backend} models have no mixture-of-experts layers here")
 
     @property
     def W_U(self) -> Float[Tensor, "d_model d_vocab"]:
         return self.model.W_U
 
     @property
+    @abstractmethod
     def b_U(self) -> Float[Tensor, " d_vocab"]:
-        return self.model.b_U
+        """The unembedding bias (zeros where the model has none)."""
+
+    # ---------------------------------------------------------------- model calls
+    def embed(self, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos d_model"]:
+        """The token embeddings of ``tokens`` (what ``hook_embed`` should hold)."""
+        return self.model.embed(tokens)
+
+    def stream(
+        self,
+        tokens: Int[Tensor, "batch pos"],
+        attention_mask: Int[Tensor, "batch pos"] | None,
+        stop_at_layer: int,
+    ) -> Float[Tensor, "batch pos d_model"]:
+        """The residual stream after ``stop_at_layer`` blocks, under whatever hooks are active."""
+        return self.model(
+            tokens, attention_mask=attention_mask, stop_at_layer=stop_at_layer, return_type=None
+        )
+
+    def apply_final_norm(
+        self, resid: Float[Tensor, "batch pos d_model"]
+    ) -> Float[Tensor, "batch pos d_model"]:
+        """The final norm of the model applied to ``resid`` (identity without one)."""
+        if self.final_norm().kind == "none":
+            return resid
+        return self.model.ln_final(resid)
 
     @contextmanager
     def split_inputs(self) -> Iterator[None]:
-        """Run the model on per-node inputs for the duration of the block.
-
-        TransformerLens's ``use_split_qkv_input`` gives every head its own query, key and value
-        input (``blocks.L.hook_q_input`` ... ``[batch, pos, head, d_model]``), ``use_hook_mlp_in``
-        a separate MLP input (``blocks.L.hook_mlp_in``), and ungrouping grouped-query attention
-        gives every query head its own copy of its keys and values. Values are unchanged; what
-        changes is that a hook on one of these inputs sees (and may replace) exactly what one node
-        reads. The settings are restored afterwards, even on error.
-        """
-        cfg = self.cfg
-        saved = (cfg.use_split_qkv_input, cfg.use_hook_mlp_in, cfg.ungroup_grouped_query_attention)
-        if saved[0] or cfg.use_attn_in:
-            raise UnsupportedModelError(
-                "circuit graphs run the model on split inputs themselves; turn off "
-                "use_split_qkv_input / use_attn_in on the model first"
-            )
-        try:
-            self._splitting = True
-            cfg.use_split_qkv_input = True
-            cfg.use_hook_mlp_in = True
-            cfg.ungroup_grouped_query_attention = True
-            yield
-        finally:
-            self._splitting = False
-            (
-                cfg.use_split_qkv_input,
-                cfg.use_hook_mlp_in,
-                cfg.ungroup_grouped_query_attention,
-            ) = saved
+        """Run the model on per-node inputs for the duration of the block (see subclasses)."""
+        raise UnsupportedModelError(f"{self.backend} models cannot run on per-head inputs")
+        yield  # pragma: no cover
 
     def parameter_fingerprint(self) -> tuple[tuple[int, int], ...]:
         """Identity and in-place version of every parameter: changes when the model is edited."""
         return tuple((id(p), p._version) for p in self.model.parameters())
 
 
-#: Settings that change the computation in a way DePass cannot reproduce exactly.
-def _unsupported_settings(model: HookedTransformer) -> list[str]:
-    cfg = model.cfg
-    problems = []
-    if getattr(cfg, "num_experts", None) and cfg.original_architecture == "GptOssForCausalLM":
-        problems.append("GPT-OSS mixture-of-experts (clamped SwiGLU experts with biases)")
-    if getattr(cfg, "clip_qkv", None) is not None:
-        problems.append("clip_qkv (clamping of values is a nonlinearity on the value path)")
-    if getattr(cfg, "load_in_4bit", False):
-        problems.append("load_in_4bit (quantised weights)")
-    if cfg.attention_dir != "causal":
-        problems.append(f"attention_dir={cfg.attention_dir!r} (only causal models are supported)")
-    if cfg.use_normalization_before_and_after and cfg.normalization_type in ("LN", "LNPre"):
-        problems.append(
-            "use_normalization_before_and_after with LayerNorm (TransformerLens builds no post-norm"
-            " module for it)"
-        )
-    if not cfg.attn_only and cfg.d_mlp is None:
-        problems.append("d_mlp=None on a model with MLPs")
-    return problems
-
-
-def qk_unsupported_settings(model: HookedTransformer) -> list[str]:
-    """Settings under which the QK path (scores as bilinear forms) is not reproduced exactly."""
-    cfg = model.cfg
-    problems = []
-    if cfg.use_split_qkv_input or cfg.use_attn_in:
-        problems.append("use_split_qkv_input / use_attn_in (per-head attention inputs)")
-    if cfg.positional_embedding_type == "relative_positional_bias":
-        problems.append("relative_positional_bias (position bias passed in at run time)")
-    if getattr(cfg, "use_attention_sinks", False):
-        problems.append("use_attention_sinks (the sink logit joins the softmax)")
-    return problems
-
-
-def check_supported(model: HookedTransformer) -> None:
-    """Raise :class:`UnsupportedModelError` naming every unsupported setting of ``model``."""
-    problems = _unsupported_settings(model)
-    if problems:
-        raise UnsupportedModelError(
-            "DePass cannot propagate this model exactly. Unsupported setting(s): "
-            + "; ".join(problems)
-        )
+__all__ = [
+    "QK_FULL_NORM_ARCHITECTURES",
+    "POST_NORM_ARCHITECTURES",
+    "AttentionWeights",
+    "MLPWeights",
+    "ModelAdapter",
+    "MoEWeights",
+    "NormKind",
+    "NormWeights",
+    "QKWeights",
+    "Rotary",
+    "Stage",
+    "TLModel",
+    "as_tensor",
+]
