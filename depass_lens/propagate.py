@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import einops
 import torch
@@ -521,6 +521,9 @@ class DecomposedTransformer(HookedRootModule):
 
     def forward(self, decomposition: Decomposition, ctx: PropagationContext) -> Stream:
         adapter = ctx.adapter
+        rule = ctx.rule.bind(decomposition.labels)  # a rule may depend on the component order
+        if rule is not ctx.rule:
+            ctx = replace(ctx, rule=rule)
         layer, stage = parse_start(decomposition.hook, adapter)
         x = decomposition.components
         owned = False  # the input belongs to the caller: never modified in place

@@ -16,15 +16,18 @@ the non-linear rules give absent components nothing.
 
 from __future__ import annotations
 
+import copy
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import einops
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from depass_lens.decomposition import ComponentLabel
 from depass_lens.errors import DePassInputError
 
 Shares = Float[Tensor, "batch comp pos d_mlp"]
@@ -76,6 +79,14 @@ class MLPRule(ABC):
         n_comp: int,
     ) -> Shares:
         """Each component's part of the neuron value, for one chunk of components."""
+
+    def bind(self, labels: Sequence[ComponentLabel]) -> MLPRule:
+        """The rule for one decomposition with these component labels (most rules ignore them).
+
+        The engine calls it once per start point, so a rule may depend on the component order
+        (:class:`ReferenceParity` does) while propagation stays the same for every level.
+        """
+        return self
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
@@ -292,58 +303,116 @@ class LinearRule(MLPRule):
         return _weights_times_value(weights, values)
 
 
+def reference_roles(labels: Sequence[ComponentLabel]) -> tuple[int, int]:
+    """Where the reference's first and last components are among ours, from their labels.
+
+    The reference orders a head-, module- or neuron-level start ``[rest, unit_1, ..., unit_n]``
+    (ours: ``[unit_1, ..., unit_n, rest, bias]``), so there its first component is our ``rest`` and
+    its last is our last unit. A token-level start is ``[token_0, ..., token_n, left]``: the first
+    is the BOS token and the last is the remainder, our ``bias``.
+    """
+    kinds = [label.kind for label in labels]
+    if "rest" not in kinds:
+        return 0, len(kinds) - 1
+    units = [i for i, kind in enumerate(kinds) if kind not in ("rest", "bias")]
+    return kinds.index("rest"), units[-1] if units else len(kinds) - 1
+
+
 class ReferenceParity(MLPRule):
     """The DePass reference implementation's conventions around a non-linear rule, for parity.
 
     The paper's numbers were produced with these; they are off by default and only apply when
-    this wrapper is used explicitly. With components ``[c_0, ..., bias]`` (the reference calls the
-    last one "left"):
+    this wrapper is used explicitly. The reference's special cases act on its *first* and *last*
+    components, which the engine finds from the source's labels (:func:`reference_roles`): at
+    token level the BOS token and ``bias`` (the reference's remainder "left"); at head, module and
+    neuron level ``rest`` (the reference puts it first) and the last head, module or neuron. For
+    one neuron at one position the reference's shares are edited, then the inner rule applies:
 
-    1. at position 0, all of the neuron goes to component 0;
-    2. the bias component's shares below ``1e-5`` in magnitude count as absent;
-    3. where no component is present, the neuron goes to the bias (as every rule here does);
-    4. ``ignore_bos`` (the reference's ``ignore_special_token=True``): component 0 (the BOS
-       token, for a ``Tokens`` source) counts as absent at every position but 0, so it receives
-       no MLP output later in the sequence.
+    1. ``ignore_bos`` (the reference's ``ignore_special_token=True``): the first component's share
+       is zeroed, so the BOS token receives no MLP output after position 0;
+    2. at position 0 the first component's share is *set to 1.0* (a pre-activation value, not a
+       weight), then the rule applies as everywhere else: at token level only the BOS token is
+       present there, so it gets the whole neuron; at head level ``rest`` competes with the heads;
+    3. the last component's shares below ``remainder_floor`` (1e-5) in magnitude count as absent;
+    4. where no share is left, the last component's becomes 1.0 (it gets the whole neuron).
 
-    It stays lossless: the weights at every neuron still sum to one.
+    ``ignore_bos=None`` applies 1. where the reference does: at token level only (it passes
+    ``ignore_special_token=False`` at the other levels). ``first``/``last`` (component indices,
+    negative from the end) override the roles, e.g. for a ``Custom`` start. Ties of ``max`` break
+    by our component order. It stays lossless: the weights at every neuron still sum to one. At
+    neuron level the reference's rest is ``resid_mid - sum(neurons)`` (summing to the state before
+    the MLP); ours is the stream before the MLP, summing to ``resid_post`` (a bug not reproduced).
     """
 
-    def __init__(self, rule: MLPRule | str, ignore_bos: bool = True, remainder_floor: float = 1e-5):
+    def __init__(
+        self,
+        rule: MLPRule | str,
+        ignore_bos: bool | None = None,
+        remainder_floor: float = 1e-5,
+        first: int | None = None,
+        last: int | None = None,
+    ):
         inner = get_rule(rule)
         if inner.linear:
             raise DePassInputError("ReferenceParity wraps the non-linear rules (softmax, max, ...)")
         self.inner = inner
         self.ignore_bos = ignore_bos
         self.remainder_floor = remainder_floor
+        self.first = first
+        self.last = last
         self.name = f"{inner.name}-reference"
-        self.reduce_passes = inner.reduce_passes
+        self.reduce_passes = inner.reduce_passes + 1  # first: is any share left at all?
+        self._bos = True if ignore_bos is None else ignore_bos  # unbound: token level
 
     def __repr__(self) -> str:
         return f"ReferenceParity({self.inner!r}, ignore_bos={self.ignore_bos})"
 
-    def _masked(self, shares: Shares, offset: int, n_comp: int) -> Shares:
-        index = torch.arange(offset, offset + shares.shape[1], device=shares.device).view(
-            1, -1, 1, 1
-        )
-        absent = (index == n_comp - 1) & (shares.abs() < self.remainder_floor)
-        if self.ignore_bos:
-            later = torch.arange(shares.shape[2], device=shares.device).view(1, 1, -1, 1) > 0
-            absent = absent | ((index == 0) & later)
-        return torch.where(absent, torch.zeros_like(shares), shares)
+    def bind(self, labels: Sequence[ComponentLabel]) -> ReferenceParity:
+        first, last = reference_roles(labels)
+        bound = copy.copy(self)
+        bound.first = first if self.first is None else self.first % len(labels)
+        bound.last = last if self.last is None else self.last % len(labels)
+        at_bos = labels[bound.first].kind == "token" and labels[bound.first].pos == 0
+        bound._bos = at_bos if self.ignore_bos is None else self.ignore_bos
+        return bound
+
+    def _roles(self, shares: Shares, offset: int, n_comp: int) -> tuple[Tensor, Tensor]:
+        """``[1, chunk, 1, 1]`` indicators of the first and the last component in a chunk."""
+        index = torch.arange(offset, offset + shares.shape[1], device=shares.device)
+        index = einops.rearrange(index, "comp -> 1 comp 1 1")
+        first = 0 if self.first is None else self.first % n_comp
+        last = n_comp - 1 if self.last is None else self.last % n_comp
+        return index == first, index == last
+
+    def _edited(self, shares: Shares, offset: int, n_comp: int) -> Shares:
+        """Edits 1-3 of the class docstring."""
+        is_first, is_last = self._roles(shares, offset, n_comp)
+        positions = torch.arange(shares.shape[2], device=shares.device)
+        at_zero = einops.rearrange(positions == 0, "pos -> 1 1 pos 1")
+        if self._bos:
+            shares = torch.where(is_first & ~at_zero, torch.zeros_like(shares), shares)
+        shares = torch.where(is_first & at_zero, torch.ones_like(shares), shares)
+        floor = is_last & (shares.abs() < self.remainder_floor)
+        return torch.where(floor, torch.zeros_like(shares), shares)
+
+    def _final(self, shares: Shares, any_left: Tensor, offset: int, n_comp: int) -> Shares:
+        """Edit 4: where no share is left, the last component's becomes 1.0."""
+        edited = self._edited(shares, offset, n_comp)
+        _, is_last = self._roles(shares, offset, n_comp)
+        return torch.where(is_last & ~any_left.unsqueeze(1), torch.ones_like(edited), edited)
 
     def reduce(self, state, shares, offset, n_comp, stage=0):
-        return self.inner.reduce(state, self._masked(shares, offset, n_comp), offset, n_comp, stage)
+        if stage == 0:
+            left = (self._edited(shares, offset, n_comp) != 0).any(dim=1)
+            return left if state is None else state | left
+        any_left, inner = state if isinstance(state, tuple) else (state, None)
+        final = self._final(shares, any_left, offset, n_comp)
+        return any_left, self.inner.reduce(inner, final, offset, n_comp, stage - 1)
 
     def split(self, state, shares, up_shares, values, offset, n_comp):
-        out = self.inner.split(
-            state, self._masked(shares, offset, n_comp), up_shares, values, offset, n_comp
-        )
-        first = torch.zeros_like(out[:, :, 0])
-        if offset == 0:
-            first[:, 0] = values.value[:, 0]
-        out[:, :, 0] = first  # position 0: everything to component 0
-        return out
+        any_left, inner = state
+        final = self._final(shares, any_left, offset, n_comp)
+        return self.inner.split(inner, final, up_shares, values, offset, n_comp)
 
 
 _RULES: dict[str, Callable[[], MLPRule]] = {

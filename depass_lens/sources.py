@@ -395,44 +395,66 @@ class Neurons(Source):
 
 # ---------------------------------------------------------------------------------- modules
 class Modules(Source):
-    """A layer's attention output and MLP output as two components (+ ``rest``, ``bias``)."""
+    """A layer's attention and MLP outputs as components (+ ``rest``, ``bias``).
 
-    def __init__(self, layer: int | Sequence[int] | None = None):
+    Args:
+        layer: the layer(s).
+        module: ``"both"`` starts after the MLP with the attention and the MLP output;
+            ``"attn"`` starts right after the attention (``hook_resid_mid``, or ``hook_resid_post``
+            for parallel blocks) with its output alone, so the MLP of the same layer splits it
+            from the rest; ``"mlp"`` starts after the MLP with its output alone. The last two are
+            the reference implementation's module-level starts.
+    """
+
+    def __init__(
+        self,
+        layer: int | Sequence[int] | None = None,
+        module: Literal["both", "attn", "mlp"] = "both",
+    ):
+        if module not in ("both", "attn", "mlp"):
+            raise DePassInputError(
+                f"Modules: module must be 'both', 'attn' or 'mlp', not {module!r}"
+            )
         self.layer = layer
+        self.module = module
 
     def __repr__(self) -> str:
-        return f"Modules(layer={self.layer})"
+        return f"Modules(layer={self.layer}, module={self.module!r})"
+
+    def _kinds(self, adapter: ModelAdapter) -> list[str]:
+        if self.module == "mlp" and adapter.attn_only:
+            raise DePassInputError("Modules: this model is attention-only; it has no MLP output")
+        kinds = ["attn", "mlp"] if self.module == "both" else [self.module]
+        return [k for k in kinds if not (k == "mlp" and adapter.attn_only)]
 
     def start_hooks(self, adapter):
-        return [
-            f"blocks.{layer}.hook_resid_post" for layer in _layers(self.layer, adapter, "Modules")
-        ]
+        layers = _layers(self.layer, adapter, "Modules")
+        if self.module == "attn":
+            return [adapter.after_attention_hook(layer) for layer in layers]
+        return [f"blocks.{layer}.hook_resid_post" for layer in layers]
 
     def needed_hooks(self, adapter):
         names = []
-        for layer in _layers(self.layer, adapter, "Modules"):
-            names += [f"blocks.{layer}.hook_resid_post", f"blocks.{layer}.hook_attn_out"]
-            if not adapter.attn_only:
-                names.append(f"blocks.{layer}.hook_mlp_out")
+        layers = _layers(self.layer, adapter, "Modules")
+        for layer, hook in zip(layers, self.start_hooks(adapter)):
+            names += [hook] + [f"blocks.{layer}.hook_{k}_out" for k in self._kinds(adapter)]
         return names
 
     def decompositions(self, ctx):
         out = []
         adapter = ctx.adapter
-        for layer, hook in zip(_layers(self.layer, adapter, "Modules"), self.start_hooks(adapter)):
-            parts = [ctx[f"blocks.{layer}.hook_attn_out"]]
-            labels = [ComponentLabel("attn", layer)]
-            if not adapter.attn_only:
-                parts.append(ctx[f"blocks.{layer}.hook_mlp_out"])
-                labels.append(ComponentLabel("mlp", layer))
-            stacked = torch.stack(parts, dim=1)
+        kinds = self._kinds(adapter)
+        layers = _layers(self.layer, adapter, "Modules")
+        for layer, hook in zip(layers, self.start_hooks(adapter)):
+            stacked = torch.stack([ctx[f"blocks.{layer}.hook_{k}_out"] for k in kinds], dim=1)
             rest = ctx[hook] - stacked.sum(1)
             comps = _with_bias(torch.cat([stacked, rest.unsqueeze(1)], dim=1))
+            labels = [ComponentLabel(k, layer) for k in kinds]
             out.append(Decomposition(hook, comps, labels + [ComponentLabel("rest", layer), BIAS]))
         return out
 
     def count(self, adapter, n_pos):
-        return len(_layers(self.layer, adapter, "Modules")) * 4
+        return len(_layers(self.layer, adapter, "Modules")) * (len(self._kinds(adapter)) + 2)
 
 
 # ---------------------------------------------------------------------------------- subspaces

@@ -106,15 +106,30 @@ def _attention(comps: list[Tensor], attn, pattern: Tensor, side: str = "value") 
     return out
 
 
-def _weights(shares: Tensor, rule: str, parity: bool, pos: int) -> Tensor:
+def _reference_shares(shares: Tensor, pos: int, bos: bool) -> Tensor:
+    """The reference's edits of one neuron's shares, its components ordered ``[first, ..., last]``.
+
+    With ``bos`` (token level) the first component's share is zeroed; at position 0 it is then set
+    to 1.0; the last's share below 1e-5 is zeroed; if no share is left, the last one's becomes 1.0.
+    """
+    g = shares.clone()
+    if bos:
+        g[0] = 0.0
+    if pos == 0:
+        g[0] = 1.0
+    if g[-1].abs() < 1e-5:
+        g[-1] = 0.0
+    if (g == 0).all():
+        g[-1] = 1.0
+    return g
+
+
+def _weights(shares: Tensor, rule: str, parity: bool, pos: int, bos: bool = True) -> Tensor:
     """Split weights over components for one neuron at one position (``shares``: [comp])."""
     n = len(shares)
-    present = shares != 0
     if parity:
-        if pos == 0:
-            return torch.eye(n, dtype=shares.dtype)[0]
-        present[0] = False  # the BOS component gets nothing after position 0
-        present[-1] = present[-1] & (shares[-1].abs() >= 1e-5)
+        shares = _reference_shares(shares, pos, bos)
+    present = shares != 0
     if not present.any():
         return torch.eye(n, dtype=shares.dtype)[-1]
     g = torch.where(present, shares, torch.zeros_like(shares))
@@ -140,7 +155,7 @@ def _weights(shares: Tensor, rule: str, parity: bool, pos: int) -> Tensor:
     raise ValueError(rule)
 
 
-def _mlp(comps: list[Tensor], mlp, rule: str, parity: bool) -> list[Tensor]:
+def _mlp(comps: list[Tensor], mlp, rule: str, parity: bool, bos: bool = True) -> list[Tensor]:
     """Neuron values split among components by ``rule``, then projected by W_out."""
     gated = hasattr(mlp, "W_gate")
     gate = [c @ (mlp.W_gate if gated else mlp.W_in) for c in comps]  # each [pos, d_mlp]
@@ -158,7 +173,7 @@ def _mlp(comps: list[Tensor], mlp, rule: str, parity: bool) -> list[Tensor]:
     else:
         for p in range(g.shape[1]):
             for n in range(g.shape[2]):
-                post[:, p, n] = _weights(g[:, p, n], rule, parity, p) * value[p, n]
+                post[:, p, n] = _weights(g[:, p, n], rule, parity, p, bos) * value[p, n]
     if gated:
         post[-1] = post[-1] + mlp.b_in
     out = [post[i] @ mlp.W_out for i in range(len(comps))]
@@ -195,5 +210,75 @@ def naive_token_depass(
         comps = [c + a for c, a in zip(comps, attn_out)]
         mlp_out = _mlp(_norm(comps, block.ln2, s2), block.mlp, rule, parity)
         comps = [c + m for c, m in zip(comps, mlp_out)]
+    final = _norm(comps, model.ln_final, cache["ln_final.hook_scale"][0])
+    return torch.stack(final)
+
+
+def without_biases(model: HookedTransformer) -> HookedTransformer:
+    """Zero every bias in place (a real LLaMA has none; the reference formulas assume that)."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.split(".")[-1].lstrip("_").startswith("b_"):
+                param.zero_()
+    return model
+
+
+def _has_biases(model: HookedTransformer) -> bool:
+    return any(
+        name.split(".")[-1].lstrip("_").startswith("b_") and bool(param.abs().max() > 0)
+        for name, param in model.named_parameters()
+        if not name.endswith("b_U")
+    )
+
+
+def _reference_start(cache, model: HookedTransformer, level: str, layer: int) -> list[Tensor]:
+    """The reference's start components ``[rest, unit_1, ..., unit_n]`` (each ``[pos, d]``).
+
+    ``heads``/``attn`` live after the attention (rest = the stream before it), ``mlp``/``neurons``
+    after the MLP. The neurons' rest is the stream before the MLP, so the components sum to the
+    state after it (the reference's ``resid_mid - sum(neurons)`` is a bug not reproduced).
+    """
+    pre, mid, post = (cache[f"blocks.{layer}.hook_resid_{s}"][0] for s in ("pre", "mid", "post"))
+    block = model.blocks[layer]
+    if level == "heads":
+        z = cache[f"blocks.{layer}.attn.hook_z"][0]  # pos head d_head
+        return [pre] + [z[:, h] @ block.attn.W_O[h] for h in range(z.shape[1])]
+    if level == "attn":
+        return [pre, mid - pre]
+    if level == "mlp":
+        return [mid, post - mid]
+    if level == "neurons":
+        hidden = cache[f"blocks.{layer}.mlp.hook_post"][0]  # pos d_mlp
+        units = [hidden[:, n, None] * block.mlp.W_out[n] for n in range(hidden.shape[1])]
+        return [post - sum(units)] + units
+    raise ValueError(level)
+
+
+@torch.no_grad()
+def naive_reference_depass(
+    model: HookedTransformer, tokens: Tensor, rule: str, level: str, layer: int = 0
+) -> Tensor:
+    """The reference's head-, module- and neuron-level DePass at ``unembed.hook_in``.
+
+    Components in the reference's order ``[rest, unit_1, ..., unit_n]``; at every MLP after the
+    start the reference's conventions act on the first (rest) and the last (the last unit)
+    component, with no BOS convention. The reference has no bias component: the model must have
+    none (like LLaMA), so that nothing is lost. Returns ``[comp, pos, d]``.
+    """
+    assert tokens.shape[0] == 1, "batch 1 only"
+    assert not _has_biases(model), "the reference formulas assume a model without biases"
+    _, cache = model.run_with_cache(tokens)
+    comps = _reference_start(cache, model, level, layer)
+    for index in range(layer, model.cfg.n_layers):
+        block = model.blocks[index]
+        s1 = cache[f"blocks.{index}.ln1.hook_scale"][0]
+        s2 = cache[f"blocks.{index}.ln2.hook_scale"][0]
+        if index > layer:
+            pattern = cache[f"blocks.{index}.attn.hook_pattern"][0]
+            attn_out = _attention(_norm(comps, block.ln1, s1), block.attn, pattern)
+            comps = [c + a for c, a in zip(comps, attn_out)]
+        if index > layer or level in ("heads", "attn"):
+            mlp_out = _mlp(_norm(comps, block.ln2, s2), block.mlp, rule, True, bos=False)
+            comps = [c + m for c, m in zip(comps, mlp_out)]
     final = _norm(comps, model.ln_final, cache["ln_final.hook_scale"][0])
     return torch.stack(final)

@@ -17,12 +17,15 @@ def _sources(model):
         "tokens_L1": dp.Tokens(layer=1),
         "heads": dp.Heads(),
         "modules": dp.Modules(),
+        "modules_attn": dp.Modules(1, module="attn"),
         "subspace": dp.Subspace(
             1, torch.randn(3, model.cfg.d_model, generator=torch.Generator().manual_seed(3))
         ),
     }
     if not model.cfg.attn_only and not model.cfg.num_experts:
         sources["neurons"] = dp.Neurons(layer=[0, last])
+    if not model.cfg.attn_only:
+        sources["modules_mlp"] = dp.Modules([0, last], module="mlp")
     return sources
 
 

@@ -13,6 +13,7 @@ import torch
 import depass_lens as dp
 from depass_lens.decomposition import relative_error
 from tests.conftest import make_model, random_tokens
+from tests.naive_depass import without_biases
 
 RULES = ["taylor", "softmax", "max", "relu", "linear"]
 TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-10}
@@ -79,16 +80,23 @@ def test_components_are_not_trivially_split():
 @pytest.mark.parametrize("inner", ["softmax", "max", "relu", "linear"])
 def test_reference_parity_conventions(inner):
     """The reference conventions, behind an explicit wrapper, are lossless and do what they say."""
-    model = make_model("llama", torch.float64)
+    model = without_biases(make_model("llama", torch.float64))  # like LLaMA: no bias component
     tokens = random_tokens(model, batch=1)
     _, cache = model.run_with_cache(tokens)
     rule = dp.ReferenceParity(inner)
     res = dp.DePass(model, rule=rule).run(tokens, cache=cache, names_filter=lambda n: True)
     assert max(res.check_lossless(cache).values()) <= 1e-10
     post = res["blocks.0.mlp.hook_post"][0]  # comp pos d_mlp
-    value = cache["blocks.0.mlp.hook_post"][0, 0] - model.blocks[0].mlp.b_in  # gated: b_in apart
-    torch.testing.assert_close(post[0, 0], value.detach())  # position 0: all to component 0
-    assert post[1:-1, 0].abs().max() == 0
+    value = cache["blocks.0.mlp.hook_post"][0, 0]
+    torch.testing.assert_close(post[0, 0], value)  # position 0: only BOS is there (share 1.0)
+    assert post[1:, 0].abs().max() == 0
     assert post[0, 1:].abs().max() == 0  # BOS gets no MLP output after position 0
+    # head level: rest (share 1.0 at position 0) competes with the heads there; no BOS rule
+    heads = dp.DePass(model, rule=rule).run(
+        tokens, dp.Heads(0), cache=cache, names_filter=lambda n: True
+    )
+    assert max(heads.check_lossless(cache).values()) <= 1e-10
+    later = heads["blocks.1.mlp.hook_post"][0]  # head, ..., rest, bias
+    assert later[:-2, 0].abs().max() > 0
     with pytest.raises(dp.DePassInputError, match="non-linear"):
         dp.ReferenceParity("taylor")
