@@ -36,6 +36,7 @@ from depass_lens.constants import (
     value_constant,
 )
 from depass_lens.difference import DifferenceLinearisation
+from depass_lens.frozen import refuse_non_finite
 from depass_lens.integrated_softmax import IntegratedSoftmax
 from depass_lens.pattern_gradient import PatternTerm
 from depass_lens.qk import (
@@ -578,6 +579,7 @@ def linearised_forward(
     if missing:
         raise RuntimeError(f"adjoint pass did not produce {sorted(missing)}")
     activations = {k: v.detach() for k, v in live.items()}
+    refuse_non_finite(adapter, activations, tokens, attention_mask)  # a broken model state
     return AdjointPass(activations, live, tokens.shape[0], ledger)
 
 

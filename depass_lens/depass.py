@@ -182,7 +182,8 @@ class DePass:
                     f"the ActivationCache lacks entries this run reads: {missing[:4]}; cache them "
                     "(names_filter=None caches everything) or let DePass run the model"
                 )
-        return FrozenActivations(self.adapter, cache, prepared.tokens), user_cache
+        frozen = FrozenActivations(self.adapter, cache, prepared.tokens, prepared.attention_mask)
+        return frozen, user_cache
 
     def _qk_hooks(self) -> list[str]:
         """Cache entries the QK path reads at every layer (pattern-side split, score hooks)."""

@@ -7,16 +7,17 @@ entries are needed, computes them when no cache is given, and refuses caches tha
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import weakref
+from collections.abc import Iterable, Mapping
 from typing import Protocol
 
 import torch
 from jaxtyping import Float, Int
-from torch import Tensor
+from torch import Tensor, nn
 from transformer_lens import ActivationCache
 
 from depass_lens.adapter import ModelAdapter
-from depass_lens.errors import CacheMismatchError
+from depass_lens.errors import CacheMismatchError, DePassInputError
 
 
 class Activations(Protocol):
@@ -49,6 +50,7 @@ class FrozenActivations:
         adapter: the wrapped model.
         cache: an ``ActivationCache`` of ``adapter.model`` on ``tokens``.
         tokens: the input the cache must have been computed on.
+        attention_mask: the padding mask it was computed with (to rerun it on a broken state).
     """
 
     def __init__(
@@ -56,11 +58,12 @@ class FrozenActivations:
         adapter: ModelAdapter,
         cache: ActivationCache,
         tokens: Int[Tensor, "batch pos"],
+        attention_mask: Int[Tensor, "batch pos"] | None = None,
     ):
         self.adapter = adapter
         self.cache = cache
         self.tokens = tokens
-        validate_cache(adapter, cache, tokens)
+        validate_cache(adapter, cache, tokens, attention_mask)
 
     def __getitem__(self, name: str) -> Tensor:
         return self.cache[name]
@@ -95,9 +98,16 @@ class FrozenActivations:
 
 
 def validate_cache(
-    adapter: ModelAdapter, cache: ActivationCache, tokens: Int[Tensor, "batch pos"]
+    adapter: ModelAdapter,
+    cache: ActivationCache,
+    tokens: Int[Tensor, "batch pos"],
+    attention_mask: Int[Tensor, "batch pos"] | None = None,
 ) -> None:
-    """Raise :class:`CacheMismatchError` unless ``cache`` can serve DePass for ``tokens``."""
+    """Raise :class:`CacheMismatchError` unless ``cache`` can serve DePass for ``tokens``.
+
+    A broken model state (NaN or inf in weights or activations) raises
+    :class:`~depass_lens.errors.DePassInputError` naming where it first appears.
+    """
     model_of_cache = getattr(cache, "model", None)
     if model_of_cache is not None and model_of_cache is not adapter.model:
         raise CacheMismatchError(
@@ -118,6 +128,7 @@ def validate_cache(
             f"the ActivationCache is for input of shape {tuple(embed.shape[:2])} but the tokens "
             f"have shape {tuple(tokens.shape)}; it was computed on another prompt"
         )
+    refuse_non_finite(adapter, cache.cache_dict, tokens, attention_mask, from_cache=True)
     with torch.no_grad():
         expected = adapter.embed(tokens.to(adapter.device))
     if not torch.allclose(embed.to(expected.dtype), expected, rtol=1e-4, atol=1e-6):
@@ -125,10 +136,105 @@ def validate_cache(
             "the ActivationCache's token embeddings do not match these tokens (or the embedding "
             "weights changed since caching): it was computed on another prompt or model state"
         )
-    for name in adapter.frozen_hook_names():
-        value = cache[name]
-        if not torch.isfinite(value).all():
-            raise CacheMismatchError(
-                f"cache entry {name!r} contains NaN or inf: the forward pass itself overflowed, so "
-                "there is nothing finite to decompose"
-            )
+
+
+# ------------------------------------------------------------------------ broken model states
+def is_finite_activation(name: str, value: Tensor) -> bool:
+    """No NaN or inf, except ``-inf`` in attention scores (TransformerLens's masked entries)."""
+    if name.endswith("attn_scores"):
+        return not bool((torch.isnan(value) | (value == torch.inf)).any())
+    return bool(torch.isfinite(value).all())
+
+
+def _what(value: Tensor) -> str:
+    return "NaN" if bool(torch.isnan(value).any()) else "inf"
+
+
+_WEIGHTS_SEEN: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, list[str]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def non_finite_weights(model: nn.Module) -> list[str]:
+    """The model's parameters holding NaN or inf, e.g. ``["blocks.0.mlp.W_in (NaN)"]``.
+
+    Scanned once, then again only when a parameter changes (its storage or version counter), so
+    repeated calls cost nothing on a healthy model.
+    """
+    params = list(model.named_parameters())
+    key = tuple((p.data_ptr(), p._version) for _, p in params)
+    seen = _WEIGHTS_SEEN.get(model)
+    if seen is not None and seen[0] == key:
+        return seen[1]
+    with torch.no_grad():
+        bad = [f"{name} ({_what(p)})" for name, p in params if not bool(torch.isfinite(p).all())]
+    _WEIGHTS_SEEN[model] = (key, bad)
+    return bad
+
+
+def first_non_finite_hook(
+    model: nn.Module,
+    tokens: Int[Tensor, "batch pos"],
+    attention_mask: Int[Tensor, "batch pos"] | None,
+) -> tuple[str, str] | None:
+    """Run the model once with a check on every hook, in forward order: the first hook whose value
+    holds NaN or inf, and which (``"NaN"``/``"inf"``); ``None`` if the whole pass is finite.
+
+    Only called once something was found non-finite, so the normal path never pays for it. Hooks
+    the user put on the model stay in place and run first, so a value they break is seen.
+    """
+    found: list[tuple[str, str]] = []
+
+    def record(value: Tensor, hook) -> None:
+        if not found and isinstance(value, Tensor) and not is_finite_activation(hook.name, value):
+            found.append((hook.name, _what(value)))
+
+    with torch.no_grad():
+        model.run_with_hooks(  # type: ignore[operator]
+            tokens,
+            attention_mask=attention_mask,
+            return_type=None,
+            fwd_hooks=[(lambda name: True, record)],
+        )
+    return found[0] if found else None
+
+
+def refuse_non_finite(
+    adapter: ModelAdapter,
+    activations: Mapping[str, Tensor],
+    tokens: Int[Tensor, "batch pos"],
+    attention_mask: Int[Tensor, "batch pos"] | None = None,
+    *,
+    from_cache: bool = False,
+) -> None:
+    """Refuse a broken model state: NaN or inf in the weights or in the real activations.
+
+    DePass decomposes the real activations, so a non-finite one leaves nothing to decompose (and
+    would give NaN scores silently). The error names the first hook, in forward order, where the
+    model's own pass goes non-finite, and any non-finite weight. Where the model's pass is finite
+    but ``activations`` are not, the given activations are at fault (``from_cache``: a user's
+    cache, :class:`CacheMismatchError`).
+    """
+    weights = non_finite_weights(adapter.model)
+    entries = [name for name, value in activations.items() if not is_finite_activation(name, value)]
+    if not weights and not entries:
+        return
+    first = first_non_finite_hook(adapter.model, tokens, attention_mask)
+    if first is None and not weights:
+        what = "cache entry" if from_cache else "activation"
+        error = CacheMismatchError if from_cache else DePassInputError
+        raise error(
+            f"{what} {entries[0]!r} contains NaN or inf, but the model's own forward pass on these "
+            "tokens is finite: the activations do not come from this model state"
+        )
+    parts = []
+    if first is not None:
+        parts.append(f"{first[1]} first appears at hook {first[0]!r}")
+    if weights:
+        reach = "" if first is not None else " (they reach no hook on this input)"
+        parts.append(f"non-finite weights: {', '.join(weights[:4])}{reach}")
+    raise DePassInputError(
+        "the model's state is broken: " + "; ".join(parts) + ". DePass decomposes the real "
+        "forward pass, so there is nothing finite to decompose; fix the weights or the hook that "
+        "writes NaN/inf"
+    )

@@ -162,3 +162,89 @@ def test_target_before_start_point(setup):
         )
     with pytest.raises(dp.DePassInputError, match="does not have"):
         depass.attribute(tokens, dp.HiddenState("blocks.9.hook_resid_post"))
+
+
+def _break_w_in(model):
+    with torch.no_grad():
+        model.blocks[0].mlp.W_in[3, 5] = torch.nan
+
+
+def _break_w_e(model, tokens):
+    with torch.no_grad():
+        model.embed.W_E[tokens[0, 2]] = torch.inf
+
+
+def _nan_hook(value, hook):
+    return value * torch.nan
+
+
+BROKEN = {  # how the state is broken -> (what must be named)
+    "nan_W_in": (lambda m, t: _break_w_in(m), ["'blocks.0.mlp.hook_pre'", "blocks.0.mlp.W_in"]),
+    "inf_W_E": (_break_w_e, ["'hook_embed'", "embed.W_E (inf)"]),
+    "nan_hook": (
+        lambda m, t: m.add_hook("blocks.1.hook_mlp_out", _nan_hook),
+        ["'blocks.1.hook_mlp_out'"],
+    ),
+}
+
+
+def _calls(depass, tokens):
+    return {
+        "run": lambda: depass.run(tokens),
+        "forward": lambda: depass.attribute(tokens, dp.Logit(1), dp.Heads(), mode="forward"),
+        "adjoint": lambda: depass.attribute(tokens, dp.Logit(1), dp.Heads(), mode="adjoint"),
+        "graph": lambda: depass.graph(tokens, dp.Logit(1)),
+    }
+
+
+@pytest.mark.parametrize("call", ["run", "forward", "adjoint", "graph"])
+@pytest.mark.parametrize("broken", sorted(BROKEN))
+def test_broken_model_state_is_refused(broken, call):
+    """NaN/inf in a weight or in a real activation: refused, naming the first hook (and weight)."""
+    model = make_model("gpt2", torch.float64, n_layers=2)
+    tokens = random_tokens(model, batch=1)
+    depass = dp.DePass(model)
+    breaks, named = BROKEN[broken]
+    breaks(model, tokens)
+    try:
+        with pytest.raises(dp.DePassInputError, match="model's state is broken") as info:
+            _calls(depass, tokens)[call]()
+    finally:
+        model.reset_hooks()
+    for name in named:
+        assert name in str(info.value)
+    assert _no_hooks(model, depass.engine)
+
+
+def test_broken_cache_vs_broken_model():
+    """A user's cache with NaN from a healthy model is the cache's fault; from a broken one, not."""
+    model = make_model("gpt2", torch.float64, n_layers=2)
+    tokens = random_tokens(model, batch=1)
+    _, cache = model.run_with_cache(tokens)
+    cache.cache_dict["blocks.1.mlp.hook_post"] = cache["blocks.1.mlp.hook_post"] * torch.inf
+    with pytest.raises(dp.CacheMismatchError, match="'blocks.1.mlp.hook_post'"):
+        dp.DePass(model).run(tokens, cache=cache)
+    _break_w_in(model)
+    _, broken = model.run_with_cache(tokens)
+    with pytest.raises(dp.DePassInputError, match="'blocks.0.mlp.hook_pre'"):
+        dp.DePass(model).run(tokens, cache=broken)
+
+
+def test_padding_is_not_a_broken_state():
+    """Masked scores are -inf in hook_attn_scores by design: no false alarm, with any split."""
+    model = make_model("gpt2", torch.float64, n_layers=2)
+    tokens = random_tokens(model, batch=2)
+    mask = torch.ones_like(tokens)
+    mask[1, :3] = 0  # left padding
+    _, cache = model.run_with_cache(tokens, attention_mask=mask)
+    assert bool(torch.isinf(cache["blocks.0.attn.hook_attn_scores"]).any())
+    for split in ("value", "symmetric"):
+        depass = dp.DePass(model, attention=split)
+        res = depass.run(tokens, cache=cache, attention_mask=mask)
+        assert bool(torch.isfinite(res["unembed.hook_in"]).all())
+        scores = depass.attribute(tokens, dp.Logit(1), attention_mask=mask, mode="adjoint")
+        assert bool(torch.isfinite(scores.scores).all())
+    scores_hook = "blocks.0.attn.hook_attn_scores"
+    assert dp.frozen.is_finite_activation(scores_hook, torch.tensor([0.0, -torch.inf]))
+    assert not dp.frozen.is_finite_activation(scores_hook, torch.tensor([0.0, torch.nan]))
+    assert not dp.frozen.is_finite_activation("blocks.0.hook_resid_pre", torch.tensor([-torch.inf]))
