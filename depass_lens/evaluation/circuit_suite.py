@@ -46,7 +46,7 @@ def models() -> list[str]:
     return MODELS + extra
 
 
-def run_model(name: str, n: int = 48, seed: int = 31, progress: bool = True) -> dict[str, Any]:
+def run_model(name: str, n: int = 96, seed: int = 31, progress: bool = True) -> dict[str, Any]:
     """Every method's curve on ``name`` (``n`` held-out prompts)."""
     model = zoo.load(name)
     batch = zoo.task(name).batch(model, n, split="test", seed=seed)
@@ -143,7 +143,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/circuits"))
     parser.add_argument("--only", default=None, help="one zoo model")
-    parser.add_argument("-n", type=int, default=48, help="held-out prompts per model")
+    parser.add_argument("-n", type=int, default=96, help="held-out prompts per model")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     results = []
