@@ -14,10 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from torch import Tensor
-from transformer_lens import HookedTransformer
 
 import depass_lens as dp
 from depass_lens import plot
+from depass_lens.adapters.base import TLModel
 from depass_lens.circuits import Circuit, Graph
 from depass_lens.circuits.patching import EdgePatcher, logit_diff_metric
 from depass_lens.report import Report
@@ -64,7 +64,7 @@ def _table(rows: list[dict], limit: int) -> str:
 
 
 def run_graph(
-    model: HookedTransformer,
+    model: TLModel,
     tokens: Tensor | str | list[str],
     target: Target,
     out: str | Path = "circuit.html",

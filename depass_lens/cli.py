@@ -7,16 +7,17 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from transformer_lens import HookedTransformer
+from depass_lens.adapters.base import TLModel
+from depass_lens.adapters.loading import load_pretrained
 
 
-def load_model(name: str, device: str = "cpu") -> HookedTransformer:
+def load_model(name: str, device: str = "cpu") -> TLModel:
     """A zoo model by name (offline), else a TransformerLens pretrained name (needs internet)."""
     from depass_lens import zoo  # noqa: PLC0415 - the zoo loads weights lazily
 
     if name in zoo.list():
         return zoo.load(name, device=device)
-    return HookedTransformer.from_pretrained(name, device=device)
+    return load_pretrained(name, device=device)
 
 
 def default_prompt(name: str) -> tuple[str, str | None, str | None]:

@@ -135,14 +135,18 @@ def check_lossless(
     pos_components: Float[Tensor, "batch comp pos d"] | None = None,
     slack: float = 1.0,
     error: type[Exception] = LosslessnessError,
+    precision: torch.dtype | None = None,
 ) -> float:
-    """Check ``sum(components) == real`` to ``slack * tolerance(dtype)``; return the error."""
+    """Check ``sum(components) == real`` to ``slack * tolerance(precision)``; return the error.
+
+    ``precision`` (default: the components' dtype) is the dtype whose rounding bounds the real
+    activations, e.g. float32 for a float64 model whose norms compute in float32."""
     if pos_components is not None:
         components = torch.cat([components, pos_components], dim=1)
     if not torch.isfinite(components).all():
         raise error(f"components at {what} contain NaN or inf")
     err = relative_error(components, real)
-    limit = slack * tolerance(components.dtype)
+    limit = slack * tolerance(precision or components.dtype)
     if not err <= limit:
         raise error(
             f"components at {what} do not sum to the real activation: relative error {err:.3g} "

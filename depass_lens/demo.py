@@ -7,10 +7,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformer_lens import HookedTransformer
 
 import depass_lens as dp
 from depass_lens import plot
+from depass_lens.adapters.base import TLModel
 from depass_lens.report import Report
 from depass_lens.targets import Target
 
@@ -44,9 +44,7 @@ class DemoResult:
         )
 
 
-def make_target(
-    model: HookedTransformer, target: str | None, wrong: str | None, prompt: str
-) -> Target:
+def make_target(model: TLModel, target: str | None, wrong: str | None, prompt: str) -> Target:
     """``LogitDiff(target, wrong)``, ``Logit(target)``, or the model's own top prediction."""
     if target is not None and wrong is not None:
         return dp.LogitDiff(target, wrong)
@@ -58,7 +56,7 @@ def make_target(
 
 
 def run_demo(
-    model: HookedTransformer,
+    model: TLModel,
     prompt: str,
     target: Target,
     out: str | Path = "depass_report.html",

@@ -209,7 +209,14 @@ class DePass:
         def check(name: str, value: Tensor) -> None:
             if name in frozen:
                 try:
-                    check_lossless(value, frozen[name], name, slack=100.0, error=error)
+                    check_lossless(
+                        value,
+                        frozen[name],
+                        name,
+                        slack=100.0,
+                        error=error,
+                        precision=self.adapter.precision(value.dtype),
+                    )
                 except CacheMismatchError as exc:
                     raise CacheMismatchError(
                         f"{exc}. The cache does not match the model: was the model changed after "

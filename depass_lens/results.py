@@ -194,7 +194,7 @@ class DecomposedCache(ActivationCache):
         return self._readout.logit_attribution(self["unembed.hook_in"], token, pos)
 
     @torch.no_grad()
-    def logit_lens(
+    def logit_lens(  # type: ignore[override]  # TL 4's ActivationCache has a kwargs-only one
         self, target: Any, hooks: Sequence[str] | None = None
     ) -> Float[Tensor, "hook batch comp"]:
         """Each component's share of a logit-type ``target``, read after every residual hook.

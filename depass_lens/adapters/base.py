@@ -237,6 +237,11 @@ class ModelAdapter(ABC):
     def device(self) -> torch.device:
         return self.embedding_weight.device
 
+    def precision(self, dtype: torch.dtype) -> torch.dtype:
+        """The dtype whose rounding bounds how exactly a model run in ``dtype`` is reproduced:
+        ``dtype`` itself unless the backend computes parts of the model in lower precision."""
+        return dtype
+
     @property
     def embedding_weight(self) -> Float[Tensor, "d_vocab d_model"]:
         return self.model.W_E

@@ -15,8 +15,8 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from tqdm import tqdm
-from transformer_lens import HookedTransformer
 
+from depass_lens.adapters.base import TLModel
 from depass_lens.evaluation.forward import final_logits, resid_pre, tile
 from depass_lens.evaluation.levels import (
     Hook,
@@ -38,7 +38,7 @@ from depass_lens.evaluation.token_baselines import seeded_uniform
 
 
 def _acts_and_grads(
-    model: HookedTransformer,
+    model: TLModel,
     tokens: Int[Tensor, "batch pos"],
     metric: Metric,
     spec: LevelSpec,
@@ -69,7 +69,7 @@ def _sum_over_positions(
 
 
 def attribution_patching(
-    model: HookedTransformer,
+    model: TLModel,
     tokens: Int[Tensor, "batch pos"],
     metric: Metric,
     *,
@@ -93,7 +93,7 @@ def attribution_patching(
 
 
 def gradient_x_activation(
-    model: HookedTransformer,
+    model: TLModel,
     tokens: Int[Tensor, "batch pos"],
     metric: Metric,
     *,
@@ -112,7 +112,7 @@ def gradient_x_activation(
 
 @torch.no_grad()
 def activation_norm(
-    model: HookedTransformer,
+    model: TLModel,
     tokens: Int[Tensor, "batch pos"],
     metric: Metric,
     *,
@@ -137,7 +137,7 @@ def activation_norm(
 
 
 def random_components(
-    model: HookedTransformer,
+    model: TLModel,
     tokens: Int[Tensor, "batch pos"],
     metric: Metric,
     *,
@@ -162,7 +162,7 @@ def _one_hot_rows(chunk: range, batch: int, n_comp: int, offset: int) -> Bool[Te
 
 @torch.no_grad()
 def exact_ablation(
-    model: HookedTransformer,
+    model: TLModel,
     tokens: Int[Tensor, "batch pos"],
     metric: Metric,
     *,

@@ -24,8 +24,8 @@ import einops
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
-from transformer_lens import HookedTransformer
 
+from depass_lens.adapters.base import TLModel
 from depass_lens.evaluation.curves import DEFAULT_GRID, Curve
 from depass_lens.evaluation.forward import final_logits, tile
 from depass_lens.evaluation.levels import (
@@ -80,7 +80,7 @@ def component_order(
 
 @torch.no_grad()
 def component_masking_curve(
-    model: HookedTransformer,
+    model: TLModel,
     tokens: Int[Tensor, "batch pos"],
     scores: Float[Tensor, "*batch n_comp"],
     metric: Metric,
@@ -179,7 +179,7 @@ def _record(
 
 
 def component_curves(
-    model: HookedTransformer,
+    model: TLModel,
     tokens: Int[Tensor, "batch pos"],
     scores: Float[Tensor, "*batch n_comp"],
     metric: Metric,

@@ -16,8 +16,8 @@ from typing import Any
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
-from transformer_lens import HookedTransformer
 
+from depass_lens.adapters.base import TLModel
 from depass_lens.evaluation.agreement import baseline_relative
 from depass_lens.evaluation.levels import Level, resolve_level
 from depass_lens.evaluation.metrics import AnswerMetric, Metric
@@ -67,7 +67,7 @@ def depass_token_method(rule: str = "taylor", attention: str = "value") -> Token
     """Token shares of the metric (DePass from the input embeddings)."""
 
     def method(
-        model: HookedTransformer,
+        model: TLModel,
         tokens: Int[Tensor, "batch pos"],
         metric: Metric,
         *,
@@ -89,7 +89,7 @@ def depass_token_magnitude(rule: str = "taylor") -> TokenMethod:
     shares = depass_token_method(rule)
 
     def method(
-        model: HookedTransformer,
+        model: TLModel,
         tokens: Int[Tensor, "batch pos"],
         metric: Metric,
         *,
@@ -107,7 +107,7 @@ def depass_component_method(
     """Head or neuron shares of the metric, layer-major (``relative``: minus reference mean)."""
 
     def method(
-        model: HookedTransformer,
+        model: TLModel,
         tokens: Int[Tensor, "batch pos"],
         metric: Metric,
         *,
@@ -152,7 +152,7 @@ def depass_subspace_method(rule: str = "taylor", attention: str = "value") -> Su
     """Token shares of a probe reading (a ``Direction`` target at the probe's hook)."""
 
     def method(
-        model: HookedTransformer,
+        model: TLModel,
         tokens: Int[Tensor, "batch pos"],
         probe: Probe,
         *,

@@ -14,8 +14,8 @@ import einops
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
-from transformer_lens import HookedTransformer
 
+from depass_lens.adapters.base import TLModel
 from depass_lens.evaluation.levels import Hook
 
 
@@ -49,7 +49,7 @@ class ResidualInput:
 
 @torch.no_grad()
 def residual_input(
-    model: HookedTransformer,
+    model: TLModel,
     tokens: Int[Tensor, "batch pos"],
     attention_mask: Tensor | None = None,
 ) -> ResidualInput:
@@ -67,7 +67,7 @@ def _take_rows(positions: Tensor) -> Callable:
 
 
 def final_logits(
-    model: HookedTransformer,
+    model: TLModel,
     input: Tensor,
     positions: Int[Tensor, " batch"],
     *,
@@ -86,7 +86,7 @@ def final_logits(
 
 @torch.no_grad()
 def resid_pre(
-    model: HookedTransformer,
+    model: TLModel,
     tokens: Int[Tensor, "batch pos"],
     layers: Sequence[int],
     attention_mask: Tensor | None = None,

@@ -15,8 +15,8 @@ import einops
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
-from transformer_lens import HookedTransformer
 
+from depass_lens.adapters.base import TLModel
 from depass_lens.evaluation.metrics import real_mask
 
 Level = Literal["heads", "neurons"] | tuple[str, int]
@@ -60,7 +60,7 @@ class LevelSpec:
         return dict(zip(self.layers, split))
 
 
-def resolve_level(model: HookedTransformer, level: Level) -> LevelSpec:
+def resolve_level(model: TLModel, level: Level) -> LevelSpec:
     """Check ``level`` against the model and describe it."""
     cfg = model.cfg
     if level == "heads":
@@ -125,7 +125,7 @@ def _replacer(where: Tensor, fill: Tensor | None) -> Callable:
 
 @torch.no_grad()
 def component_activations(
-    model: HookedTransformer,
+    model: TLModel,
     spec: LevelSpec,
     tokens: Int[Tensor, "batch pos"],
     attention_mask: Tensor | None = None,
@@ -139,7 +139,7 @@ def component_activations(
 
 
 def component_means(
-    model: HookedTransformer,
+    model: TLModel,
     spec: LevelSpec,
     reference_tokens: Int[Tensor, "ref pos"],
     attention_mask: Tensor | None = None,
@@ -166,7 +166,7 @@ def component_means(
 
 
 def ablation_fills(
-    model: HookedTransformer,
+    model: TLModel,
     spec: LevelSpec,
     ablation: str,
     *,

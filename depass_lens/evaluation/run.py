@@ -17,8 +17,8 @@ from typing import Any
 import torch
 from torch import Tensor
 from tqdm import tqdm
-from transformer_lens import HookedTransformer
 
+from depass_lens.adapters.base import TLModel
 from depass_lens.evaluation.agreement import agreement
 from depass_lens.evaluation.component_level import component_curves
 from depass_lens.evaluation.curves import DEFAULT_GRID
@@ -42,7 +42,7 @@ __all__ = ["EvalReport", "MethodResult", "component_truth", "evaluate"]
 class _Run:
     """What every level's loop shares: the model, the batch, and the call's settings."""
 
-    model: HookedTransformer
+    model: TLModel
     batch: TaskBatch
     metric: Metric
     methods: Sequence[str] | None
@@ -85,7 +85,7 @@ def _accepts(fn: Any, keyword: str) -> bool:
 
 def component_truth(
     ground_truth: Tensor | Mapping[str, Any] | str | None,
-    model: HookedTransformer,
+    model: TLModel,
     batch: TaskBatch,
     metric: Metric,
     level: Level,
@@ -182,7 +182,7 @@ def _components(run: _Run, level: Level, truth: Tensor | None, ks: Sequence[int]
 
 
 def evaluate(
-    model: HookedTransformer,
+    model: TLModel,
     task_batch: TaskBatch,
     level: Level | str,
     methods: Sequence[str] | None = None,

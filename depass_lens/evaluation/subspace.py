@@ -20,8 +20,8 @@ import einops
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
-from transformer_lens import HookedTransformer
 
+from depass_lens.adapters.base import TLModel
 from depass_lens.evaluation.curves import DEFAULT_GRID, Curve
 from depass_lens.evaluation.metrics import real_mask, real_positions
 from depass_lens.evaluation.token_baselines import (
@@ -86,7 +86,7 @@ class Probe:
         assert positions is not None
         return values[torch.arange(len(values)), positions.to(values.device)]
 
-    def run(self, model: HookedTransformer, input: Tensor, **kwargs: Any) -> Tensor:
+    def run(self, model: TLModel, input: Tensor, **kwargs: Any) -> Tensor:
         """The hook's activation, stopping after the hook's block."""
         store: dict[str, Tensor] = {}
 
@@ -104,7 +104,7 @@ class Probe:
     def objective(self, attention_mask: Tensor | None) -> Objective:
         """The reading as a gradient-method objective (a function of the residual input)."""
 
-        def objective(model: HookedTransformer, resid: Tensor, kwargs: dict[str, Any]) -> Tensor:
+        def objective(model: TLModel, resid: Tensor, kwargs: dict[str, Any]) -> Tensor:
             act = self.run(model, resid, start_at_layer=0, **kwargs)
             return self.read(act, attention_mask)
 
@@ -113,7 +113,7 @@ class Probe:
 
 @torch.no_grad()
 def probe_reading(
-    model: HookedTransformer,
+    model: TLModel,
     tokens: Int[Tensor, "batch pos"],
     probe: Probe,
     *,
@@ -126,7 +126,7 @@ def probe_reading(
 
 @torch.no_grad()
 def probe_masking_curve(
-    model: HookedTransformer,
+    model: TLModel,
     tokens: Int[Tensor, "batch pos"],
     scores: Float[Tensor, "batch pos"],
     probe: Probe,
@@ -188,7 +188,7 @@ def probe_masking_curve(
 
 
 def compare_probe_rankings(
-    model: HookedTransformer,
+    model: TLModel,
     tokens: Int[Tensor, "batch pos"],
     rankings: Mapping[str, Float[Tensor, "batch pos"]],
     probe: Probe,
@@ -203,7 +203,7 @@ def compare_probe_rankings(
 
 # ------------------------------------------------------------------------------ baselines
 def probe_gradient_norm(
-    model: HookedTransformer,
+    model: TLModel,
     tokens: Int[Tensor, "batch pos"],
     probe: Probe,
     *,
@@ -214,7 +214,7 @@ def probe_gradient_norm(
 
 
 def probe_gradient_x_input(
-    model: HookedTransformer,
+    model: TLModel,
     tokens: Int[Tensor, "batch pos"],
     probe: Probe,
     *,
@@ -225,7 +225,7 @@ def probe_gradient_x_input(
 
 
 def probe_integrated_gradients(
-    model: HookedTransformer,
+    model: TLModel,
     tokens: Int[Tensor, "batch pos"],
     probe: Probe,
     *,
@@ -239,7 +239,7 @@ def probe_integrated_gradients(
 
 
 def probe_attention(
-    model: HookedTransformer,
+    model: TLModel,
     tokens: Int[Tensor, "batch pos"],
     probe: Probe,
     *,
@@ -261,7 +261,7 @@ def probe_attention(
 
 
 def probe_random(
-    model: HookedTransformer,
+    model: TLModel,
     tokens: Int[Tensor, "batch pos"],
     probe: Probe,
     *,

@@ -17,8 +17,8 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm import tqdm
-from transformer_lens import HookedTransformer
 
+from depass_lens.adapters.base import TLModel
 from depass_lens.evaluation.forward import ResidualInput, final_logits, residual_input
 from depass_lens.evaluation.metrics import (
     Metric,
@@ -32,20 +32,20 @@ from depass_lens.evaluation.token_masking import Masking, default_fill_id, maska
 
 #: ``objective(model, resid, forward_kwargs) -> [batch]``: a scalar per prompt, computed by
 #: running ``model`` from the residual input ``resid`` (``start_at_layer=0``).
-Objective = Callable[[HookedTransformer, Tensor, dict[str, Any]], Float[Tensor, " batch"]]
+Objective = Callable[[TLModel, Tensor, dict[str, Any]], Float[Tensor, " batch"]]
 
 
 def metric_objective(metric: Metric) -> Objective:
     """The objective "``metric`` of the logits"."""
 
-    def objective(model: HookedTransformer, resid: Tensor, kwargs: dict[str, Any]) -> Tensor:
+    def objective(model: TLModel, resid: Tensor, kwargs: dict[str, Any]) -> Tensor:
         return metric(model(resid, start_at_layer=0, **kwargs))
 
     return objective
 
 
 def input_gradient(
-    model: HookedTransformer,
+    model: TLModel,
     inp: ResidualInput,
     objective: Objective,
     scale: float = 1.0,
@@ -64,7 +64,7 @@ def _masked(scores: Tensor, tokens: Tensor, attention_mask: Tensor | None) -> Te
 
 # --------------------------------------------------------------- objective-level implementations
 def gradient_norm_of(
-    model: HookedTransformer,
+    model: TLModel,
     tokens: Int[Tensor, "batch pos"],
     objective: Objective,
     attention_mask: Tensor | None = None,
@@ -74,7 +74,7 @@ def gradient_norm_of(
 
 
 def gradient_x_input_of(
-    model: HookedTransformer,
+    model: TLModel,
     tokens: Int[Tensor, "batch pos"],
     objective: Objective,
     attention_mask: Tensor | None = None,
@@ -103,7 +103,7 @@ def path_nodes(
 
 
 def integrated_gradients_of(
-    model: HookedTransformer,
+    model: TLModel,
     tokens: Int[Tensor, "batch pos"],
     objective: Objective,
     attention_mask: Tensor | None = None,
@@ -124,7 +124,7 @@ def integrated_gradients_of(
 
 @torch.no_grad()
 def mean_pattern(
-    model: HookedTransformer,
+    model: TLModel,
     tokens: Int[Tensor, "batch pos"],
     attention_mask: Tensor | None = None,
     layer: int = -1,
@@ -138,7 +138,7 @@ def mean_pattern(
 
 
 def attention_from(
-    model: HookedTransformer,
+    model: TLModel,
     tokens: Int[Tensor, "batch pos"],
     query: Int[Tensor, " batch"],
     attention_mask: Tensor | None = None,
@@ -151,7 +151,7 @@ def attention_from(
 
 @torch.no_grad()
 def rollout_from(
-    model: HookedTransformer,
+    model: TLModel,
     tokens: Int[Tensor, "batch pos"],
     query: Int[Tensor, " batch"],
     attention_mask: Tensor | None = None,
@@ -180,7 +180,7 @@ def seeded_uniform(shape: tuple[int, ...], seed: int) -> Tensor:
 
 # ---------------------------------------------------------------------- registered signatures
 def gradient_norm(
-    model: HookedTransformer,
+    model: TLModel,
     tokens: Int[Tensor, "batch pos"],
     metric: Metric,
     *,
@@ -192,7 +192,7 @@ def gradient_norm(
 
 
 def gradient_x_input(
-    model: HookedTransformer,
+    model: TLModel,
     tokens: Int[Tensor, "batch pos"],
     metric: Metric,
     *,
@@ -204,7 +204,7 @@ def gradient_x_input(
 
 
 def integrated_gradients(
-    model: HookedTransformer,
+    model: TLModel,
     tokens: Int[Tensor, "batch pos"],
     metric: Metric,
     *,
@@ -226,7 +226,7 @@ def integrated_gradients(
 
 
 def attention_weights(
-    model: HookedTransformer,
+    model: TLModel,
     tokens: Int[Tensor, "batch pos"],
     metric: Metric,
     *,
@@ -239,7 +239,7 @@ def attention_weights(
 
 
 def attention_rollout(
-    model: HookedTransformer,
+    model: TLModel,
     tokens: Int[Tensor, "batch pos"],
     metric: Metric,
     *,
@@ -252,7 +252,7 @@ def attention_rollout(
 
 
 def random_tokens(
-    model: HookedTransformer,
+    model: TLModel,
     tokens: Int[Tensor, "batch pos"],
     metric: Metric,
     *,
@@ -266,7 +266,7 @@ def random_tokens(
 
 @torch.no_grad()
 def occlusion(
-    model: HookedTransformer,
+    model: TLModel,
     tokens: Int[Tensor, "batch pos"],
     metric: Metric,
     *,

@@ -18,8 +18,8 @@ from typing import Literal
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
-from transformer_lens import HookedTransformer
 
+from depass_lens.adapters.base import TLModel
 from depass_lens.evaluation.curves import DEFAULT_GRID, Curve
 from depass_lens.evaluation.forward import final_logits, tile
 from depass_lens.evaluation.metrics import Metric, bind_mask, metric_at, metric_positions
@@ -35,7 +35,7 @@ Mode = Literal["disrupt", "recover"]
 
 
 def masked_final_logits(
-    model: HookedTransformer,
+    model: TLModel,
     tokens: Int[Tensor, "batch pos"],
     masks: Sequence[Bool[Tensor, "batch pos"]],
     positions: Int[Tensor, " batch"],
@@ -61,7 +61,7 @@ def masked_final_logits(
 
 @torch.no_grad()
 def token_masking_curve(
-    model: HookedTransformer,
+    model: TLModel,
     tokens: Int[Tensor, "batch pos"],
     scores: Float[Tensor, "batch pos"],
     *,
@@ -131,7 +131,7 @@ def token_masking_curve(
 
 
 def disrupt_top(
-    model: HookedTransformer,
+    model: TLModel,
     tokens: Int[Tensor, "batch pos"],
     scores: Float[Tensor, "batch pos"],
     **options,
@@ -141,7 +141,7 @@ def disrupt_top(
 
 
 def recover_top(
-    model: HookedTransformer,
+    model: TLModel,
     tokens: Int[Tensor, "batch pos"],
     scores: Float[Tensor, "batch pos"],
     **options,
@@ -151,7 +151,7 @@ def recover_top(
 
 
 def token_curves(
-    model: HookedTransformer,
+    model: TLModel,
     tokens: Int[Tensor, "batch pos"],
     scores: Float[Tensor, "batch pos"],
     **options,

@@ -20,14 +20,14 @@ from typing import Any, Literal
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
-from transformer_lens import HookedTransformer
 
+from depass_lens.adapters.base import TLModel
 from depass_lens.evaluation.metrics import real_mask
 
 Masking = Literal["replace", "zero", "drop"]
 
 
-def default_fill_id(model: HookedTransformer) -> int:
+def default_fill_id(model: TLModel) -> int:
     """The tokenizer's pad id, else its unk id, else 0."""
     tokenizer = model.tokenizer
     for attr in ("pad_token_id", "unk_token_id"):

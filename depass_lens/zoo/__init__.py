@@ -3,7 +3,7 @@
 >>> from depass_lens import zoo
 >>> zoo.list()
 ['bilingual', 'binding', 'induction', 'ioi', 'recall']
->>> model = zoo.load("ioi")                   # a HookedTransformer with its tokenizer
+>>> model = zoo.load("ioi")                   # HookedTransformer (TL 3) / TransformerBridge (TL 4)
 >>> batch = zoo.task("ioi").batch(model, 32)  # tokens, answers, wrong answers, corrupted prompts
 >>> zoo.ground_truth("ioi")["heads_mean"]     # per-head mean-ablation effects
 >>> zoo.mechanism("binding").stages           # stages and edges, established by path patching
@@ -15,8 +15,7 @@ import builtins
 import json
 from typing import Any
 
-from transformer_lens import HookedTransformer
-
+from depass_lens.adapters.base import TLModel
 from depass_lens.zoo.mechanisms import MECHANISMS, Mechanism, read_paths
 from depass_lens.zoo.registry import SPECS, ZooSpec
 from depass_lens.zoo.store import load_model, read_meta
@@ -34,7 +33,7 @@ def spec(name: str) -> ZooSpec:
     return SPECS[name]
 
 
-def load(name: str, device: str = "cpu") -> HookedTransformer:
+def load(name: str, device: str = "cpu") -> TLModel:
     """The trained model ``name`` with its tokenizer, offline."""
     return load_model(spec(name), device)
 

@@ -15,7 +15,8 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm import tqdm
-from transformer_lens import HookedTransformer
+
+from depass_lens.adapters.base import TLModel
 
 
 def logit_diff(
@@ -40,7 +41,7 @@ def _replace(index: int, value: Tensor | None, axis: int) -> Callable:
 
 @torch.no_grad()
 def ablation_effects(
-    model: HookedTransformer,
+    model: TLModel,
     tokens: Int[Tensor, "batch pos"],
     answers: Int[Tensor, " batch"],
     wrong: Int[Tensor, " batch"],

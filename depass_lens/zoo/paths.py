@@ -32,8 +32,8 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 from tqdm import tqdm
-from transformer_lens import HookedTransformer
 
+from depass_lens.adapters.base import TLModel
 from depass_lens.zoo.ablation import logit_diff
 from depass_lens.zoo.mechanisms import MECHANISMS, Mechanism, paths_path
 from depass_lens.zoo.registry import SPECS, ZooSpec
@@ -46,7 +46,7 @@ _HEAD = re.compile(r"L(\d+)H(\d+)$")
 _MLP = re.compile(r"L(\d+)\.mlp$")
 
 
-def sender_hooks(model: HookedTransformer, sender: str) -> list[str]:
+def sender_hooks(model: TLModel, sender: str) -> list[str]:
     """Hook names whose activations make up the sender's output."""
     if sender == "embed":
         hooks = ["hook_embed"]
@@ -61,7 +61,7 @@ def sender_hooks(model: HookedTransformer, sender: str) -> list[str]:
 
 
 def sender_output(
-    model: HookedTransformer, sender: str, cache: dict[str, Tensor]
+    model: TLModel, sender: str, cache: dict[str, Tensor]
 ) -> Tensor:  # batch pos d_model
     """What the sender writes into the residual stream, from a cache of its hooks."""
     if m := _HEAD.match(sender):
@@ -71,7 +71,7 @@ def sender_output(
     return sum(cache[name] for name in sender_hooks(model, sender))  # type: ignore[return-value]
 
 
-def receiver_hook(model: HookedTransformer, receiver: str, kind: str) -> tuple[str, int | None]:
+def receiver_hook(model: TLModel, receiver: str, kind: str) -> tuple[str, int | None]:
     """The hook the receiver reads its input from, and the head index on that hook (if any)."""
     if kind not in TYPES:
         raise ValueError(f"edge type must be one of {TYPES}, not {kind!r}")
@@ -106,7 +106,7 @@ def _layer(name: str) -> float:
 
 
 @contextmanager
-def split_inputs(model: HookedTransformer) -> Iterator[None]:
+def split_inputs(model: TLModel) -> Iterator[None]:
     """Per-head q/k/v inputs and the MLP input hook, switched off again afterwards."""
     before = (model.cfg.use_split_qkv_input, model.cfg.use_hook_mlp_in)
     model.set_use_split_qkv_input(True)
@@ -125,7 +125,7 @@ class PathPatcher:
 
     def __init__(
         self,
-        model: HookedTransformer,
+        model: TLModel,
         tokens: Int[Tensor, "batch pos"],
         corrupted: Int[Tensor, "batch pos"],
         answers: Int[Tensor, " batch"],
@@ -185,7 +185,7 @@ def counterfactual_tasks(task: Task) -> dict[str, Task]:
     return {"corrupted": task, **{label: type(task)(corruption=label) for label in extra}}  # type: ignore[call-arg]
 
 
-def all_edges(model: HookedTransformer) -> list[Edge]:
+def all_edges(model: TLModel) -> list[Edge]:
     """Every edge into a head's q/k/v, an MLP or the logits from every earlier component."""
     cfg = model.cfg
     heads = [f"L{layer}H{head}" for layer in range(cfg.n_layers) for head in range(cfg.n_heads)]
@@ -212,7 +212,7 @@ def bundles(mechanism: Mechanism) -> dict[tuple[str, str, str], tuple[Edge, ...]
 
 
 def measure(
-    model: HookedTransformer,
+    model: TLModel,
     spec: ZooSpec,
     n: int = 200,
     scan: bool = True,

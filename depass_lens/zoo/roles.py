@@ -13,8 +13,9 @@ import random
 from typing import Literal
 
 import torch
-from transformer_lens import HookedTransformer
 from transformer_lens.head_detector import detect_head
+
+from depass_lens.adapters.base import TLModel
 
 Role = Literal["previous_token_head", "induction_head", "duplicate_token_head"]
 ROLES: tuple[Role, ...] = ("previous_token_head", "induction_head", "duplicate_token_head")
@@ -22,7 +23,7 @@ ROLES: tuple[Role, ...] = ("previous_token_head", "induction_head", "duplicate_t
 
 @torch.no_grad()
 def head_role_scores(
-    model: HookedTransformer, words: list[str], n_sequences: int = 32, seed: int = 0
+    model: TLModel, words: list[str], n_sequences: int = 32, seed: int = 0
 ) -> dict[str, list[list[float]]]:
     """``role -> [layer][head]`` mean detector score over repeated random word sequences."""
     rng = random.Random(f"roles-{seed}")

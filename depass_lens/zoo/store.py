@@ -5,16 +5,19 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import torch
 from safetensors.torch import load_file, save_file
-from transformer_lens import HookedTransformer, HookedTransformerConfig
 
+from depass_lens.adapters.base import TLModel
+from depass_lens.adapters.loading import from_tl_weights
 from depass_lens.zoo.registry import ZooSpec
 from depass_lens.zoo.tokenizer import build_tokenizer
 
 
-def build_model(spec: ZooSpec, words: list[str], seed: int = 0) -> HookedTransformer:
-    """A freshly initialised model for ``spec`` with its word-level tokenizer attached."""
+def build_model(spec: ZooSpec, words: list[str], seed: int = 0) -> TLModel:
+    """A freshly initialised ``HookedTransformer`` for ``spec`` with its word-level tokenizer
+    (training runs under TransformerLens 3.x)."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
     tokenizer = build_tokenizer(words, spec.name)
     cfg = HookedTransformerConfig(
         **spec.config, d_vocab=len(tokenizer), seed=seed, model_name=f"zoo-{spec.name}"
@@ -22,7 +25,7 @@ def build_model(spec: ZooSpec, words: list[str], seed: int = 0) -> HookedTransfo
     return HookedTransformer(cfg, tokenizer=tokenizer, default_padding_side="right")
 
 
-def save(model: HookedTransformer, spec: ZooSpec, words: list[str], meta: dict[str, Any]) -> None:
+def save(model: TLModel, spec: ZooSpec, words: list[str], meta: dict[str, Any]) -> None:
     """Write the parameters (safetensors) and ``meta`` + vocabulary (JSON) beside each other."""
     spec.weights_path.parent.mkdir(parents=True, exist_ok=True)
     params = {name: p.detach().contiguous().cpu() for name, p in model.named_parameters()}
@@ -39,16 +42,14 @@ def read_meta(spec: ZooSpec) -> dict[str, Any]:
     return json.loads(spec.meta_path.read_text())
 
 
-def load_model(spec: ZooSpec, device: str = "cpu") -> HookedTransformer:
-    """The shipped model, offline, in eval mode."""
+def load_model(spec: ZooSpec, device: str = "cpu") -> TLModel:
+    """The shipped model, offline, in eval mode: a ``HookedTransformer`` under TransformerLens
+    3.x, a ``TransformerBridge`` with the same weights under 4.x."""
     meta = read_meta(spec)
-    model = build_model(spec, meta["words"])
+    tokenizer = build_tokenizer(meta["words"], spec.name)
     state = load_file(str(spec.weights_path), device="cpu")
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    params = {name for name, _ in model.named_parameters()}
-    if unexpected or params & set(missing):
-        raise RuntimeError(f"zoo weights for {spec.name!r} do not fit: {missing} {unexpected}")
-    if torch.device(device) != model.W_E.device:
-        model.to(device)
-    model.eval()
-    return model
+    config = {**spec.config, "d_vocab": len(tokenizer), "model_name": f"zoo-{spec.name}"}
+    try:
+        return from_tl_weights(config, state, tokenizer, device=device)
+    except RuntimeError as error:
+        raise RuntimeError(f"zoo weights for {spec.name!r} do not fit: {error}") from error

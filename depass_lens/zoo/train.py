@@ -21,8 +21,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
-from transformer_lens import HookedTransformer
 
+from depass_lens.adapters.base import TLModel
 from depass_lens.zoo.ablation import ablation_effects, circuit_heads, logit_diff, top_components
 from depass_lens.zoo.mechanisms import MECHANISMS, card_section, paths_path, read_paths
 from depass_lens.zoo.registry import SPECS, ZooSpec
@@ -33,12 +33,12 @@ from depass_lens.zoo.tasks import TASKS, Task
 
 @dataclass
 class TrainResult:
-    model: HookedTransformer
+    model: TLModel
     losses: list[float]
     seconds: float
 
 
-def sentences_to_tokens(model: HookedTransformer, sentences: list[list[str]]) -> torch.Tensor:
+def sentences_to_tokens(model: TLModel, sentences: list[list[str]]) -> torch.Tensor:
     return torch.stack([model.to_tokens(" ".join(s), prepend_bos=True)[0] for s in sentences])
 
 
@@ -76,9 +76,7 @@ def train(
 
 
 @torch.no_grad()
-def accuracy(
-    model: HookedTransformer, task: Task, n: int = 500, split: str = "test"
-) -> dict[str, float]:
+def accuracy(model: TLModel, task: Task, n: int = 500, split: str = "test") -> dict[str, float]:
     """Top-1 accuracy over the whole vocabulary, and how often answer beats the wrong answer."""
     batch = task.batch(model, n, split=split, seed=7)
     last = model(batch.tokens)[:, -1]
@@ -93,7 +91,7 @@ def accuracy(
 
 
 @torch.no_grad()
-def language_probe(model: HookedTransformer, task: Task, hook: str, n: int = 400) -> dict[str, Any]:
+def language_probe(model: TLModel, task: Task, hook: str, n: int = 400) -> dict[str, Any]:
     """Difference-of-means probe for the language label at ``hook`` (last position)."""
     fit = task.batch(model, n, split="train", seed=3)
     test = task.batch(model, n, split="test", seed=4)
@@ -120,7 +118,7 @@ def language_probe(model: HookedTransformer, task: Task, hook: str, n: int = 400
 
 
 @torch.no_grad()
-def corrupted_metric(model: HookedTransformer, task: Task) -> dict[str, float]:
+def corrupted_metric(model: TLModel, task: Task) -> dict[str, float]:
     """The ablation metric on the held-out prompts and on their corrupted versions."""
     batch = task.batch(model, 200, split="test", seed=11)  # the prompts the ablations use
     assert batch.wrong is not None and batch.corrupted is not None
@@ -227,7 +225,7 @@ def card_text(
     return "\n".join(lines).rstrip("\n") + "\n"
 
 
-def write_card(spec: ZooSpec, model: HookedTransformer | None = None) -> str:
+def write_card(spec: ZooSpec, model: TLModel | None = None) -> str:
     """Rewrite ``spec``'s card from its shipped files (weights, metadata, ablations, paths)."""
     model = model if model is not None else load_model(spec)
     meta = read_meta(spec)

@@ -9,7 +9,8 @@ from dataclasses import dataclass
 import torch
 from jaxtyping import Int
 from torch import Tensor
-from transformer_lens import HookedTransformer
+
+from depass_lens.adapters.base import TLModel
 
 
 @dataclass
@@ -69,9 +70,7 @@ class Task(ABC):
         rng = random.Random(f"{self.name}-{split}-{seed}")
         return [self.example(rng, split) for _ in range(n)]
 
-    def batch(
-        self, model: HookedTransformer, n: int = 64, split: str = "test", seed: int = 0
-    ) -> ZooBatch:
+    def batch(self, model: TLModel, n: int = 64, split: str = "test", seed: int = 0) -> ZooBatch:
         """``n`` examples as token ids for ``model`` (which carries this task's tokenizer)."""
         examples = self.examples(n, split, seed)
 

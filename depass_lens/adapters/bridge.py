@@ -1,0 +1,317 @@
+"""The TransformerLens 4.x adapter: reads a ``TransformerBridge`` in compatibility mode.
+
+Compatibility mode is what gives a bridge TransformerLens's hook names (``blocks.L.hook_resid_pre``,
+``blocks.L.attn.hook_pattern``, ``blocks.L.mlp.hook_post``, ...) and stacked weight views
+(``attn.W_Q`` ``[head d_model d_head]``, ``mlp.W_in`` ``[d_model d_mlp]``). A bridge that is not
+in it yet is switched on with ``no_processing=True``: hooks and views are added, the weights and
+the function the model computes stay as they were. (Call ``enable_compatibility_mode()`` yourself
+first for TransformerLens 3's folded/centred weights.)
+
+What differs from a ``HookedTransformer`` and is handled here: norms are bridge components over
+the wrapped module (Gemma stores RMSNorm weights as an offset from 1), biases may be absent
+(read as zeros), the activation function and attention scale live on the wrapped module, and
+rotary embeddings are the wrapped model's own (HF ``rotary_emb`` or the native ``rotary``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from depass_lens.adapters.base import (
+    POST_NORM_ARCHITECTURES,
+    AttentionWeights,
+    MLPWeights,
+    ModelAdapter,
+    NormKind,
+    NormWeights,
+    QKWeights,
+    Rotary,
+    as_tensor,
+)
+from depass_lens.errors import UnsupportedModelError
+
+_ACT_ATTRS = ("act_fn", "act", "activation_fn")
+
+
+def enable_compatibility(bridge: Any) -> None:
+    """Switch ``bridge`` to compatibility mode without weight processing, or refuse saying how."""
+    if getattr(bridge, "compatibility_mode", False):
+        return
+    try:
+        bridge.enable_compatibility_mode(disable_warnings=True, no_processing=True)
+    except (RuntimeError, NotImplementedError) as error:
+        raise UnsupportedModelError(
+            "DePass reads a TransformerBridge through TransformerLens's hook names and stacked "
+            "weights, which need compatibility mode; enabling it failed "
+            f"({error}). Call bridge.enable_compatibility_mode() yourself, or use a model "
+            "whose adapter supports it"
+        ) from error
+
+
+def _zeros_if_none(value: Any, shape: tuple[int, ...], like: Tensor, name: str) -> Tensor:
+    """A bias, or zeros where the model has none (HF LLaMA-style projections)."""
+    if value is None:
+        return like.new_zeros(shape)
+    return as_tensor(value, name)
+
+
+class BridgeAdapter(ModelAdapter):
+    """Read-only view of a TransformerLens 4.x ``TransformerBridge`` (compatibility mode)."""
+
+    backend = "TransformerBridge"
+
+    def __init__(self, model: Any):
+        super().__init__(model)
+        enable_compatibility(model)
+        problems = unsupported_settings(model)
+        if problems:
+            raise UnsupportedModelError(
+                "DePass cannot propagate this model exactly. Unsupported setting(s): "
+                + "; ".join(problems)
+            )
+
+    # ---------------------------------------------------------------- config
+    @property
+    def post_norm(self) -> bool:
+        return str(getattr(self.cfg, "architecture", "")) in POST_NORM_ARCHITECTURES
+
+    @property
+    def model_name(self) -> str:
+        return str(getattr(self.cfg, "model_name", None) or "TransformerBridge")
+
+    @property
+    def positional(self) -> str:
+        return str(self.cfg.positional_embedding_type or "standard")
+
+    def precision(self, dtype: torch.dtype) -> torch.dtype:
+        """Float32 for a float64 model with RMS norms: HF's and the native RMSNorm compute in
+        float32 whatever the input dtype, so the real activations carry float32 rounding."""
+        rms = any(
+            norm is not None and norm.kind in ("RMS", "RMSPre")
+            for layer in range(self.n_layers)
+            for norm in self.block_norms(layer).values()
+        ) or self.final_norm().kind in ("RMS", "RMSPre")
+        if dtype == torch.float64 and rms:
+            return torch.float32
+        return dtype
+
+    def final_query_key_hooks(self, layer: int) -> tuple[str, str] | None:
+        prefix = f"blocks.{layer}.attn"
+        names = set(self.model.hook_dict)
+        if self.positional == "rotary":
+            pair = (f"{prefix}.hook_rot_q", f"{prefix}.hook_rot_k")
+            return pair if set(pair) <= names else None
+        return (f"{prefix}.hook_q", f"{prefix}.hook_k")
+
+    # ---------------------------------------------------------------- weights
+    def _norm(self, component: Any, name: str) -> NormWeights | None:
+        if component is None:
+            return None
+        kind = _norm_kind(component)
+        if kind == "none":
+            return NormWeights("none", None)
+        w = b = None
+        if kind in ("LN", "RMS"):
+            w = as_tensor(component.weight, f"{name}.weight")
+            if getattr(component, "uses_weight_offset", False):
+                w = 1.0 + w  # Gemma: the stored weight is an offset from 1
+            if kind == "LN":
+                bias = getattr(component.original_component, "bias", None)
+                b = None if bias is None else as_tensor(bias, f"{name}.bias")
+        return NormWeights(kind, f"{name}.hook_scale", w, b)
+
+    def block_norms(self, layer: int) -> dict[str, NormWeights | None]:
+        block = self.model.blocks[layer]
+        modules = block._modules
+        prefix = f"blocks.{layer}"
+        return {
+            name: self._norm(modules.get(name), f"{prefix}.{name}")
+            for name in ("ln1", "ln2", "ln1_post", "ln2_post")
+        }
+
+    def final_norm(self) -> NormWeights:
+        norm = self._norm(self.model._modules.get("ln_final"), "ln_final")
+        return norm if norm is not None else NormWeights("none", None)
+
+    def attention(self, layer: int) -> AttentionWeights:
+        attn = self.model.blocks[layer].attn
+        W_V = as_tensor(attn.W_V, "W_V")
+        W_O = as_tensor(attn.W_O, "W_O")
+        return AttentionWeights(
+            W_V=W_V,
+            b_V=_zeros_if_none(attn.b_V, (W_V.shape[0], W_V.shape[2]), W_V, "b_V"),
+            W_O=W_O,
+            b_O=_zeros_if_none(attn.b_O, (W_O.shape[2],), W_O, "b_O"),
+            kv_repeat=self.n_heads // int(W_V.shape[0]),
+        )
+
+    def qk_problems(self) -> list[str]:
+        problems = []
+        cfg = self.cfg
+        if getattr(cfg, "rotary_interleaved_cos_sin", False) or getattr(
+            cfg, "rotary_adjacent_pairs", False
+        ):
+            problems.append("adjacent-pair rotary on a TransformerBridge HF model")
+        if getattr(cfg, "use_qk_norm", False) or "q_norm" in self.model.blocks[0].attn._modules:
+            problems.append("QK norm on a TransformerBridge (not followed by the QK path yet)")
+        if self.positional not in ("standard", "rotary"):
+            problems.append(f"positional_embedding_type={self.positional!r} on a TransformerBridge")
+        if self.positional == "rotary" and self._rotary_source(0) is None:
+            problems.append("rotary embedding the adapter cannot reach")
+        if getattr(cfg, "scale_attn_by_inverse_layer_idx", False):
+            problems.append("scale_attn_by_inverse_layer_idx")
+        return problems
+
+    def qk(self, layer: int) -> QKWeights:
+        self.check_qk_supported()
+        attn = self.model.blocks[layer].attn
+        W_Q, W_K = as_tensor(attn.W_Q, "W_Q"), as_tensor(attn.W_K, "W_K")
+        return QKWeights(
+            W_Q=W_Q,
+            b_Q=_zeros_if_none(attn.b_Q, (W_Q.shape[0], W_Q.shape[2]), W_Q, "b_Q"),
+            W_K=W_K,
+            b_K=_zeros_if_none(attn.b_K, (W_K.shape[0], W_K.shape[2]), W_K, "b_K"),
+            kv_repeat=self.n_heads // int(W_K.shape[0]),
+            q_norm=None,
+            k_norm=None,
+            norm_style="none",
+            attn_scale=self._attn_scale(attn),
+            rotary=self._rotary(layer) if self.positional == "rotary" else None,
+        )
+
+    def _attn_scale(self, attn: Any) -> float:
+        """What the scores are divided by: the wrapped module's own ``scaling`` (HF) or ``scale``
+        (native), else TransformerLens's rule (``cfg.attn_scale`` or ``sqrt(d_head)``)."""
+        inner = attn.original_component
+        scaling = getattr(inner, "scaling", None)
+        if isinstance(scaling, float | int) and scaling > 0:
+            return 1.0 / float(scaling)
+        scale = getattr(inner, "scale", None)
+        if isinstance(scale, float | int) and scale > 0:
+            return float(scale)
+        configured = float(getattr(self.cfg, "attn_scale", -1.0) or -1.0)
+        return configured if configured > 0 else math.sqrt(int(self.cfg.d_head))
+
+    def _rotary_source(self, layer: int) -> Any:
+        native = getattr(self.model.original_model, "rotary", None)
+        if native is not None and hasattr(native, "apply_rope"):
+            return native
+        own = getattr(self.model.blocks[layer].attn, "_rotary_emb", None)
+        return own if own is not None else self.model._modules.get("rotary_emb")
+
+    def _rotary(self, layer: int) -> Rotary:
+        """The model's own rotary embedding as ``rotate(y [n pos head d_head], mask)``."""
+        source = self._rotary_source(layer)
+        uses_mask = self.model._accepts_derived_position_ids()
+
+        def rotate(y: Tensor, attention_mask: Tensor | None) -> Tensor:
+            positions = _position_ids(y, attention_mask if uses_mask else None)
+            heads_first = y.transpose(1, 2)  # [n head pos d]
+            if hasattr(source, "apply_rope"):  # the native model: adjacent pairs, own tables
+                rotated, _ = source.apply_rope(heads_first, heads_first, position_ids=positions)
+                return rotated.transpose(1, 2)
+            cos, sin = source(heads_first, positions)  # HF: [n pos rotary_dim], halves layout
+            cos, sin = cos.to(y.dtype).unsqueeze(2), sin.to(y.dtype).unsqueeze(2)
+            dim = cos.shape[-1]
+            turned, kept = y[..., :dim], y[..., dim:]
+            half = dim // 2
+            rotated = torch.cat((-turned[..., half:], turned[..., :half]), dim=-1)
+            return torch.cat((turned * cos + rotated * sin, kept), dim=-1)
+
+        return rotate
+
+    def mlp(self, layer: int) -> MLPWeights:
+        mlp = self.model.blocks[layer].mlp
+        W_in, W_out = as_tensor(mlp.W_in, "W_in"), as_tensor(mlp.W_out, "W_out")
+        gate = getattr(mlp, "W_gate", None)
+        inner = None
+        if "ln" in mlp._modules:
+            inner = self._norm(mlp._modules["ln"], f"blocks.{layer}.mlp.ln")
+        return MLPWeights(
+            W_in=W_in,
+            b_in=_zeros_if_none(mlp.b_in, (W_in.shape[1],), W_in, "b_in"),
+            W_out=W_out,
+            b_out=_zeros_if_none(mlp.b_out, (W_out.shape[1],), W_out, "b_out"),
+            W_gate=None if gate is None else as_tensor(gate, "W_gate"),
+            act_fn=_activation(mlp, layer),
+            inner_norm=inner,
+        )
+
+    @property
+    def b_U(self) -> Float[Tensor, " d_vocab"]:
+        b_U = getattr(self.model, "b_U", None)
+        if b_U is None:
+            return self.W_U.new_zeros(self.W_U.shape[1])
+        return b_U
+
+    def embed(self, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos d_model"]:
+        return self.model.embed(tokens)
+
+
+def _norm_kind(component: Any) -> NormKind:
+    """The kind of a bridge norm component, from its class and what it wraps."""
+    name = type(component).__name__
+    inner = getattr(component, "original_component", None)
+    if name == "LayerNormPreBridge":
+        return "LNPre"
+    if name == "RMSNormPreBridge":
+        return "RMSPre"
+    if isinstance(inner, torch.nn.Identity) or name == "GeneralizedComponent":
+        return "none"
+    if hasattr(component, "uses_rms_norm") and hasattr(component, "hook_scale"):
+        return "RMS" if component.uses_rms_norm else "LN"
+    raise UnsupportedModelError(f"normalisation component {name!r} is not supported by DePass")
+
+
+def _activation(mlp: Any, layer: int) -> Any:
+    """The wrapped MLP's activation function (HF ``act_fn``/``act``, the native ``act``)."""
+    inner = mlp.original_component
+    for attr in _ACT_ATTRS:
+        fn = getattr(inner, attr, None)
+        if callable(fn):
+            return fn
+    raise UnsupportedModelError(
+        f"blocks.{layer}.mlp wraps {type(inner).__name__}, whose activation function DePass "
+        f"cannot find (looked for {', '.join(_ACT_ATTRS)})"
+    )
+
+
+def _position_ids(y: Tensor, attention_mask: Tensor | None) -> Int[Tensor, "n pos"]:
+    """Positions the model uses: ``arange``, or, for rows with padding before a real token,
+    positions counted over the real tokens (what the bridge passes the wrapped model)."""
+    n, n_pos = y.shape[0], y.shape[1]
+    arange = torch.arange(n_pos, device=y.device).expand(n, n_pos)
+    if attention_mask is None:
+        return arange
+    mask = attention_mask.long().to(y.device)
+    derived = (mask.cumsum(-1) - 1).clamp(min=0)
+    shifted = ((mask[:, 1:] == 1) & (mask[:, :-1] == 0)).any(-1, keepdim=True)
+    return torch.where(shifted, derived, arange)
+
+
+def unsupported_settings(model: Any) -> list[str]:
+    """Settings of a bridge that change the computation in a way DePass cannot reproduce."""
+    cfg = model.cfg
+    problems = []
+    if getattr(cfg, "num_experts", None):
+        problems.append("mixture-of-experts layers on a TransformerBridge")
+    if getattr(cfg, "load_in_4bit", False):
+        problems.append("load_in_4bit (quantised weights)")
+    if getattr(cfg, "attention_dir", "causal") != "causal":
+        problems.append(f"attention_dir={cfg.attention_dir!r} (only causal models are supported)")
+    if not getattr(model, "_has_registered_blocks", lambda: True)():
+        problems.append("no standard `blocks` stack")
+    if not cfg.attn_only and not cfg.d_mlp:
+        problems.append("d_mlp unset on a model with MLPs")
+    style: Literal["standard", "rotary"] | str = str(cfg.positional_embedding_type or "standard")
+    if style not in ("standard", "rotary"):
+        problems.append(f"positional_embedding_type={style!r}")
+    return problems
+
+
+__all__ = ["BridgeAdapter", "enable_compatibility", "unsupported_settings"]
