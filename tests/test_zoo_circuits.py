@@ -25,7 +25,9 @@ def _batch(name: str, n: int = 48):
 def _head_to_head(graph, k: int) -> list[tuple[str, str, str]]:
     """The ``k`` strongest edges from one head to another (|batch-mean score|)."""
     rows = [r for r in graph.edge_table() if r["sender"][0] == "L" and r["receiver"][0] == "L"]
-    rows = [r for r in rows if "mlp" not in r["sender"] + r["receiver"] and ".b_" not in r["sender"]]
+    rows = [
+        r for r in rows if "mlp" not in r["sender"] + r["receiver"] and ".b_" not in r["sender"]
+    ]
     rows.sort(key=lambda r: -abs(r["score"]))
     return [(r["sender"], r["receiver"], r["type"]) for r in rows[:k]]
 
