@@ -3,7 +3,7 @@
 # the docs with warnings as errors and execute every notebook).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-. scripts/setup_env.sh "dev,docs"
+. scripts/setup_env.sh "dev,docs,sae"
 ruff check depass_lens tests benchmarks notebooks docs/make_figures.py
 ruff format --check depass_lens tests benchmarks notebooks docs/make_figures.py
 mypy
