@@ -14,7 +14,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from depass_lens.circuits.graph import Circuit, Graph
+from depass_lens.circuits.circuit import Circuit
+from depass_lens.circuits.graph import Graph
 from depass_lens.circuits.spec import Node
 from depass_lens.generation import Generation
 from depass_lens.results import Attribution

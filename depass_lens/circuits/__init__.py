@@ -7,8 +7,9 @@
 >>> print(circuit.to_dot())          # Graphviz
 """
 
-from depass_lens.circuits.extract import prune, select_edges, smallest_circuit
-from depass_lens.circuits.graph import Circuit, Graph
+from depass_lens.circuits.circuit import Circuit
+from depass_lens.circuits.extract import prune, rank_edges, select_edges, smallest_circuit
+from depass_lens.circuits.graph import Graph
 from depass_lens.circuits.spec import Edge, GraphNodes, GraphSpec, Node, build_spec
 
 __all__ = [
@@ -20,6 +21,7 @@ __all__ = [
     "Node",
     "build_spec",
     "prune",
+    "rank_edges",
     "select_edges",
     "smallest_circuit",
 ]

@@ -9,14 +9,27 @@ clutter a circuit. Edges from constant senders are never selected: they cannot b
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
-from jaxtyping import Bool
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from depass_lens.circuits.graph import Circuit, Graph, _rank
+from depass_lens.circuits.circuit import Circuit
 from depass_lens.circuits.spec import GraphSpec
 from depass_lens.errors import DePassInputError
+
+if TYPE_CHECKING:
+    from depass_lens.circuits.graph import Graph
+
+
+def rank_edges(spec: GraphSpec, scores: Float[Tensor, " edge"]) -> Int[Tensor, " edge"]:
+    """Edge indices by decreasing |score|, constant senders (never patchable) last."""
+    constant = torch.tensor(
+        [spec.nodes[e.sender].kind == "bias" for e in spec.edges], device=scores.device
+    )
+    key = torch.where(constant, torch.full_like(scores, -1.0), scores.abs().to(scores.dtype))
+    return key.argsort(descending=True, stable=True)
 
 
 def patchable(spec: GraphSpec) -> Bool[Tensor, " edge"]:
@@ -73,7 +86,7 @@ def select_edges(
                 f"an edge budget of {k} is larger than the graph: it has {n_movable} patchable "
                 f"edges ({graph.n_edges} in all, {graph.n_edges - n_movable} from constants)"
             )
-        keep[_rank(graph, scores)[:k]] = True
+        keep[rank_edges(graph.spec, scores)[:k]] = True
     else:
         assert threshold is not None
         if threshold < 0:

@@ -36,6 +36,7 @@ from tqdm import tqdm
 from depass_lens.adapters.base import TLModel
 from depass_lens.zoo.ablation import logit_diff
 from depass_lens.zoo.mechanisms import MECHANISMS, Mechanism, paths_path
+from depass_lens.zoo.model_card import write_card
 from depass_lens.zoo.registry import SPECS, ZooSpec
 from depass_lens.zoo.store import load_model
 from depass_lens.zoo.tasks import TASKS, Task
@@ -278,8 +279,6 @@ def measure(
 
 
 def main() -> None:
-    from depass_lens.zoo.train import write_card
-
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("name", choices=sorted(SPECS))
     parser.add_argument("--no-scan", action="store_true", help="only the documented edges")
