@@ -33,6 +33,7 @@ from depass_lens.rules import (
     TaylorRule,
     get_rule,
 )
+from depass_lens.sae import SAELatent, SAELatents
 from depass_lens.sources import (
     Combined,
     Custom,
@@ -91,6 +92,8 @@ __all__ = [
     "Neurons",
     "ReferenceParity",
     "ReluRule",
+    "SAELatent",
+    "SAELatents",
     "SoftmaxRule",
     "Source",
     "Subspace",

@@ -7,6 +7,7 @@
 >>> batch = zoo.task("ioi").batch(model, 32)  # tokens, answers, wrong answers, corrupted prompts
 >>> zoo.ground_truth("ioi")["heads_mean"]     # per-head mean-ablation effects
 >>> zoo.mechanism("binding").stages           # stages and edges, established by path patching
+>>> sae = zoo.load_sae("ioi")                 # an SAE on the ioi model's residual stream
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 from depass_lens.adapters.base import TLModel
 from depass_lens.zoo.mechanisms import MECHANISMS, Mechanism, read_paths
 from depass_lens.zoo.registry import SPECS, ZooSpec
+from depass_lens.zoo.saes import load_sae
 from depass_lens.zoo.store import load_model, read_meta
 from depass_lens.zoo.tasks import TASKS, Task, ZooBatch
 
@@ -88,6 +90,7 @@ __all__ = [
     "info",
     "list",
     "load",
+    "load_sae",
     "mechanism",
     "path_effects",
     "spec",
