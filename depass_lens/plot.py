@@ -419,6 +419,22 @@ def graph(
     return fig
 
 
+def latents(
+    attribution: Attribution, model: object, sae: object, *, k: int = 15, **kwargs: object
+) -> go.Figure:
+    """Top SAE latents for a target, each with its decoder logit lens (top promoted tokens).
+
+    ``attribution`` comes from an :class:`~depass_lens.SAELatents` source; ``model`` is the
+    ``HookedTransformer`` or its :class:`~depass_lens.DePass` wrapper; ``sae`` the source's SAE.
+    Other keywords: ``lens_k``, ``batch``, ``target``, ``title``.
+    """
+    from depass_lens.depass import DePass  # noqa: PLC0415 - the wrapper imports this module's deps
+    from depass_lens.sae.lens import latents_figure  # noqa: PLC0415
+
+    adapter = model.adapter if isinstance(model, DePass) else DePass(model, progress=False).adapter  # type: ignore[arg-type]
+    return latents_figure(attribution, adapter, sae, k=k, **kwargs)  # type: ignore[arg-type]
+
+
 def save(fig: go.Figure, path: str | Path, *, png: bool = True) -> list[Path]:
     """Write ``path`` as self-contained HTML and, if possible, a PNG beside it."""
     path = Path(path)

@@ -75,3 +75,19 @@ def test_loads_as_saelens_sae(ioi):
     a = depass.attribute(batch.tokens, target, SAELatents(theirs))
     b = depass.attribute(batch.tokens, target, SAELatents(sae))
     torch.testing.assert_close(a.scores, b.scores)
+
+
+def test_top_latents_plot_with_decoder_lens(ioi):
+    """The IOI prompt's top latent is the answer's name latent: its decoder promotes "Mary"."""
+    model, sae = ioi
+    prompt = "When Mary and John went to the store , John gave a drink to"
+    depass = dp.DePass(model, progress=False)
+    att = depass.attribute(prompt, dp.LogitDiff("Mary", "John"), SAELatents(sae))
+    fig = dp.plot.latents(att, depass, sae, k=6)
+    bars = fig.data[0]
+    assert len(bars.y) == 6
+    top_label, top_value = bars.y[-1], bars.x[-1]  # the largest bar is drawn last
+    assert top_label.startswith("L1.resid_post/F") and top_label.split("→ ")[1].startswith("Mary")
+    name = top_label.split(" →")[0]
+    assert top_value == pytest.approx(dict(att.top(20))[name], rel=1e-5)
+    assert top_value > 0.5 * float(att.target_values[0, 0])

@@ -29,7 +29,8 @@ class SimpleSAE(nn.Module):
     """``acts = act((x - b_dec) @ W_enc + b_enc)``, ``x_hat = acts @ W_dec + b_dec``.
 
     Args:
-        d_in, d_sae: input width and number of latents.
+        d_in: input width.
+        d_sae: number of latents.
         hook_name: the TransformerLens hook it reads (``cfg.metadata.hook_name``, as in SAELens).
         architecture: ``"standard"`` (ReLU), ``"jumprelu"`` (``threshold`` per latent) or
             ``"topk"`` (``k`` largest pre-activations, ReLU'd).

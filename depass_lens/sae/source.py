@@ -67,7 +67,8 @@ class SAELatents(Source):
             so nothing is dropped.
         by_position: one component per (latent, position) pair that is active for some prompt,
             instead of one per latent: the score of latent i *at position p*.
-        hook / hook_out: override the hook names the SAE carries (``hook_out`` for transcoders).
+        hook: override the hook name the SAE carries (a transcoder's input hook).
+        hook_out: override a transcoder's output hook name.
         name: label of the SAE in component names (default from its hook, e.g. ``L1.resid_post``).
     """
 
