@@ -584,12 +584,12 @@ def linearised_forward(
 
 
 def target_scalar(
-    state: Float[Tensor, "batch pos d_model"],
-    weights: Float[Tensor, "batch pos d_model"],
+    state: Float[Tensor, "batch pos *d"],
+    weights: Float[Tensor, "batch pos *d"],
     constant: Float[Tensor, " batch"],
 ) -> Float[Tensor, " batch"]:
     """``<weights, state> + constant`` per prompt."""
-    return (state * weights).sum((-1, -2)) + constant
+    return (state * weights).flatten(1).sum(-1) + constant  # any trailing shape (hook_z)
 
 
 __all__ = ["AdjointPass", "Linearisation", "linearised_forward", "target_scalar"]

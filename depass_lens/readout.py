@@ -84,6 +84,7 @@ def read_target(
 ) -> Float[Tensor, "batch k comp"]:
     """Each component's share of each scalar of ``target`` (constants go to the bias)."""
     weights, constants = target.functional(ctx)
-    scores = einops.einsum(state, weights.to(state.dtype), "b c p d, b k p d -> b k c")
+    # "...": a per-head hook (hook_z) has [head, d_head] where the stream has d_model
+    scores = einops.einsum(state, weights.to(state.dtype), "b c p ..., b k p ... -> b k c")
     scores[..., -1] += constants.to(scores.dtype)
     return scores

@@ -245,12 +245,21 @@ def test_latent_to_latent_edges_exact():
     assert f.completeness_error() <= 1e-10
 
 
-def test_z_target_is_refused_clearly():
-    model = make_model("gpt2", torch.float64)
-    with pytest.raises(DePassInputError, match="hook_z"):
-        dp.DePass(model).attribute(
-            random_tokens(model), SAELatent(make_sae(model, "z", layer=2), 0), dp.Tokens()
-        )
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_hook_z_latent_target(family):
+    """A hook_z SAE's latent as a target, read per head: value, modes and completeness."""
+    model = make_model(family, torch.float64)
+    tokens = random_tokens(model, batch=2)
+    sae = make_sae(model, "z", layer=2)
+    target = SAELatent(sae, latent=4, pos=-1)
+    z = _real(model, tokens)["blocks.2.attn.hook_z"].flatten(-2)
+    depass = dp.DePass(model)
+    for source in (dp.Tokens(), dp.Heads(layers=[0, 1]), SAELatents(make_sae(model, "z", 0))):
+        f = depass.attribute(tokens, target, source, mode="forward")
+        a = depass.attribute(tokens, target, source, mode="adjoint")
+        torch.testing.assert_close(a.target_values[:, 0], sae.hidden_pre(z)[:, -1, 4].detach())
+        assert _rel(a.scores, f.scores) <= 1e-9
+        assert f.completeness_error() <= 1e-10 and a.completeness_error() <= 1e-10
 
 
 # ------------------------------------------------------------------------------- errors

@@ -12,10 +12,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import einops
 import torch
 
 from depass_lens.adapter import ModelAdapter
-from depass_lens.errors import DePassInputError
 from depass_lens.sae.placement import place
 from depass_lens.sae.view import SAEView, as_sae_view
 from depass_lens.targets import Target, resolve_positions
@@ -62,12 +62,9 @@ class SAELatent(Target):
         w, c = self.view.pre_activation(self.latent, adapter.dtype, adapter.device)
         positions = resolve_positions(self.pos, ctx)
         batch, n_pos = ctx.tokens.shape
-        if hook.endswith("attn.hook_z"):
-            raise DePassInputError(
-                "SAELatent: targets on hook_z SAEs (read per head) are not supported yet; use an "
-                "SAE on hook_attn_out or the residual stream as the target"
-            )
         vector = w
+        if hook.endswith("attn.hook_z"):  # read per head, as TransformerLens stores hook_z
+            vector = einops.rearrange(w, "(h e) -> h e", h=adapter.n_heads)
         weights = vector.new_zeros(batch, 1, n_pos, *vector.shape)
         weights[torch.arange(batch, device=weights.device), 0, positions] = vector
         return weights, vector.new_full((batch, 1), c)
