@@ -29,6 +29,14 @@ def default_prompt(name: str) -> tuple[str, str | None, str | None]:
     return ("When Mary and John went to the store, John gave a drink to", " Mary", " John")
 
 
+def load_sae(spec: str, model: str):
+    """``--sae zoo``: the zoo model's shipped SAE; otherwise a SAELens-format directory."""
+    from depass_lens.sae import load_sae_dir  # noqa: PLC0415
+    from depass_lens.zoo.saes import load_sae as zoo_sae  # noqa: PLC0415
+
+    return zoo_sae(model) if spec == "zoo" else load_sae_dir(spec)
+
+
 def demo(args: argparse.Namespace) -> int:
     from depass_lens.demo import make_target, run_demo  # noqa: PLC0415
 
@@ -44,6 +52,7 @@ def demo(args: argparse.Namespace) -> int:
         make_target(model, target, wrong, prompt),
         args.out,
         title=f"DePass report: {args.model}",
+        sae=load_sae(args.sae, args.model) if args.sae else None,
     )
     print(result.summary())
     return 0
@@ -119,6 +128,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--target", default=None, help="target token, e.g. ' Mary'")
     p.add_argument("--wrong", default=None, help="with --target: explain target - wrong")
     p.add_argument("--out", default="depass_report.html")
+    p.add_argument(
+        "--sae", default=None, help="'zoo' (the zoo model's SAE) or a SAELens-format directory"
+    )
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=demo)
 

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -27,6 +28,7 @@ class DemoResult:
     top_neurons: list[tuple[str, float]]
     completeness_error: float
     seconds: float
+    top_latents: list[tuple[str, float]] = field(default_factory=list)
 
     def summary(self) -> str:
         def fmt(items: list[tuple[str, float]]) -> str:
@@ -38,6 +40,7 @@ class DemoResult:
                 f"top tokens:  {fmt(self.top_tokens)}",
                 f"top heads:   {fmt(self.top_heads)}",
                 f"top neurons: {fmt(self.top_neurons) or '(attention-only model)'}",
+                *([f"top latents: {fmt(self.top_latents)}"] if self.top_latents else []),
                 f"scores sum to the target within {self.completeness_error:.1e} (relative)",
                 f"computed in {self.seconds:.1f} s; report: {self.path}",
             ]
@@ -62,8 +65,10 @@ def run_demo(
     out: str | Path = "depass_report.html",
     *,
     title: str = "DePass report",
+    sae: Any | None = None,
 ) -> DemoResult:
-    """Token, head and neuron attribution plus per-layer contributions, written to ``out``."""
+    """Token, head and neuron attribution plus per-layer contributions, written to ``out``;
+    with ``sae``, also every active latent's score (an :class:`~depass_lens.SAELatents` source)."""
     start = time.perf_counter()
     depass = dp.DePass(model)
     sources: list[dp.Source] = [dp.Tokens(), dp.Heads()]
@@ -107,6 +112,18 @@ def run_demo(
         "lens on the decomposed stream).",
         plot.layer_contributions(lens[:, order], names),
     )
+    top_latents: list[tuple[str, float]] = []
+    if sae is not None:
+        latents = depass.attribute(prompt, target, dp.SAELatents(sae))
+        report.add(
+            "SAE latents",
+            "Each active latent's share of the target (its decoder contribution a_i W_dec[i] "
+            "propagated), labelled with the tokens its decoder vector promotes; the SAE's "
+            f"reconstruction error is its own component (score "
+            f"{float(latents.of_kind('sae_error').sum()):+.3f}).",
+            plot.latents(latents, depass, sae, k=15),
+        )
+        top_latents = latents.top(5)
     graph = depass.graph(prompt, target, attention="symmetric")
     conservation = max(graph.conservation().values())
     report.add(
@@ -127,4 +144,5 @@ def run_demo(
         top_neurons=top_neurons,
         completeness_error=attribution.completeness_error(),
         seconds=time.perf_counter() - start,
+        top_latents=top_latents,
     )

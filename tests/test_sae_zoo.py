@@ -91,3 +91,14 @@ def test_top_latents_plot_with_decoder_lens(ioi):
     name = top_label.split(" →")[0]
     assert top_value == pytest.approx(dict(att.top(20))[name], rel=1e-5)
     assert top_value > 0.5 * float(att.target_values[0, 0])
+
+
+def test_demo_report_with_sae(ioi, tmp_path):
+    from depass_lens.demo import run_demo
+
+    model, sae = ioi
+    prompt = "When Mary and John went to the store , John gave a drink to"
+    result = run_demo(model, prompt, dp.LogitDiff("Mary", "John"), tmp_path / "r.html", sae=sae)
+    assert result.top_latents and result.top_latents[0][0].startswith("L1.resid_post/F")
+    assert "top latents:" in result.summary()
+    assert "SAE latents" in (tmp_path / "r.html").read_text()
