@@ -530,7 +530,6 @@ def linearised_forward(
     activations) swaps the frozen linearisation for the exact secant map of changes from that run
     (:class:`~depass_lens.difference.DifferenceLinearisation`).
     """
-    model = adapter.model
     wanted = set(store)
     live: dict[str, Tensor] = {}
     ledger = ConstantLedger()
@@ -564,7 +563,7 @@ def linearised_forward(
     fwd_hooks += [(name, keep) for name in wanted if name not in ("hook_embed", "hook_pos_embed")]
     n_layers = adapter.n_layers if stop_at_layer is None else stop_at_layer
     context = adapter.split_inputs() if split_inputs else nullcontext()
-    with torch.enable_grad(), context, model.hooks(fwd_hooks=fwd_hooks):
+    with torch.enable_grad(), context, adapter.hooks(fwd_hooks):
         resid = adapter.stream(tokens, attention_mask, n_layers)
         if stop_at_layer is None and "unembed.hook_in" in wanted:
             final = adapter.apply_final_norm(resid)

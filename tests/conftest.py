@@ -2,24 +2,45 @@
 
 Weights are random *including* biases and norm weights (TransformerLens initialises those to 0 and
 1, which would hide bias-handling bugs). Models are tiny so the full matrix runs in seconds.
+
+The suite runs under either TransformerLens generation. Under 3.x a family is a
+``HookedTransformer``; under 4.x the same config is a ``TransformerBridge.boot_native`` model in
+compatibility mode, and families the native model cannot express (parallel blocks, post-norms,
+MoE, ALiBi, ...) skip here, saying so (tests/test_bridge_hf.py covers NeoX and Gemma through
+Hugging Face checkpoints instead).
 """
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
-from transformer_lens import HookedTransformer, HookedTransformerConfig
 
+from depass_lens.adapters import repair_native_scores
+from depass_lens.adapters.loading import tl_generation
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test may reach the network
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+
+#: The installed TransformerLens generation (3 or 4).
+TL = tl_generation()
+TL3_ONLY = "needs TransformerLens 3.x (HookedTransformer); this environment has TransformerLens 4"
+TL4_ONLY = "needs TransformerLens 4.x (TransformerBridge); this environment has TransformerLens 3"
+requires_tl3 = pytest.mark.skipif(TL >= 4, reason=TL3_ONLY)
+requires_tl4 = pytest.mark.skipif(TL < 4, reason=TL4_ONLY)
+HookedTransformer: Any = None
+if TL < 4:
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 BASE = dict(n_layers=3, d_model=32, n_ctx=24, d_head=8, n_heads=4, d_mlp=48, d_vocab=61, seed=0)
 
 #: name -> (config overrides, post-processing); each a family from the issue's coverage list.
-FAMILIES: dict[str, tuple[dict, Callable[[HookedTransformer], None] | None]] = {
+FAMILIES: dict[str, tuple[dict, Callable[[Any], None] | None]] = {
     "gpt2": (dict(act_fn="gelu_new", normalization_type="LN"), None),
     "folded": (
         dict(act_fn="gelu_new", normalization_type="LN"),
@@ -97,9 +118,23 @@ FAMILIES: dict[str, tuple[dict, Callable[[HookedTransformer], None] | None]] = {
 }
 
 
-def randomise(model: HookedTransformer, seed: int = 0) -> HookedTransformer:
+#: Families ``boot_native`` cannot build, with what it lacks (TransformerLens 4 only).
+NATIVE_LACKS = {
+    "neox": "parallel attention + MLP",
+    "gemma": "post-norms and QK norm",
+    "shortformer": "shortformer positions",
+    "moe": "mixture of experts",
+    "alibi_local": "ALiBi and local attention",
+}
+#: Families the Bridge adapter refuses (the test of the refusal is in tests/test_bridge.py).
+BRIDGE_REFUSES = {"solu_ln": "SoLU-LN MLPs (the bridge exposes no mlp.hook_mid)"}
+
+
+def randomise(model: Any, seed: int = 0) -> Any:
     """Give every bias and norm weight a random non-trivial value."""
     gen = torch.Generator().manual_seed(seed)
+    if TL >= 4:
+        return _randomise_native(model, gen)
     with torch.no_grad():
         for name, param in model.named_parameters():
             noise = torch.randn(param.shape, generator=gen, dtype=torch.float64)
@@ -112,8 +147,57 @@ def randomise(model: HookedTransformer, seed: int = 0) -> HookedTransformer:
     return model
 
 
-def make_model(family: str, dtype: torch.dtype = torch.float32, **overrides) -> HookedTransformer:
-    """A tiny random model of ``family`` in ``dtype``."""
+def _randomise_native(model: Any, gen: torch.Generator) -> Any:
+    """:func:`randomise` for a ``boot_native`` bridge: biases and norm weights of its module."""
+    with torch.no_grad():
+        for name, param in model.original_model.named_parameters():
+            noise = torch.randn(param.shape, generator=gen, dtype=torch.float64)
+            if name.endswith("bias"):
+                param.copy_((0.2 * noise).to(param.dtype))
+            elif name.startswith(("ln", "layers")) and ".ln" in f".{name}" and param.ndim == 1:
+                param.copy_((1.0 + 0.2 * noise).to(param.dtype))
+    return model
+
+
+def native_bridge(
+    config: dict, dtype: torch.dtype, tokenizer: Any = None, process: bool = False
+) -> Any:
+    """A random ``boot_native`` bridge with TransformerLens 3 style ``config`` (biases and norm
+    weights randomised), in compatibility mode; ``process`` folds and centres like TL 3's
+    ``process_weights_``.
+
+    In float64 its RMS norms take the bridge's own float64 path: by default they run the wrapped
+    RMSNorm, which computes in float32 whatever the dtype (as HF's does), and the float64 engine
+    checks need a model that is float64 throughout. The default, float32-bound path is checked
+    in tests/test_bridge.py at the precision the adapter reports.
+    """
+    import transformer_lens.model_bridge.sources.native  # noqa: F401 - attaches boot_native
+    from transformer_lens.model_bridge import TransformerBridge
+
+    fields = {k: v for k, v in config.items() if k != "dtype"}
+    bridge = randomise(TransformerBridge.boot_native(fields, tokenizer=tokenizer, dtype=dtype))
+    bridge.enable_compatibility_mode(disable_warnings=True, no_processing=not process)
+    repair_native_scores(bridge)  # real scores at hook_attn_scores (see adapters/native_scores)
+    if dtype == torch.float64:
+        for module in bridge.modules():
+            if getattr(module, "uses_rms_norm", False) and hasattr(module, "hook_scale"):
+                module.use_native_layernorm_autograd = False
+    bridge.eval()
+    return bridge
+
+
+def _make_bridge(family: str, dtype: torch.dtype, overrides: dict) -> Any:
+    lacks = {**NATIVE_LACKS, **BRIDGE_REFUSES}
+    if family in lacks:
+        pytest.skip(f"TransformerLens 4: no Bridge for {family} ({lacks[family]})")
+    config, _ = FAMILIES[family]
+    return native_bridge({**BASE, **config, **overrides}, dtype, process=family == "folded")
+
+
+def make_model(family: str, dtype: torch.dtype = torch.float32, **overrides) -> Any:
+    """A tiny random model of ``family`` in ``dtype`` (a Bridge under TransformerLens 4)."""
+    if TL >= 4:
+        return _make_bridge(family, dtype, overrides)
     config, post = FAMILIES[family]
     cfg = HookedTransformerConfig(**{**BASE, **config, **overrides, "dtype": dtype})
     model = HookedTransformer(cfg)
@@ -126,7 +210,7 @@ def make_model(family: str, dtype: torch.dtype = torch.float32, **overrides) -> 
     return model
 
 
-def random_tokens(model: HookedTransformer, batch: int = 2, n_pos: int = 9, seed: int = 1):
+def random_tokens(model: Any, batch: int = 2, n_pos: int = 9, seed: int = 1):
     gen = torch.Generator().manual_seed(seed)
     return torch.randint(0, model.cfg.d_vocab, (batch, n_pos), generator=gen)
 
@@ -165,10 +249,14 @@ def word_tokenizer():
     return build_tokenizer(WORDS, "test")
 
 
-def make_text_model(family: str = "gpt2", dtype: torch.dtype = torch.float64) -> HookedTransformer:
+def make_text_model(family: str = "gpt2", dtype: torch.dtype = torch.float64) -> Any:
     """A random model with the word-level tokenizer attached (for string inputs and targets)."""
     tokenizer = word_tokenizer()
     config, _ = FAMILIES[family]
+    if TL >= 4:
+        if family in NATIVE_LACKS:
+            pytest.skip(f"TransformerLens 4's boot_native has no {NATIVE_LACKS[family]}")
+        return native_bridge({**BASE, **config, "d_vocab": len(tokenizer)}, dtype, tokenizer)
     cfg = HookedTransformerConfig(**{**BASE, **config, "d_vocab": len(tokenizer), "dtype": dtype})
     model = randomise(HookedTransformer(cfg, tokenizer=tokenizer))
     model.eval()

@@ -12,7 +12,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 from torch import Tensor
-from transformer_lens import HookedTransformer
+
+from depass_lens.adapters.base import TLModel as HookedTransformer  # either generation
 
 #: Fixed quadrature for the naive pattern side (the engine is given the same count to compare).
 NODES = 64

@@ -14,8 +14,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 from torch import Tensor
-from transformer_lens import HookedTransformer
 
+from depass_lens.adapters.base import TLModel as HookedTransformer  # either generation
 from tests.naive_depass import NODES, _moved  # the same naive quadrature
 
 

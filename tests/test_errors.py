@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 import depass_lens as dp
-from tests.conftest import BASE, make_model, make_text_model, random_tokens
+from tests.conftest import BASE, make_model, make_text_model, random_tokens, requires_tl3
 
 
 def _no_hooks(*modules) -> bool:
@@ -131,7 +130,10 @@ def test_model_mutated_after_caching(setup):
     assert _no_hooks(model, depass.engine)
 
 
+@requires_tl3
 def test_unsupported_configs_are_named():
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
     cfg = HookedTransformerConfig(**{**BASE, "act_fn": "gelu", "attention_dir": "bidirectional"})
     with pytest.raises(dp.UnsupportedModelError, match="attention_dir"):
         dp.DePass(HookedTransformer(cfg))

@@ -10,18 +10,18 @@ import math
 
 import pytest
 import torch
-from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from depass_lens import evaluation as ev
 from depass_lens.evaluation import baselines as B
 from depass_lens.evaluation.forward import residual_input
+from tests.conftest import TL, native_bridge
 
 torch.set_num_threads(1)
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 VOCAB = 50
 
 
-def make_model(seed: int = 0, init_range: float = 0.1, **overrides) -> HookedTransformer:
+def make_model(seed: int = 0, init_range: float = 0.1, **overrides):
     config = dict(
         n_layers=2,
         d_model=32,
@@ -37,6 +37,10 @@ def make_model(seed: int = 0, init_range: float = 0.1, **overrides) -> HookedTra
         dtype=torch.float64,
     )
     config.update(overrides)
+    if TL >= 4:  # the same config as a boot_native Bridge, biases and norm weights random
+        return native_bridge(config, torch.float64)
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
     model = HookedTransformer(HookedTransformerConfig(**config))
     gen = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():  # random biases and norm weights, so no term is trivially zero
@@ -62,7 +66,7 @@ def no_grad():
 
 
 @pytest.fixture(scope="module")
-def model() -> HookedTransformer:
+def model():
     return make_model()
 
 

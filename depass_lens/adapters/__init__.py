@@ -27,6 +27,13 @@ from depass_lens.adapters.base import (
 )
 
 
+def repair_native_scores(bridge: Any) -> Any:
+    """See :func:`depass_lens.adapters.native_scores.repair_native_scores`."""
+    from depass_lens.adapters.native_scores import repair_native_scores as repair
+
+    return repair(bridge)
+
+
 def _hooked_transformer_class() -> type | None:
     """TransformerLens 3.x's ``HookedTransformer`` (``None`` under 4.x, which removed it)."""
     try:
@@ -88,4 +95,5 @@ __all__ = [
     "as_tensor",
     "is_model",
     "make_adapter",
+    "repair_native_scores",
 ]

@@ -402,6 +402,11 @@ class ModelAdapter(ABC):
         """The unembedding bias (zeros where the model has none)."""
 
     # ---------------------------------------------------------------- model calls
+    def hooks(self, fwd_hooks: list[tuple[Any, Callable]]) -> Any:
+        """``model.hooks(fwd_hooks=...)``, with hook functions that see and keep on the graph the
+        very tensor that flows on (a function returning ``None`` leaves it unchanged)."""
+        return self.model.hooks(fwd_hooks=fwd_hooks)
+
     def embed(self, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos d_model"]:
         """The token embeddings of ``tokens`` (what ``hook_embed`` should hold)."""
         return self.model.embed(tokens)

@@ -16,6 +16,7 @@ rotary embeddings are the wrapped model's own (HF ``rotary_emb`` or the native `
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
@@ -33,6 +34,7 @@ from depass_lens.adapters.base import (
     Rotary,
     as_tensor,
 )
+from depass_lens.adapters.native_scores import needs_repair
 from depass_lens.errors import UnsupportedModelError
 
 _ACT_ATTRS = ("act_fn", "act", "activation_fn")
@@ -53,6 +55,22 @@ def enable_compatibility(bridge: Any) -> None:
         ) from error
 
 
+def name_stream_hooks(bridge: Any) -> None:
+    """Give each block's input and output hook point its TransformerLens name.
+
+    In a bridge ``blocks.L.hook_resid_pre`` and ``..._post`` are aliases of the block's
+    ``hook_in``/``hook_out``, and a hook function sees ``hook.name == "blocks.L.hook_in"``.
+    DePass's hook functions key what they see by ``hook.name``, as on a ``HookedTransformer``;
+    renaming the shared hook point changes nothing else (caches are keyed by the name asked
+    for, and both names keep resolving to it)."""
+    for layer in range(len(bridge.blocks)):
+        for stage in ("pre", "post"):
+            name = f"blocks.{layer}.hook_resid_{stage}"
+            point = bridge.hook_dict.get(name)
+            if point is not None:
+                point.name = name
+
+
 def _zeros_if_none(value: Any, shape: tuple[int, ...], like: Tensor, name: str) -> Tensor:
     """A bias, or zeros where the model has none (HF LLaMA-style projections)."""
     if value is None:
@@ -68,6 +86,7 @@ class BridgeAdapter(ModelAdapter):
     def __init__(self, model: Any):
         super().__init__(model)
         enable_compatibility(model)
+        name_stream_hooks(model)
         problems = unsupported_settings(model)
         if problems:
             raise UnsupportedModelError(
@@ -89,23 +108,25 @@ class BridgeAdapter(ModelAdapter):
         return str(self.cfg.positional_embedding_type or "standard")
 
     def precision(self, dtype: torch.dtype) -> torch.dtype:
-        """Float32 for a float64 model with RMS norms: HF's and the native RMSNorm compute in
+        """Float32 for a float64 model whose RMS norms run the wrapped module (the bridge's
+        default, ``use_native_layernorm_autograd``): HF's and the native RMSNorm compute in
         float32 whatever the input dtype, so the real activations carry float32 rounding."""
-        rms = any(
-            norm is not None and norm.kind in ("RMS", "RMSPre")
-            for layer in range(self.n_layers)
-            for norm in self.block_norms(layer).values()
-        ) or self.final_norm().kind in ("RMS", "RMSPre")
-        if dtype == torch.float64 and rms:
-            return torch.float32
-        return dtype
+        folding = bool(getattr(self.cfg, "layer_norm_folding", False))
+        upcast = any(
+            getattr(module, "uses_rms_norm", False)
+            and (folding or getattr(module, "use_native_layernorm_autograd", False))
+            for module in self.model.modules()
+            if hasattr(module, "hook_scale")
+        )
+        return torch.float32 if dtype == torch.float64 and upcast else dtype
 
     def final_query_key_hooks(self, layer: int) -> tuple[str, str] | None:
         prefix = f"blocks.{layer}.attn"
-        names = set(self.model.hook_dict)
-        if self.positional == "rotary":
-            pair = (f"{prefix}.hook_rot_q", f"{prefix}.hook_rot_k")
-            return pair if set(pair) <= names else None
+        if self.positional == "rotary":  # only this bridge class fires its post-rotary hooks
+            kind = type(self.model.blocks[layer].attn).__name__
+            if kind != "PositionEmbeddingsAttentionBridge":
+                return None
+            return (f"{prefix}.hook_rot_q", f"{prefix}.hook_rot_k")
         return (f"{prefix}.hook_q", f"{prefix}.hook_k")
 
     # ---------------------------------------------------------------- weights
@@ -161,6 +182,11 @@ class BridgeAdapter(ModelAdapter):
             problems.append("QK norm on a TransformerBridge (not followed by the QK path yet)")
         if self.positional not in ("standard", "rotary"):
             problems.append(f"positional_embedding_type={self.positional!r} on a TransformerBridge")
+        if needs_repair(self.model):
+            problems.append(
+                "TransformerLens 4's native attention fires the pattern, not the scores, at "
+                "hook_attn_scores; call depass_lens.adapters.repair_native_scores(bridge) first"
+            )
         if self.positional == "rotary" and self._rotary_source(0) is None:
             problems.append("rotary embedding the adapter cannot reach")
         if getattr(cfg, "scale_attn_by_inverse_layer_idx", False):
@@ -252,6 +278,59 @@ class BridgeAdapter(ModelAdapter):
     def embed(self, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos d_model"]:
         return self.model.embed(tokens)
 
+    def hooks(self, fwd_hooks: list[tuple[Any, Callable]]) -> Any:
+        """``model.hooks`` with ``HookedTransformer`` semantics for the functions on one hook.
+
+        A bridge shows some hooks a reshaped view (``hook_v`` ``[batch pos head d_head]`` of a
+        flat projection), and every function on the hook gets a fresh view of the flat tensor,
+        so a tensor one function keeps (for its gradient) is off the graph once a later one
+        returns its own. Here the functions on one hook run as one, each on what the previous
+        returned (or saw, where it returned ``None``), as on a ``HookedTransformer``, and the
+        last value flows on."""
+        grouped: dict[str, list[Callable]] = {}
+        others: list[tuple[Any, Callable]] = []
+        for name, fn in fwd_hooks:
+            if isinstance(name, str):
+                grouped.setdefault(name, []).append(fn)
+            else:
+                others.append((name, _returning([fn])))
+        chained = [(name, _returning(fns)) for name, fns in grouped.items()]
+        return self.model.hooks(fwd_hooks=chained + others)
+
+    def stream(
+        self,
+        tokens: Int[Tensor, "batch pos"],
+        attention_mask: Int[Tensor, "batch pos"] | None,
+        stop_at_layer: int,
+    ) -> Float[Tensor, "batch pos d_model"]:
+        """The stream after ``stop_at_layer`` blocks. A bridge returns nothing for
+        ``stop_at_layer = n_layers`` (no block raises its stop), so the full run keeps the last
+        ``hook_resid_post`` as it flows on (after any hooks already on it)."""
+        if stop_at_layer < self.n_layers:
+            return self.model(tokens, attention_mask=attention_mask, stop_at_layer=stop_at_layer)
+        kept: list[Tensor] = []
+
+        def keep(value: Tensor, hook: Any) -> None:
+            kept.append(value)
+
+        last = self.resid_hook(self.n_layers - 1, "post")
+        with self.model.hooks(fwd_hooks=[(last, keep)]):
+            self.model(tokens, attention_mask=attention_mask, return_type=None)
+        return kept[-1]
+
+
+def _returning(fns: list[Callable]) -> Callable:
+    """One hook running ``fns`` in order, each on the previous one's result (or on what it saw,
+    where it returned ``None``), returning what flows on."""
+
+    def hook(value: Any, hook: Any) -> Any:
+        for fn in fns:
+            out = fn(value, hook=hook)
+            value = value if out is None else out
+        return value
+
+    return hook
+
 
 def _norm_kind(component: Any) -> NormKind:
     """The kind of a bridge norm component, from its class and what it wraps."""
@@ -308,6 +387,8 @@ def unsupported_settings(model: Any) -> list[str]:
         problems.append("no standard `blocks` stack")
     if not cfg.attn_only and not cfg.d_mlp:
         problems.append("d_mlp unset on a model with MLPs")
+    if any("ln" in block.mlp._modules for block in model.blocks if "mlp" in block._modules):
+        problems.append("SoLU-LN MLPs on a TransformerBridge (it exposes no mlp.hook_mid)")
     style: Literal["standard", "rotary"] | str = str(cfg.positional_embedding_type or "standard")
     if style not in ("standard", "rotary"):
         problems.append(f"positional_embedding_type={style!r}")

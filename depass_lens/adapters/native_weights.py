@@ -23,6 +23,8 @@ import einops
 import torch
 from torch import Tensor, nn
 
+from depass_lens.adapters.native_scores import repair_native_scores
+
 #: TransformerLens 3 config keys the native model has no slot for; refused if set.
 _UNSUPPORTED = {
     "parallel_attn_mlp": "parallel attention and MLP",
@@ -160,6 +162,7 @@ def native_bridge(
         model_name=str(config.get("model_name", "native")),
     )
     bridge.enable_compatibility_mode(disable_warnings=True, no_processing=True)
+    repair_native_scores(bridge)
     bridge.eval()
     return bridge
 

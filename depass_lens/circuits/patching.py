@@ -128,7 +128,7 @@ class EdgePatcher:
             )
         hooks = self._hooks(keep)
         model = self.adapter.model
-        with self.adapter.split_inputs(), model.hooks(fwd_hooks=hooks):
+        with self.adapter.split_inputs(), self.adapter.hooks(hooks):
             return model(self.tokens, attention_mask=self.attention_mask)
 
     def evaluate(self, keep: Bool[Tensor, " edge"]) -> Faithfulness:
