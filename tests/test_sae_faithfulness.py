@@ -64,6 +64,10 @@ def test_report_rows_and_table():
         result.rows["activation magnitude"]["spearman"]
         != result.rows["activation magnitude"]["spearman"]
     )  # NaN: unsigned
+    assert set(result.removal) == set(result.rows) | {"single-latent ablation (oracle)"}
+    oracle = result.removal["single-latent ablation (oracle)"]
+    assert oracle[1] == max(v[1] for v in result.removal.values())  # best single removal
+    assert "top-10 removed" in F.removal_table(result)
     text = F.table(result)
     assert "attribution patching" in text and "precision@3" in text and "**" in text
     # perfect agreement with itself

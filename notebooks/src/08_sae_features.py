@@ -16,7 +16,7 @@ import torch
 
 import depass_lens as dp
 from depass_lens import zoo
-from depass_lens.evaluation.sae_faithfulness import sae_faithfulness, table
+from depass_lens.evaluation.sae_faithfulness import removal_table, sae_faithfulness, table
 from depass_lens.zoo.saes import sae_stats
 
 torch.set_num_threads(1)
@@ -85,7 +85,9 @@ dp.plot.heads(by_head).show()
 # `python -m benchmarks.sae_faithfulness`), compare DePass with attribution patching, integrated
 # gradients on the latents and activation magnitude. On this model attribution patching predicts
 # single-latent ablation best: removing a latent also changes the LayerNorm scales, which DePass
-# freezes so that its shares add up. The second table holds the scales at their clean values.
+# freezes so that its shares add up. The run with `freeze="norms"` holds the scales at their clean
+# values. The removal table takes each method's top-k latents out at once (fraction of the logit
+# difference lost).
 
 # %%
 batch = zoo.task("ioi").batch(model, 16, "test", 11)
@@ -94,3 +96,5 @@ for freeze in ("none", "norms"):
         model, sae, batch.tokens, batch.answers, batch.wrong, ig_steps=8, freeze=freeze
     )
     print(f"ablation with freeze={freeze!r}\n{table(result)}\n")
+    if freeze == "none":
+        print(f"top-k removed at once\n{removal_table(result)}\n")
