@@ -151,6 +151,12 @@ def make_case(name: str, model: HookedTransformer, tokens: torch.Tensor):
         return plain, 1.0
     if name == "adjoint_heads":
         return (lambda: depass.attribute(tokens, target, dp.Heads(), mode="adjoint")), 1.0
+    if name == "adjoint_heads_sae":  # all heads + every active latent of a 16k-latent SAE
+        from benchmarks.sae_cost import random_topk_sae  # noqa: PLC0415
+
+        sae = random_topk_sae(model.cfg.d_model, 16384, 64, device=str(tokens.device))
+        both = [dp.Heads(), dp.SAELatents(sae)]
+        return (lambda: depass.attribute(tokens, target, both, mode="adjoint")), 1.0
     if name == "head_ablation":  # exact zero-ablation of each head, one forward each
 
         def ablate_heads():

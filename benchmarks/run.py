@@ -48,6 +48,7 @@ FULL = (
             ("edge_patching", 1),
         )
     ]
+    + [("gpt2", case, 128, 3, True) for case in ("adjoint_heads", "adjoint_heads_sae")]
     + [
         ("gpt2", case, 256, r, w)
         for case, r, w in (
@@ -88,6 +89,13 @@ RATIOS = [
         "<=",
     ),
     ("(c) per-head ablation / adjoint heads", "head_ablation", "adjoint_heads", 50.0, ">="),
+    (
+        "(f) adjoint heads + all active latents of a 16k-latent SAE / adjoint heads",
+        "adjoint_heads_sae",
+        "adjoint_heads",
+        2.0,
+        "<=",
+    ),
     ("(e) all edges, q/k/v + MLPs (symmetric) / run_with_cache", "graph_all", "forward", 3.0, "<="),
     ("(e) all edges (symmetric) / EAP", "graph_all", "eap", 1.0, "<="),
     ("(e) per-edge patching / all edges (symmetric)", "edge_patching", "graph_all", 100.0, ">="),

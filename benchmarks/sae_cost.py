@@ -38,6 +38,19 @@ GPT2_SMALL = dict(
 )
 
 
+def random_topk_sae(
+    d_model: int, d_sae: int, k: int, hook: str = "blocks.6.hook_resid_post", device: str = "cpu"
+) -> SimpleSAE:
+    """A random TopK SAE with unit decoder rows and a tied encoder (``k`` active per token)."""
+    gen = torch.Generator().manual_seed(0)
+    sae = SimpleSAE(d_model, d_sae, hook, "topk", k=k)
+    with torch.no_grad():
+        W = torch.randn(d_sae, d_model, generator=gen)
+        sae.W_dec.copy_(W / W.norm(dim=-1, keepdim=True))
+        sae.W_enc.copy_(sae.W_dec.T)
+    return sae.to(device)
+
+
 def _median_seconds(fn, repeats: int) -> float:
     fn()  # warm-up
     times = []
@@ -60,12 +73,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(0)
     model = HookedTransformer(HookedTransformerConfig(**GPT2_SMALL, seed=0, device=args.device))
     model.eval()
-    hook = "blocks.6.hook_resid_post"
-    sae = SimpleSAE(768, args.d_sae, hook, "topk", k=args.k).to(args.device)
-    with torch.no_grad():
-        W = torch.randn(args.d_sae, 768, device=args.device)
-        sae.W_dec.copy_(W / W.norm(dim=-1, keepdim=True))
-        sae.W_enc.copy_(sae.W_dec.T)
+    sae = random_topk_sae(768, args.d_sae, args.k, device=args.device)
     tokens = torch.randint(0, GPT2_SMALL["d_vocab"], (1, args.n_pos), device=args.device)
     depass = dp.DePass(model, progress=False)
     target = dp.LogitDiff(11, 12)
