@@ -23,9 +23,9 @@ import einops
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
-from transformer_lens import HookedTransformer
 
 import depass_lens as dp
+from depass_lens.adapters.base import TLModel
 from depass_lens.evaluation.agreement import precision_at_k, spearman
 from depass_lens.sae import SAELatents
 from depass_lens.sae.placement import Placement, encode, place
@@ -49,7 +49,7 @@ def logit_diff_metric(answers: Tensor, wrong: Tensor) -> Metric:
 class LatentSetup:
     """One SAE on one batch: its view, place, clean activations and the latents compared."""
 
-    model: HookedTransformer
+    model: TLModel
     view: SAEView
     placement: Placement
     tokens: Int[Tensor, "batch pos"]
@@ -68,7 +68,7 @@ class LatentSetup:
         return einops.einsum(self.acts[:, :, self.latents[which]], rows, "b p n, n d -> b p d")
 
 
-def setup(model: HookedTransformer, sae: Any, tokens: Tensor) -> LatentSetup:
+def setup(model: TLModel, sae: Any, tokens: Tensor) -> LatentSetup:
     adapter = dp.DePass(model, progress=False).adapter  # whichever adapter fits the model
     view = as_sae_view(sae)
     placement = place(view, adapter, "sae_faithfulness")
@@ -265,7 +265,7 @@ def compare(
 
 
 def sae_faithfulness(
-    model: HookedTransformer,
+    model: TLModel,
     sae: Any,
     tokens: Tensor,
     answers: Tensor,

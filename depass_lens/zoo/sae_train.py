@@ -19,16 +19,16 @@ from typing import Any
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
-from transformer_lens import HookedTransformer
 
 from depass_lens import zoo
+from depass_lens.adapters.base import TLModel
 from depass_lens.sae.simple import SimpleSAE, save_sae_dir
 from depass_lens.zoo.registry import ZOO_DIR
 from depass_lens.zoo.saes import SAE_DIR, SHIPPED
 
 
 def residuals(
-    model: HookedTransformer, hook: str, n: int, split: str, seed: int, task: str
+    model: TLModel, hook: str, n: int, split: str, seed: int, task: str
 ) -> tuple[Float[Tensor, "batch pos d"], Int[Tensor, "batch pos"], Any]:
     """The activations at ``hook`` on ``n`` task prompts, with the tokens and the batch."""
     batch = zoo.task(task).batch(model, n, split, seed)
@@ -103,7 +103,7 @@ def roles(tokens: Int[Tensor, "batch pos"], answers: Tensor, wrong: Tensor) -> l
 
 
 @torch.no_grad()
-def measure(model: HookedTransformer, sae: SimpleSAE, task: str, n: int = 400) -> dict[str, Any]:
+def measure(model: TLModel, sae: SimpleSAE, task: str, n: int = 400) -> dict[str, Any]:
     """Held-out L0, explained variance, dead latents, the metric with the SAE spliced in (no
     error term), and per latent where it fires (role) and, at END, for which answer."""
     hook = sae.cfg.metadata.hook_name
@@ -174,7 +174,7 @@ def _wrong(batch: Any) -> Tensor:
 
 @torch.no_grad()
 def top_latents(
-    model: HookedTransformer, sae: SimpleSAE, task: str, n: int = 200, k: int = 8
+    model: TLModel, sae: SimpleSAE, task: str, n: int = 200, k: int = 8
 ) -> list[dict[str, Any]]:
     """The ``k`` latents with the largest mean DePass share of the logit difference on held-out
     prompts, each with its decoder logit lens and, at END, for which answer it fires."""
