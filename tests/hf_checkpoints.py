@@ -42,8 +42,9 @@ def hf_config(family: str, vocab: int) -> Any:
             n_layer=s["layers"],
             n_embd=s["d_model"],
             n_head=s["heads"],
-            n_inner=s["d_mlp"],
+            n_inner=None,  # 4 * d_model: TransformerLens 3's GPT-2 conversion assumes it
             n_positions=s["n_ctx"],
+            n_ctx=s["n_ctx"],  # TransformerLens 3's GPT-2 config conversion still reads n_ctx
             vocab_size=vocab,
         )
     if family == "neox":
@@ -138,7 +139,7 @@ def _gemma_tl3_config(hf: Any) -> dict[str, Any]:
         "n_ctx": c.max_position_embeddings,
         "eps": c.rms_norm_eps,
         "d_vocab": c.vocab_size,
-        "act_fn": c.hidden_activation or "gelu_pytorch_tanh",
+        "act_fn": getattr(c, "hidden_activation", None) or c.hidden_act,
         "normalization_type": "RMS",
         "rotary_base": 10000,
         "rotary_dim": c.head_dim,
