@@ -19,7 +19,7 @@ from typing import Any
 from depass_lens.adapters.base import TLModel
 from depass_lens.zoo.mechanisms import MECHANISMS, Mechanism, read_paths
 from depass_lens.zoo.registry import SPECS, ZooSpec
-from depass_lens.zoo.saes import load_sae
+from depass_lens.zoo.saes import load_sae, sae_card, sae_stats
 from depass_lens.zoo.store import load_model, read_meta
 from depass_lens.zoo.tasks import TASKS, Task, ZooBatch
 
@@ -91,6 +91,8 @@ __all__ = [
     "list",
     "load",
     "load_sae",
+    "sae_card",
+    "sae_stats",
     "mechanism",
     "path_effects",
     "spec",
