@@ -304,3 +304,23 @@ def test_saelens_format_round_trip(tmp_path):
     x = torch.randn(3, 32)
     torch.testing.assert_close(loaded.encode(x), sae.encode(x))
     assert loaded.cfg.metadata.hook_name == "blocks.1.hook_resid_post"
+
+
+def test_selected_latents_by_position():
+    """latents=[...] with by_position: one component per (chosen latent, position), exact."""
+    model = make_model("gpt2", torch.float64)
+    tokens = random_tokens(model, n_pos=6)
+    sae = make_sae(model, "resid_post")
+    depass = dp.DePass(model)
+    source = SAELatents(sae, latents=[3, 11], by_position=True)
+    f = depass.attribute(tokens, dp.Logit(2), source, mode="forward")
+    a = depass.attribute(tokens, dp.Logit(2), source, mode="adjoint")
+    assert sum(lab.kind == "latent" for lab in f.labels) == 2 * 6
+    assert _rel(a.scores, f.scores) <= 1e-10 and f.completeness_error() <= 1e-10
+    whole = depass.attribute(tokens, dp.Logit(2), SAELatents(sae, latents=[3, 11]))
+    per_latent = {3: 0.0, 11: 0.0}
+    for i, lab in enumerate(a.labels):
+        if lab.kind == "latent":
+            per_latent[lab.index] = per_latent[lab.index] + a.scores[..., i]
+    for i, lab in enumerate(whole.labels[:2]):
+        torch.testing.assert_close(whole.scores[..., i], per_latent[lab.index])
