@@ -20,9 +20,10 @@ import warnings
 from collections.abc import Callable
 
 import torch
-from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 import depass_lens as dp
+from depass_lens.adapters.base import TLModel
+from depass_lens.adapters.loading import random_model
 
 warnings.filterwarnings("ignore")
 
@@ -66,12 +67,11 @@ PATCHED_EDGES = 6
 NEURON_LAYER = 6
 
 
-def build(config: str, device: str = "cpu") -> HookedTransformer:
+def build(config: str, device: str = "cpu") -> TLModel:
+    """The random model for ``config``: a HookedTransformer under TransformerLens 3, a
+    TransformerBridge (boot_native) under TransformerLens 4."""
     torch.manual_seed(0)
-    cfg = HookedTransformerConfig(**CONFIGS[config], seed=0, device=device)
-    model = HookedTransformer(cfg)
-    model.eval()
-    return model
+    return random_model({**CONFIGS[config], "seed": 0}, device)
 
 
 def rss_bytes() -> int:
@@ -92,7 +92,7 @@ def zero_hook(index: int, axis: int) -> Callable:
     return hook
 
 
-def make_case(name: str, model: HookedTransformer, tokens: torch.Tensor):
+def make_case(name: str, model: TLModel, tokens: torch.Tensor):
     """Return ``(fn, scale)``: ``fn`` runs the case once; ``scale`` extrapolates a sample."""
     answer, wrong = 1234, 4321
     depass = dp.DePass(model, progress=False, attention="value")  # the published split
@@ -232,7 +232,7 @@ def _synchronise(device: torch.device) -> None:
 
 
 def measure(
-    model: HookedTransformer,
+    model: TLModel,
     config: str,
     case: str,
     n_pos: int,

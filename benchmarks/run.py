@@ -3,6 +3,7 @@
     python -m benchmarks.run            # full matrix (about 15 minutes on 2 CPU cores)
     python -m benchmarks.run --quick    # 128 tokens only, one repeat
     python -m benchmarks.run --device cuda   # on a GPU: results/cuda/
+    .venv-tl4/bin/python -m benchmarks.run   # TransformerLens 4 (TransformerBridge): results/tl4/
 
 On the CPU every case runs in its own subprocess (see ``benchmarks/cases.py``), so its peak memory
 is its own; on CUDA the cases share one process and each reads the allocator's peak. Ratios compare
@@ -22,7 +23,11 @@ from pathlib import Path
 import plotly.graph_objects as go
 from tqdm import tqdm
 
+from depass_lens.adapters.loading import tl_generation
+
 RESULTS = Path(__file__).parent / "results"
+#: Cases that build circuit graphs, which the TransformerBridge adapter does not run yet.
+GRAPH_CASES = {"graph_all", "graph_value", "graph_contrast", "eap", "edge_patching"}
 
 #: (config, case, n_pos, repeats, warm-up?) -- issue 4's matrix, (a) to (d), and circuits (e).
 FULL = (
@@ -237,8 +242,13 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="default: results/[cuda/]")
     args = parser.parse_args()
     matrix = QUICK if args.quick else FULL
+    bridge = tl_generation() >= 4
+    if bridge:  # the models are TransformerBridges; graphs need per-head inputs (not yet)
+        print("TransformerLens 4: TransformerBridge models; skipping " + ", ".join(GRAPH_CASES))
+        matrix = [spec for spec in matrix if spec[1] not in GRAPH_CASES]
     if args.out is None:
         args.out = RESULTS if args.device == "cpu" else RESULTS / args.device
+        args.out = args.out / "tl4" if bridge else args.out
     if args.device == "cpu":
         results = [run_case(*spec) for spec in tqdm(matrix, desc="benchmark cases")]
     else:

@@ -12,6 +12,7 @@ import torch
 import depass_lens as dp
 from depass_lens import plot
 from depass_lens.adapters.base import TLModel
+from depass_lens.errors import UnsupportedModelError
 from depass_lens.report import Report
 from depass_lens.targets import Target
 
@@ -124,16 +125,21 @@ def run_demo(
             plot.latents(latents, depass, sae, k=15),
         )
         top_latents = latents.top(5)
-    graph = depass.graph(prompt, target, attention="symmetric")
-    conservation = max(graph.conservation().values())
-    report.add(
-        "Circuit",
-        "The 30 strongest edges of the circuit graph (attention='symmetric', so edges into queries "
-        "and keys count too): what each node sends through each other node's query, key, value or "
-        f"MLP input. Conservation holds at every node (largest violation {conservation:.1e}). "
-        "`depass-lens graph` gives the full report with corrupted prompts and edge patching.",
-        plot.graph(graph, k=30),
-    )
+    try:
+        graph = depass.graph(prompt, target, attention="symmetric")
+    except UnsupportedModelError as error:  # e.g. a TransformerBridge: no per-head inputs yet
+        report.add("Circuit", f"No circuit graph for this model: {error}.")
+    else:
+        conservation = max(graph.conservation().values())
+        report.add(
+            "Circuit",
+            "The 30 strongest edges of the circuit graph (attention='symmetric', so edges into "
+            "queries and keys count too): what each node sends through each other node's query, "
+            "key, value or MLP input. Conservation holds at every node (largest violation "
+            f"{conservation:.1e}). `depass-lens graph` gives the full report with corrupted "
+            "prompts and edge patching.",
+            plot.graph(graph, k=30),
+        )
     path = report.write(out)
     return DemoResult(
         path=path,

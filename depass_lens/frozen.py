@@ -8,7 +8,7 @@ entries are needed, computes them when no cache is given, and refuses caches tha
 from __future__ import annotations
 
 import weakref
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Protocol
 
 import torch
@@ -155,13 +155,17 @@ _WEIGHTS_SEEN: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, list[str]]] = (
 )
 
 
-def non_finite_weights(model: nn.Module) -> list[str]:
+def non_finite_weights(
+    model: nn.Module, named: Callable[[], Iterable[tuple[str, Tensor]]] | None = None
+) -> list[str]:
     """The model's parameters holding NaN or inf, e.g. ``["blocks.0.mlp.W_in (NaN)"]``.
 
-    Scanned once, then again only when a parameter changes (its storage or version counter), so
-    repeated calls cost nothing on a healthy model.
+    ``named`` lists the weights by their TransformerLens names (default: the model's
+    ``named_parameters``; an adapter's ``named_weights``). Scanned once, then again only when a
+    parameter changes (its storage or version counter), so repeated calls cost nothing on a
+    healthy model.
     """
-    params = list(model.named_parameters())
+    params = list((named or model.named_parameters)())
     key = tuple((p.data_ptr(), p._version) for _, p in params)
     seen = _WEIGHTS_SEEN.get(model)
     if seen is not None and seen[0] == key:
@@ -215,7 +219,7 @@ def refuse_non_finite(
     but ``activations`` are not, the given activations are at fault (``from_cache``: a user's
     cache, :class:`CacheMismatchError`).
     """
-    weights = non_finite_weights(adapter.model)
+    weights = non_finite_weights(adapter.model, adapter.named_weights)
     entries = [name for name, value in activations.items() if not is_finite_activation(name, value)]
     if not weights and not entries:
         return

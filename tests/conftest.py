@@ -261,3 +261,41 @@ def make_text_model(family: str = "gpt2", dtype: torch.dtype = torch.float64) ->
     model = randomise(HookedTransformer(cfg, tokenizer=tokenizer))
     model.eval()
     return model
+
+
+#: Under TransformerLens 4, whole test modules that need what only a HookedTransformer has, and why.
+TL3_MODULES = {
+    "test_circuits.py": "circuit graphs need per-head inputs, not provided by the Bridge adapter",
+    "test_circuit_evaluation.py": "circuit graphs need per-head inputs (Bridge adapter: not yet)",
+    "test_zoo_circuits.py": "circuit graphs need per-head inputs (Bridge adapter: not yet)",
+    "test_zoo_mechanisms.py": "path patching sets HookedTransformer's split-input config flags",
+    "test_naive_reference.py": "the naive re-implementation reads HookedTransformer internals",
+}
+#: Single tests that need TransformerLens 3, and why.
+TL3_TESTS = {
+    "test_training_reduces_the_loss": "zoo training builds HookedTransformers",
+    "test_cli_graph_on_the_induction_model": "circuit graphs need per-head inputs",
+    "test_dropping_one_gradient_path_breaks_completeness": "needs per-head inputs (graphs)",
+    "test_documented_snippets_run[circuits.md]": "circuit graphs need per-head inputs",
+    "test_notebook_is_built_and_runs[02_ioi_circuit]": "circuit graphs need per-head inputs",
+    "test_notebook_is_built_and_runs[07_circuits]": "circuit graphs need per-head inputs",
+    "test_broken_model_state_is_refused[inf_W_E-graph]": "circuit graphs need per-head inputs",
+    "test_broken_model_state_is_refused[nan_W_in-graph]": "circuit graphs need per-head inputs",
+    "test_broken_model_state_is_refused[nan_hook-graph]": "circuit graphs need per-head inputs",
+    "test_dropping_one_constant_breaks_completeness[llama-value-hook_post.remainder]": (
+        "the native gated MLP has no b_in, so there is no remainder constant to drop"
+    ),
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Skip, under TransformerLens 4, what needs a HookedTransformer (with the reason)."""
+    if TL < 4:
+        return
+    for item in items:
+        module = item.path.name
+        reason = (
+            TL3_MODULES.get(module) or TL3_TESTS.get(item.name) or TL3_TESTS.get(item.originalname)
+        )
+        if reason is not None:
+            item.add_marker(pytest.mark.skip(reason=f"TransformerLens 4: {reason}"))

@@ -190,6 +190,7 @@ def test_gradient_x_activation_is_its_definition(model, batch):
 
     def keep(act, hook):
         store[hook.name] = act
+        return act  # the tensor that flows on (a Bridge hook otherwise sees a detached view)
 
     with torch.enable_grad():
         hooks = [(f"blocks.{layer}.attn.hook_z", keep) for layer in range(2)]

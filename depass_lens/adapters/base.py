@@ -436,6 +436,10 @@ class ModelAdapter(ABC):
         raise UnsupportedModelError(f"{self.backend} models cannot run on per-head inputs")
         yield  # pragma: no cover
 
+    def named_weights(self) -> Iterator[tuple[str, Tensor]]:
+        """The model's weights by their TransformerLens names (``blocks.0.mlp.W_in``, ...)."""
+        return self.model.named_parameters()
+
     def parameter_fingerprint(self) -> tuple[tuple[int, int], ...]:
         """Identity and in-place version of every parameter: changes when the model is edited."""
         return tuple((id(p), p._version) for p in self.model.parameters())

@@ -16,7 +16,8 @@ rotary embeddings are the wrapped model's own (HF ``rotary_emb`` or the native `
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, Literal
 
 import torch
@@ -277,6 +278,22 @@ class BridgeAdapter(ModelAdapter):
 
     def embed(self, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos d_model"]:
         return self.model.embed(tokens)
+
+    def named_weights(self) -> Iterator[tuple[str, Tensor]]:
+        """TransformerLens names (``blocks.0.mlp.W_in``), not the wrapped module's paths."""
+        return iter(self.model.tl_named_parameters())
+
+    @contextmanager
+    def split_inputs(self) -> Iterator[None]:
+        """Not available yet: circuit graphs need TransformerLens 3's per-head inputs (each head
+        its own copy of the stream, normalised per head, and ungrouped keys/values); a bridge's
+        split inputs fire on the pre-norm stream with other shapes and are not verified here."""
+        raise UnsupportedModelError(
+            "circuit graphs run the model on per-head inputs, which the TransformerBridge "
+            "adapter does not provide yet; build graphs under transformer-lens 3.x "
+            "(every other DePass call works on a bridge)"
+        )
+        yield  # pragma: no cover
 
     def hooks(self, fwd_hooks: list[tuple[Any, Callable]]) -> Any:
         """``model.hooks`` with ``HookedTransformer`` semantics for the functions on one hook.

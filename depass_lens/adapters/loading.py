@@ -66,6 +66,24 @@ def from_tl_weights(
     return model
 
 
+def random_model(config: dict[str, Any], device: str = "cpu") -> TLModel:
+    """A randomly initialised model with TransformerLens 3.x ``config`` (for benchmarks and
+    examples): a ``HookedTransformer`` under 3.x; under 4.x a ``boot_native`` bridge in
+    compatibility mode whose attention fires real scores (:func:`repair_native_scores`)."""
+    if tl_generation() >= 4:
+        import transformer_lens.model_bridge.sources.native  # noqa: F401 - attaches boot_native
+        from transformer_lens.model_bridge import TransformerBridge
+
+        from depass_lens.adapters.native_scores import repair_native_scores
+
+        bridge = TransformerBridge.boot_native(dict(config), device=device)  # type: ignore[attr-defined]
+        bridge.enable_compatibility_mode(disable_warnings=True, no_processing=True)
+        return repair_native_scores(bridge).eval()
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    return HookedTransformer(HookedTransformerConfig(**config, device=device)).eval()
+
+
 def load_pretrained(name: str, device: str = "cpu") -> TLModel:
     """A pretrained model by name (downloads unless cached): a ``HookedTransformer`` under
     TransformerLens 3.x, a ``TransformerBridge`` in compatibility mode under 4.x."""
@@ -80,4 +98,4 @@ def load_pretrained(name: str, device: str = "cpu") -> TLModel:
     return HookedTransformer.from_pretrained(name, device=device)
 
 
-__all__ = ["from_tl_weights", "load_pretrained", "tl_generation"]
+__all__ = ["from_tl_weights", "load_pretrained", "random_model", "tl_generation"]

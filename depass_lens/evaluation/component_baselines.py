@@ -48,8 +48,9 @@ def _acts_and_grads(
     store: dict[int, Tensor] = {}
 
     def keeper(layer: int):
-        def keep(value: Tensor, hook) -> None:
+        def keep(value: Tensor, hook) -> Tensor:
             store[layer] = value
+            return value  # what flows on is what we differentiate at (on either backend)
 
         return keep
 
