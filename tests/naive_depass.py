@@ -218,16 +218,28 @@ def naive_token_depass(
 def without_biases(model: HookedTransformer) -> HookedTransformer:
     """Zero every bias in place (a real LLaMA has none; the reference formulas assume that)."""
     with torch.no_grad():
-        for name, param in model.named_parameters():
+        for name, param in _tl_named_parameters(model):
             if name.split(".")[-1].lstrip("_").startswith("b_"):
                 param.zero_()
     return model
 
 
+def _tl_named_parameters(model: HookedTransformer):
+    """Parameters by TransformerLens names: on a TL 4 bridge, its wrapped module's projection
+    biases (``...q.bias`` as ``b_q``; norm biases, TL 3's ``ln.b``, are not ``b_`` here either)."""
+    if not hasattr(model, "original_model"):
+        return model.named_parameters()
+    return [
+        (name.replace("bias", "b_"), param)
+        for name, param in model.original_model.named_parameters()
+        if name.endswith("bias") and ".ln" not in name and "ln_" not in name
+    ]
+
+
 def _has_biases(model: HookedTransformer) -> bool:
     return any(
         name.split(".")[-1].lstrip("_").startswith("b_") and bool(param.abs().max() > 0)
-        for name, param in model.named_parameters()
+        for name, param in _tl_named_parameters(model)
         if not name.endswith("b_U")
     )
 

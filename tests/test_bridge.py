@@ -1,0 +1,95 @@
+"""TransformerLens 4: how DePass takes a ``TransformerBridge`` (compatibility mode, the adapter
+picked by type, native attention scores) and what it refuses on one, by name."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import depass_lens as dp
+from depass_lens.adapters import make_adapter, repair_native_scores
+from depass_lens.decomposition import tolerance
+from tests.conftest import BASE, TL, TL4_ONLY, random_tokens
+
+pytestmark = pytest.mark.skipif(TL < 4, reason=TL4_ONLY)
+
+
+def plain_native(**config):
+    """A ``boot_native`` bridge exactly as TransformerLens builds it (no compatibility mode)."""
+    import transformer_lens.model_bridge.sources.native  # noqa: F401 - attaches boot_native
+    from transformer_lens.model_bridge import TransformerBridge
+
+    fields = {**BASE, "act_fn": "gelu_new", "normalization_type": "LN", **config}
+    return TransformerBridge.boot_native(fields, dtype=torch.float64).eval()
+
+
+def test_the_adapter_is_picked_by_type():
+    from depass_lens.adapters.bridge import BridgeAdapter
+
+    assert isinstance(make_adapter(plain_native()), BridgeAdapter)
+    with pytest.raises(TypeError, match="TransformerBridge"):
+        make_adapter(torch.nn.Linear(2, 2))
+
+
+def test_compatibility_mode_is_switched_on_without_changing_the_model():
+    bridge = plain_native()
+    tokens = random_tokens(bridge)
+    before = {k: v.clone() for k, v in bridge.state_dict().items()}
+    with torch.no_grad():
+        logits = bridge(tokens)
+    assert not getattr(bridge, "compatibility_mode", False)
+    dp.DePass(bridge)
+    assert bridge.compatibility_mode
+    after = bridge.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    with torch.no_grad():
+        torch.testing.assert_close(bridge(tokens), logits, rtol=0, atol=0)
+
+
+def test_native_scores_are_refused_until_repaired():
+    """TL 4.3's native attention fires the pattern at hook_attn_scores: the QK path is refused
+    (naming the fix) and the default split is the value split; after the repair the scores are
+    real and the QK-aware default applies, the model's outputs unchanged."""
+    bridge = plain_native()
+    tokens = random_tokens(bridge)
+    assert dp.DePass(bridge).attention.side == "value"
+    with pytest.raises(dp.UnsupportedModelError, match="repair_native_scores"):
+        dp.DePass(bridge, attention="symmetric")
+    logits, cache = bridge.run_with_cache(tokens)
+    assert torch.equal(cache["blocks.0.attn.hook_attn_scores"], cache["blocks.0.attn.hook_pattern"])
+    errors = dp.DePass(bridge).run(tokens, cache=cache).check_lossless(cache)
+    assert max(errors.values()) <= tolerance(torch.float64)
+
+    repair_native_scores(bridge)
+    repaired, cache = bridge.run_with_cache(tokens)
+    torch.testing.assert_close(repaired, logits, rtol=0, atol=0)
+    scores = cache["blocks.0.attn.hook_attn_scores"]
+    assert torch.isinf(scores).any() and not torch.equal(scores.softmax(-1), scores)
+    torch.testing.assert_close(scores.softmax(-1), cache["blocks.0.attn.hook_pattern"])
+    depass = dp.DePass(bridge)
+    assert depass.attention.side == "symmetric"
+    errors = depass.run(tokens, cache=cache, names_filter=lambda n: True).check_lossless(cache)
+    assert "blocks.1.attn.hook_attn_scores" in errors
+    assert max(errors.values()) <= tolerance(torch.float64)
+
+
+def test_what_a_bridge_cannot_do_is_refused_by_name():
+    with pytest.raises(dp.UnsupportedModelError, match="SoLU-LN"):
+        dp.DePass(plain_native(act_fn="solu_ln"))
+    bridge = repair_native_scores(plain_native())
+    tokens = random_tokens(bridge)
+    with pytest.raises(dp.UnsupportedModelError, match="per-head inputs"):
+        dp.DePass(bridge).graph(tokens, dp.Logit(3))
+
+
+def test_zoo_models_are_bridges_with_the_shipped_weights():
+    from depass_lens import zoo
+
+    model = zoo.load("recall")
+    assert type(model).__name__ == "TransformerBridge" and model.compatibility_mode
+    assert dp.DePass(model).attention.side == "symmetric"  # the zoo repairs native scores
+    batch = zoo.task("recall").batch(model, 8)
+    with torch.no_grad():
+        logits = model(batch.tokens)[:, -1]
+    accuracy = (logits.argmax(-1) == batch.answers.flatten()).float().mean()
+    assert accuracy >= 0.9  # the trained model still does its task
