@@ -94,12 +94,14 @@ def run_graph(
         )
         faithfulness = patcher.faithfulness(circuit.keep)
     report = Report(title)
-    kind = "contrastive (clean - corrupted)" if graph.contrast else "absolute"
-    text = (
-        f"target: {graph.target_names[0]} = {float(graph.target_values[:, 0].mean()):.4f} "
-        f"(mean over {graph.edge_scores.shape[0]} prompt(s))\n"
-        f"graph: {len(graph.spec.nodes)} nodes, {graph.n_edges} edges, {kind}, "
-        f"attention={graph.attention}\n"
+    clean = float(graph.target_values[:, 0].mean())
+    text = f"target: {graph.target_names[0]} = {clean:.4f} on the prompts"
+    if graph.contrast:
+        change = float(graph.node_scores[:, 0, graph.spec.target].mean())
+        text += f", {change:+.4f} relative to the corrupted prompts (what the edges split)"
+    text += (
+        f" (mean over {graph.edge_scores.shape[0]} prompt(s))\n"
+        f"graph: {len(graph.spec.nodes)} nodes, {graph.n_edges} edges, {graph.describe()}\n"
         "conservation (largest relative violation): "
         + ", ".join(f"{law} {err:.1e}" for law, err in graph.conservation().items())
     )

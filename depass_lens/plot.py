@@ -399,12 +399,11 @@ def graph(
             showlegend=False,
         )
     )
-    kind = "contrastive" if g.contrast else "absolute"
     label = f"{len(shown)} edges" if circuit is None else f"circuit of {circuit.n_edges} edges"
     n_layers = max(n.layer for n in g.spec.nodes)
     fig.update_layout(
         title=title
-        or f"{g.method} ({kind}, attention={g.attention}): {label}, {g.target_names[target]}",
+        or f"{g.method}: {label}, {g.target_names[target]}<br><sub>{g.describe()}</sub>",
         template="plotly_white",
         height=260 + 150 * n_layers,
         width=max(640, 110 * (n_heads + 3)),

@@ -25,7 +25,8 @@ class Report:
             "<!DOCTYPE html><html><head><meta charset='utf-8'>",
             f"<title>{html.escape(self.title)}</title>",
             "<style>body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;"
-            "padding:0 1em;color:#222}pre{background:#f6f6f6;padding:.8em;overflow-x:auto}"
+            "padding:0 1em;color:#222}"
+            "pre{background:#f6f6f6;padding:.8em;overflow-x:auto;white-space:pre-wrap}"
             "h2{border-bottom:1px solid #ddd;padding-bottom:.2em}</style>",
             "</head><body>",
             f"<h1>{html.escape(self.title)}</h1>",

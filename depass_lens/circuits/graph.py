@@ -68,11 +68,25 @@ class Graph:
 
     def __repr__(self) -> str:
         b, t, e = self.edge_scores.shape
-        kind = f"contrastive ({self.linearisation})" if self.contrast else "absolute"
         return (
-            f"Graph({self.method}, {kind}, nodes={len(self.spec.nodes)}, edges={e}, batch={b}, "
-            f"targets={t}, attention={self.attention!r})"
+            f"Graph({self.method}, {self.describe()}, nodes={len(self.spec.nodes)}, edges={e}, "
+            f"batch={b}, targets={t})"
         )
+
+    def describe(self) -> str:
+        """How the scores were computed, in words: absolute or contrastive, and how attention is
+        treated (a split, or the secant of the softmax under the difference linearisation)."""
+        if not self.contrast:
+            kind = "absolute"
+        elif self.linearisation is None:
+            kind = "contrastive"
+        else:
+            kind = f"contrastive, {self.linearisation} linearisation"
+        if self.attention is not None:
+            return f"{kind}, attention={self.attention}"
+        if self.method == "depass" and self.linearisation == "difference":
+            return f"{kind} (the secant of every nonlinearity, attention included)"
+        return kind
 
     # ------------------------------------------------------------------ views
     @property
