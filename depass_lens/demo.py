@@ -73,7 +73,7 @@ def run_demo(
     start = time.perf_counter()
     depass = dp.DePass(model)
     sources: list[dp.Source] = [dp.Tokens(), dp.Heads()]
-    if not model.cfg.attn_only:
+    if not depass.adapter.attn_only:
         sources.append(dp.Neurons())
     attribution = depass.attribute(prompt, target, sources)
     tokens = depass.prepare(prompt).str_tokens
@@ -103,7 +103,7 @@ def run_demo(
         plot.heads(head_part),
     )
     top_neurons: list[tuple[str, float]] = []
-    if not model.cfg.attn_only:
+    if not depass.adapter.attn_only:
         neuron_part = attribution.restrict("neuron")
         report.add("Top neurons", "", plot.neurons(neuron_part, k=20))
         top_neurons = neuron_part.top(5)

@@ -24,6 +24,7 @@ class Citer(Protocol):
     """What generation needs of the wrapper: the model, input checks and adjoint attribution."""
 
     model: Any
+    adapter: Any  # the model's ModelAdapter (context length, ...)
 
     def prepare(self, input: Any) -> Any: ...
 
@@ -80,10 +81,10 @@ def generate_and_cite(
     prepared = depass.prepare(prompt)
     if prepared.tokens.shape[0] != 1:
         raise DePassInputError("generate takes one prompt at a time")
-    if prepared.tokens.shape[1] + max_new_tokens > model.cfg.n_ctx:
+    if prepared.tokens.shape[1] + max_new_tokens > depass.adapter.n_ctx:
         raise DePassInputError(
             f"prompt ({prepared.tokens.shape[1]} tokens) + {max_new_tokens} new tokens exceed the "
-            f"context of {model.cfg.n_ctx}"
+            f"context of {depass.adapter.n_ctx}"
         )
     if seed is not None:
         torch.manual_seed(seed)

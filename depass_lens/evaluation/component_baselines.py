@@ -16,6 +16,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from tqdm import tqdm
 
+from depass_lens.adapters import make_adapter
 from depass_lens.adapters.base import TLModel
 from depass_lens.evaluation.forward import final_logits, resid_pre, tile
 from depass_lens.evaluation.levels import (
@@ -201,7 +202,7 @@ def exact_ablation(
     clean = metric_at(metric, final_logits(model, tokens, positions, attention_mask=attention_mask))
     streams = resid_pre(model, tokens, spec.layers, attention_mask)
     shortformer = None
-    if model.cfg.positional_embedding_type == "shortformer":
+    if make_adapter(model).positional == "shortformer":
         shortformer = model.input_to_embed(tokens, attention_mask=attention_mask)[2]
     per_pass = max(1, batch_size // batch)
     chunks = [

@@ -15,6 +15,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from depass_lens.adapters import make_adapter
 from depass_lens.adapters.base import TLModel
 from depass_lens.evaluation.levels import Hook
 
@@ -78,7 +79,7 @@ def final_logits(
 
     ``input`` is tokens, or a residual stream with ``start_at_layer`` in ``forward_kwargs``.
     """
-    last = f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"
+    last = f"blocks.{make_adapter(model).n_layers - 1}.hook_resid_post"
     hooks = [*fwd_hooks, (last, _take_rows(positions))]
     kwargs = {k: v for k, v in forward_kwargs.items() if v is not None}
     return model.run_with_hooks(input, fwd_hooks=hooks, **kwargs)[:, 0]

@@ -16,6 +16,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from depass_lens.adapters import make_adapter
 from depass_lens.adapters.base import TLModel
 from depass_lens.evaluation.metrics import real_mask
 
@@ -62,20 +63,20 @@ class LevelSpec:
 
 def resolve_level(model: TLModel, level: Level) -> LevelSpec:
     """Check ``level`` against the model and describe it."""
-    cfg = model.cfg
+    adapter = make_adapter(model)
     if level == "heads":
-        return LevelSpec("heads", tuple(range(cfg.n_layers)), cfg.n_heads)
+        return LevelSpec("heads", tuple(range(adapter.n_layers)), adapter.n_heads)
     if level == "neurons" or (isinstance(level, tuple) and level and level[0] == "neurons"):
-        if cfg.attn_only or not cfg.d_mlp:
+        if adapter.attn_only or not adapter.d_mlp:
             raise ValueError("this model is attention-only: it has no MLP neurons")
-        if getattr(cfg, "num_experts", None):
+        if adapter.is_moe:
             raise ValueError("mixture-of-experts MLPs have no single mlp.hook_post per layer")
         if level == "neurons":
-            return LevelSpec("neurons", tuple(range(cfg.n_layers)), cfg.d_mlp)
+            return LevelSpec("neurons", tuple(range(adapter.n_layers)), adapter.d_mlp)
         layer = int(level[1])  # type: ignore[index]
-        if not -cfg.n_layers <= layer < cfg.n_layers:
-            raise ValueError(f"layer {layer} out of range for {cfg.n_layers} layers")
-        return LevelSpec("neurons", (layer % cfg.n_layers,), cfg.d_mlp)
+        if not -adapter.n_layers <= layer < adapter.n_layers:
+            raise ValueError(f"layer {layer} out of range for {adapter.n_layers} layers")
+        return LevelSpec("neurons", (layer % adapter.n_layers,), adapter.d_mlp)
     raise ValueError(f"level must be 'heads', 'neurons' or ('neurons', layer), not {level!r}")
 
 

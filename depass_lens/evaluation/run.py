@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from depass_lens.adapters import make_adapter
 from depass_lens.adapters.base import TLModel
 from depass_lens.evaluation.agreement import agreement
 from depass_lens.evaluation.component_level import component_curves
@@ -259,7 +260,7 @@ def evaluate(
     spec = resolve_level(model, level)  # type: ignore[arg-type]
     raw = component_truth(ground_truth, model, task_batch, run.metric, level, key=ground_truth_key)  # type: ignore[arg-type]
     truth = None if raw is None else truth_sign * raw.double()
-    default_k = model.cfg.n_heads if spec.kind == "heads" else max(1, spec.n_comp // 20)
+    default_k = make_adapter(model).n_heads if spec.kind == "heads" else max(1, spec.n_comp // 20)
     ks = list(agreement_ks or [default_k])
     run.extra = dict(ablations=ablations, ks=component_ks, rank=rank, mean_over=mean_over)
     report.notes.update(

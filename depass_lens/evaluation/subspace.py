@@ -21,6 +21,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from depass_lens.adapters import make_adapter
 from depass_lens.adapters.base import TLModel
 from depass_lens.evaluation.curves import DEFAULT_GRID, Curve
 from depass_lens.evaluation.metrics import real_mask, real_positions
@@ -94,7 +95,7 @@ class Probe:
             store["act"] = value
 
         stop = None if self.layer is None else self.layer + 1
-        if stop is not None and stop >= model.cfg.n_layers:
+        if stop is not None and stop >= make_adapter(model).n_layers:
             stop = None
         hooks = [*kwargs.pop("fwd_hooks", []), (self.hook, grab)]
         kwargs = {k: v for k, v in kwargs.items() if v is not None}
@@ -146,7 +147,7 @@ def probe_masking_curve(
     ``relative_change`` is ``mean |r - r_clean| / mean |r_clean|``.
     """
     fill_id = default_fill_id(model) if fill_id is None else fill_id
-    protect_bos = model.cfg.default_prepend_bos if protect_bos is None else protect_bos
+    protect_bos = make_adapter(model).default_prepend_bos if protect_bos is None else protect_bos
     shape = tuple(tokens.shape)
     positions = probe.positions(shape, attention_mask)  # type: ignore[arg-type]
     query = positions if positions is not None else real_positions(-1, shape, attention_mask)  # type: ignore[arg-type]
@@ -246,7 +247,7 @@ def probe_attention(
     attention_mask: Tensor | None = None,
 ) -> Float[Tensor, "batch pos"]:
     """Head-mean attention from the probe's position in the last layer at or before the hook."""
-    layer = model.cfg.n_layers - 1 if probe.layer is None else probe.layer
+    layer = make_adapter(model).n_layers - 1 if probe.layer is None else probe.layer
     if probe.hook.endswith("hook_resid_pre"):
         layer -= 1
     if layer < 0:

@@ -18,6 +18,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm import tqdm
 
+from depass_lens.adapters import make_adapter
 from depass_lens.adapters.base import TLModel
 from depass_lens.evaluation.forward import ResidualInput, final_logits, residual_input
 from depass_lens.evaluation.metrics import (
@@ -130,7 +131,7 @@ def mean_pattern(
     layer: int = -1,
 ) -> Float[Tensor, "batch query key"]:
     """Attention pattern of ``layer``, averaged over heads."""
-    name = f"blocks.{layer % model.cfg.n_layers}.attn.hook_pattern"
+    name = f"blocks.{layer % make_adapter(model).n_layers}.attn.hook_pattern"
     _, cache = model.run_with_cache(
         tokens, names_filter=lambda n: n == name, attention_mask=attention_mask
     )
@@ -158,7 +159,7 @@ def rollout_from(
     n_layers: int | None = None,
     residual_weight: float = 0.5,
 ) -> Float[Tensor, "batch pos"]:
-    n_layers = model.cfg.n_layers if n_layers is None else n_layers
+    n_layers = make_adapter(model).n_layers if n_layers is None else n_layers
     _, cache = model.run_with_cache(
         tokens, names_filter=lambda n: n.endswith("hook_pattern"), attention_mask=attention_mask
     )
@@ -284,7 +285,7 @@ def occlusion(
     """
     metric = bind_mask(metric, attention_mask)
     fill_id = default_fill_id(model) if fill_id is None else fill_id
-    protect_bos = model.cfg.default_prepend_bos if protect_bos is None else protect_bos
+    protect_bos = make_adapter(model).default_prepend_bos if protect_bos is None else protect_bos
     positions = metric_positions(metric, tuple(tokens.shape), attention_mask)  # type: ignore[arg-type]
     maskable = maskable_positions(
         tokens, attention_mask, positions, protect_bos=protect_bos, protect_query=protect_query

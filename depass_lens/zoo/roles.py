@@ -15,6 +15,7 @@ from typing import Literal
 import torch
 from transformer_lens.head_detector import detect_head
 
+from depass_lens.adapters import make_adapter
 from depass_lens.adapters.base import TLModel
 
 Role = Literal["previous_token_head", "induction_head", "duplicate_token_head"]
@@ -27,7 +28,7 @@ def head_role_scores(
 ) -> dict[str, list[list[float]]]:
     """``role -> [layer][head]`` mean detector score over repeated random word sequences."""
     rng = random.Random(f"roles-{seed}")
-    half = (model.cfg.n_ctx - 1) // 2  # BOS + two copies fit the context
+    half = (make_adapter(model).n_ctx - 1) // 2  # BOS + two copies fit the context
     sequences = []
     for _ in range(n_sequences):
         seq = [rng.choice(words) for _ in range(half)]
