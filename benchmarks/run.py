@@ -26,6 +26,8 @@ from tqdm import tqdm
 from depass_lens.adapters.loading import tl_generation
 
 RESULTS = Path(__file__).parent / "results"
+DOCS = Path(__file__).parents[1] / "docs" / "benchmarks.md"
+DOCS_START, DOCS_END = "<!-- results: written by python -m benchmarks.run -->", "<!-- /results -->"
 #: Cases that build circuit graphs, which the TransformerBridge adapter does not run yet.
 GRAPH_CASES = {"graph_all", "graph_value", "graph_contrast", "eap", "edge_patching"}
 
@@ -221,6 +223,17 @@ def chart(results: list[dict], device: str = "cpu") -> go.Figure:
     return fig
 
 
+def update_docs(table: str, docs: Path = DOCS) -> bool:
+    """Replace the results tables in ``docs/benchmarks.md`` (between its markers) by ``table``."""
+    text = docs.read_text()
+    if DOCS_START not in text or DOCS_END not in text:
+        return False
+    head, rest = text.split(DOCS_START, 1)
+    _, tail = rest.split(DOCS_END, 1)
+    docs.write_text(f"{head}{DOCS_START}\n{table.rstrip()}\n{DOCS_END}{tail}")
+    return True
+
+
 def run_in_process(matrix: list[tuple], device: str) -> list[dict]:
     """Every case in this process on ``device`` (CUDA), one model per config."""
     from benchmarks.cases import build, measure  # noqa: PLC0415 - imports torch models
@@ -259,6 +272,8 @@ def main() -> None:
     table = markdown(results, rows)
     (args.out / "results.md").write_text(table)
     chart(results, args.device).write_html(args.out / "cost_vs_length.html", include_plotlyjs=True)
+    if args.out == RESULTS and not args.quick:  # the full CPU matrix is what the docs quote
+        update_docs(table)
     print(table)
 
 
