@@ -119,10 +119,12 @@ def make_case(name: str, model: TLModel, tokens: torch.Tensor):
             acts = {}
 
             def keep(value, hook):
-                value.retain_grad()
                 acts[hook.name] = value
+                return value  # the tensor that flows on (a Bridge hook sees a fresh view)
 
-            hooks = [(n, keep) for n in model.hook_dict if names(n)]
+            hooks = [
+                (n, keep) for n in model.hook_dict if names(n) and model.hook_dict[n].name == n
+            ]
             with model.hooks(fwd_hooks=hooks):
                 logits = model(tokens)
             metric = logits[:, -1, answer] - logits[:, -1, wrong]
