@@ -86,6 +86,7 @@ class BridgeAdapter(ModelAdapter):
 
     def __init__(self, model: Any):
         super().__init__(model)
+        self._named_weights: tuple[tuple, list[tuple[str, Tensor]]] | None = None
         enable_compatibility(model)
         name_stream_hooks(model)
         problems = unsupported_settings(model)
@@ -280,8 +281,14 @@ class BridgeAdapter(ModelAdapter):
         return self.model.embed(tokens)
 
     def named_weights(self) -> Iterator[tuple[str, Tensor]]:
-        """TransformerLens names (``blocks.0.mlp.W_in``), not the wrapped module's paths."""
-        return iter(self.model.tl_named_parameters())
+        """TransformerLens names (``blocks.0.mlp.W_in``), not the wrapped module's paths.
+
+        The bridge builds these views anew on every call; they are kept until a parameter of
+        the wrapped model changes, so callers that cache by tensor identity stay cached."""
+        key = tuple((p.data_ptr(), p._version) for p in self.model.original_model.parameters())
+        if self._named_weights is None or self._named_weights[0] != key:
+            self._named_weights = (key, list(self.model.tl_named_parameters()))
+        return iter(self._named_weights[1])
 
     @contextmanager
     def split_inputs(self) -> Iterator[None]:
@@ -321,19 +328,22 @@ class BridgeAdapter(ModelAdapter):
         stop_at_layer: int,
     ) -> Float[Tensor, "batch pos d_model"]:
         """The stream after ``stop_at_layer`` blocks. A bridge returns nothing for
-        ``stop_at_layer = n_layers`` (no block raises its stop), so the full run keeps the last
-        ``hook_resid_post`` as it flows on (after any hooks already on it)."""
+        ``stop_at_layer = n_layers`` (no block raises its stop), so the full run stops itself
+        where the final norm (or the unembedding) would read the stream, with the bridge's own
+        ``StopAtLayerException``: the stream as it flows on (after any hooks already on it),
+        without the final norm and the ``d_vocab``-wide unembedding a ``HookedTransformer``
+        skips too."""
         if stop_at_layer < self.n_layers:
             return self.model(tokens, attention_mask=attention_mask, stop_at_layer=stop_at_layer)
-        kept: list[Tensor] = []
+        from transformer_lens.model_bridge.exceptions import StopAtLayerException
 
-        def keep(value: Tensor, hook: Any) -> None:
-            kept.append(value)
+        def stop(value: Tensor, hook: Any) -> None:
+            raise StopAtLayerException(value)
 
-        last = self.resid_hook(self.n_layers - 1, "post")
-        with self.model.hooks(fwd_hooks=[(last, keep)]):
-            self.model(tokens, attention_mask=attention_mask, return_type=None)
-        return kept[-1]
+        reader = "ln_final.hook_in" if "ln_final.hook_in" in self.model.hook_dict else None
+        reader = reader or "unembed.hook_in"
+        with self.model.hooks(fwd_hooks=[(reader, stop)]):
+            return self.model(tokens, attention_mask=attention_mask, return_type=None)
 
 
 def _returning(fns: list[Callable]) -> Callable:
