@@ -25,6 +25,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 import depass_lens as dp
+from depass_lens.adapters import make_adapter
 from depass_lens.adapters.base import TLModel
 from depass_lens.evaluation.agreement import precision_at_k, spearman
 from depass_lens.sae import SAELatents
@@ -79,6 +80,13 @@ def setup(model: TLModel, sae: Any, tokens: Tensor) -> LatentSetup:
     latents = (acts != 0).any(dim=(0, 1)).nonzero()[:, 0]
     W_dec = view.W_dec.to(device=acts.device, dtype=acts.dtype)[latents]
     return LatentSetup(model, view, placement, tokens, acts, latents, W_dec)
+
+
+def _run_with_hooks(s: LatentSetup, hooks: list[tuple[Any, Any]]) -> Tensor:
+    """The model's logits with ``hooks`` on, through the adapter (whose ``hooks`` give every
+    backend HookedTransformer's semantics for several functions on one hook)."""
+    with make_adapter(s.model).hooks(hooks):
+        return s.model(s.tokens)
 
 
 def _edit_hook(s: LatentSetup, delta: Tensor) -> Callable[[Tensor, Any], Tensor]:
@@ -144,7 +152,7 @@ def ablation_effects(
     for j in range(len(s.latents)):
         delta = -s.contribution(torch.tensor([j]))
         hooks: list[tuple[Any, Any]] = [(s.placement.hook_out, _edit_hook(s, delta)), *frozen]
-        out[:, j] = metric(s.model.run_with_hooks(s.tokens, fwd_hooks=hooks)) - clean
+        out[:, j] = metric(_run_with_hooks(s, hooks)) - clean
     return out
 
 
@@ -233,7 +241,7 @@ def removal_drop(
         coeff = s.acts[:, :, s.latents] * mask[:, None, :]
         delta = -einops.einsum(coeff, s.W_dec, "b p n, n d -> b p d")
         hooks: list[tuple[Any, Any]] = [(s.placement.hook_out, _edit_hook(s, delta)), *frozen]
-        removed = metric(s.model.run_with_hooks(s.tokens, fwd_hooks=hooks))
+        removed = metric(_run_with_hooks(s, hooks))
         out[k] = float(((clean - removed) / clean.abs().clamp_min(1e-12)).mean())
     return out
 
