@@ -18,24 +18,12 @@ import time
 from pathlib import Path
 
 import torch
-from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 import depass_lens as dp
 from depass_lens.sae import SimpleSAE
 from depass_lens.sources import Combined
 
 OUT = Path(__file__).parent / "results"
-GPT2_SMALL = dict(
-    n_layers=12,
-    d_model=768,
-    n_heads=12,
-    d_head=64,
-    d_mlp=3072,
-    d_vocab=50257,
-    n_ctx=1024,
-    act_fn="gelu_new",
-    normalization_type="LN",
-)
 
 
 def random_topk_sae(
@@ -70,11 +58,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", default=str(OUT / "sae_cost.json"))
     args = parser.parse_args(argv)
-    torch.manual_seed(0)
-    model = HookedTransformer(HookedTransformerConfig(**GPT2_SMALL, seed=0, device=args.device))
+    from benchmarks.cases import build  # noqa: PLC0415 - cases imports this module on use
+
+    model = build("gpt2", args.device)  # the benchmark matrix's GPT-2-small-shaped model
     model.eval()
-    sae = random_topk_sae(768, args.d_sae, args.k, device=args.device)
-    tokens = torch.randint(0, GPT2_SMALL["d_vocab"], (1, args.n_pos), device=args.device)
+    sae = random_topk_sae(model.cfg.d_model, args.d_sae, args.k, device=args.device)
+    tokens = torch.randint(0, model.cfg.d_vocab, (1, args.n_pos), device=args.device)
     depass = dp.DePass(model, progress=False)
     target = dp.LogitDiff(11, 12)
     heads = dp.Heads()
