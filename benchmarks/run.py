@@ -28,8 +28,6 @@ from depass_lens.adapters.loading import tl_generation
 RESULTS = Path(__file__).parent / "results"
 DOCS = Path(__file__).parents[1] / "docs" / "benchmarks.md"
 DOCS_START, DOCS_END = "<!-- results: written by python -m benchmarks.run -->", "<!-- /results -->"
-#: Cases that build circuit graphs, which the TransformerBridge adapter does not run yet.
-GRAPH_CASES = {"graph_all", "graph_value", "graph_contrast", "eap", "edge_patching"}
 
 #: (config, case, n_pos, repeats, warm-up?) -- issue 4's matrix, (a) to (d), and circuits (e).
 FULL = (
@@ -255,10 +253,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="default: results/[cuda/]")
     args = parser.parse_args()
     matrix = QUICK if args.quick else FULL
-    bridge = tl_generation() >= 4
-    if bridge:  # the models are TransformerBridges; graphs need per-head inputs (not yet)
-        print("TransformerLens 4: TransformerBridge models; skipping " + ", ".join(GRAPH_CASES))
-        matrix = [spec for spec in matrix if spec[1] not in GRAPH_CASES]
+    bridge = tl_generation() >= 4  # the models are TransformerBridges
     if args.out is None:
         args.out = RESULTS if args.device == "cpu" else RESULTS / args.device
         args.out = args.out / "tl4" if bridge else args.out

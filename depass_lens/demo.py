@@ -127,7 +127,7 @@ def run_demo(
         top_latents = latents.top(5)
     try:
         graph = depass.graph(prompt, target, attention="symmetric")
-    except UnsupportedModelError as error:  # e.g. a TransformerBridge: no per-head inputs yet
+    except UnsupportedModelError as error:  # e.g. grouped-query attention on a TransformerBridge
         report.add("Circuit", f"No circuit graph for this model: {error}.")
     else:
         conservation = max(graph.conservation().values())

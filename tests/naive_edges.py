@@ -19,12 +19,44 @@ from depass_lens.adapters.base import TLModel as HookedTransformer  # either gen
 from tests.naive_depass import NODES, _moved  # the same naive quadrature
 
 
+def _centres(module) -> bool:
+    """LayerNorm (TL 3's ``LayerNorm``/``LayerNormPre``, a bridge's norm over ``nn.LayerNorm``)."""
+    inner = getattr(module, "original_component", None)
+    return type(module).__name__ in ("LayerNorm", "LayerNormPre") or isinstance(
+        inner, torch.nn.LayerNorm
+    )
+
+
+def _weight(module, name: str) -> Tensor | None:
+    """A norm's weight (``w``) or bias (``b``): TL 3 names, else the wrapped ``nn.LayerNorm``'s."""
+    if hasattr(module, name):
+        return getattr(module, name)
+    inner = getattr(module, "original_component", None)
+    return getattr(inner, {"w": "weight", "b": "bias"}[name], None)
+
+
+def _eps(module) -> float:
+    return module.eps if hasattr(module, "eps") else module.original_component.eps
+
+
+def _act(mlp):
+    """The MLP's activation function (TL 3's ``act_fn``; a bridge's wrapped module's ``act``)."""
+    return mlp.act_fn if hasattr(mlp, "act_fn") else mlp.original_component.act
+
+
+def _attn_scale(attn) -> float:
+    if hasattr(attn, "attn_scale"):
+        return attn.attn_scale
+    return float(attn.W_Q.shape[-1]) ** 0.5  # GPT-2 style bridges (the ones these tests build)
+
+
 def _norm_linear(x: Tensor, module, scale: Tensor) -> Tensor:
     """A norm's linear part with frozen scale (no bias)."""
-    if type(module).__name__ in ("LayerNorm", "LayerNormPre"):
+    if _centres(module):
         x = x - x.mean(-1, keepdim=True)
     x = x / scale
-    return x * module.w if hasattr(module, "w") else x
+    w = _weight(module, "w")
+    return x * w if w is not None else x
 
 
 def _kv(attn, name: str, head: int) -> Tensor:
@@ -55,8 +87,8 @@ class NaiveLinearModel:
         attn = block.attn
         x = self.cache[f"blocks.{layer}.hook_resid_pre"][0]
         n = _norm_linear(x, block.ln1, self.cache[f"blocks.{layer}.ln1.hook_scale"][0])
-        if hasattr(block.ln1, "b"):
-            n = n + block.ln1.b
+        if _weight(block.ln1, "b") is not None:
+            n = n + _weight(block.ln1, "b")
         q = torch.stack(
             [_rotate(attn, n @ attn.W_Q[h] + attn.b_Q[h]) for h in range(attn.W_Q.shape[0])]
         )
@@ -105,7 +137,7 @@ class NaiveLinearModel:
                 if w_pattern:
                     q = _rotate(attn, inputs["q"] @ attn.W_Q[h])
                     k = _rotate(attn, inputs["k"] @ _kv(attn, "W_K", h))
-                    share = (q @ k_real[h].T + q_real[h] @ k.T) / (2 * attn.attn_scale)
+                    share = (q @ k_real[h].T + q_real[h] @ k.T) / (2 * _attn_scale(attn))
                     real = torch.where(causal, scores[h], torch.zeros_like(scores[h]))
                     moved = _moved(real, torch.where(causal, share, torch.zeros_like(share)))
                     kv = h // (attn.W_Q.shape[0] // v_real.shape[1])
@@ -116,8 +148,10 @@ class NaiveLinearModel:
             mlp_in = x + injections.get((layer, "mlp"), torch.zeros_like(x))
             n = _norm_linear(mlp_in, block.ln2, cache[f"blocks.{layer}.ln2.hook_scale"][0])
             g = cache[f"blocks.{layer}.mlp.hook_pre"][0]
-            ratio = mlp.act_fn(g) / g
-            if hasattr(mlp, "W_gate"):  # taylor, gate side: r * (share of the gate) * real up
+            ratio = _act(mlp)(g) / g
+            if (
+                getattr(mlp, "W_gate", None) is not None
+            ):  # taylor, gate side: r * (share of the gate) * real up
                 up = cache[f"blocks.{layer}.mlp.hook_pre_linear"][0]
                 post = ratio * (n @ mlp.W_gate) * up
             else:
@@ -165,18 +199,19 @@ def _secant(act, x: Tensor, y: Tensor) -> Tensor:
 
 def _norm_secant(delta: Tensor, module, x_in: Tensor, y_in: Tensor) -> Tensor:
     """Exact change of a norm's output for an input change ``delta`` between inputs x and y."""
-    centre = type(module).__name__ in ("LayerNorm", "LayerNormPre")
+    centre = _centres(module)
     if centre:
         x_in = x_in - x_in.mean(-1, keepdim=True)
         y_in = y_in - y_in.mean(-1, keepdim=True)
         delta = delta - delta.mean(-1, keepdim=True)
-    eps = module.eps
+    eps = _eps(module)
     s_x = (x_in.pow(2).mean(-1, keepdim=True) + eps).sqrt()
     s_y = (y_in.pow(2).mean(-1, keepdim=True) + eps).sqrt()
     d = delta.shape[-1]
     inner = (delta * (x_in + y_in)).sum(-1, keepdim=True) / d
     out = delta / s_x - y_in * inner / ((s_x + s_y) * s_x * s_y)
-    return out * module.w if hasattr(module, "w") else out
+    w = _weight(module, "w")
+    return out * w if w is not None else out
 
 
 def _path_moved(start: Tensor, end: Tensor, share: Tensor) -> Tensor:
@@ -246,7 +281,9 @@ class NaiveDifferenceModel:
                 dq = _rotate(attn, d["q"] @ attn.W_Q[h])
                 dk = _rotate(attn, d["k"] @ _kv(attn, "W_K", h))
                 dv = d["v"] @ _kv(attn, "W_V", h)
-                ds = (dq @ ((kx[h] + ky[h]) / 2).T + ((qx[h] + qy[h]) / 2) @ dk.T) / attn.attn_scale
+                ds = (dq @ ((kx[h] + ky[h]) / 2).T + ((qx[h] + qy[h]) / 2) @ dk.T) / _attn_scale(
+                    attn
+                )
                 zero = torch.zeros_like(ds)
                 start = torch.where(causal, sy[h], zero)
                 end = torch.where(causal, sx[h], zero)
@@ -266,11 +303,11 @@ class NaiveDifferenceModel:
                 y_mid,
             )
             gx, gy = x_c[f"blocks.{layer}.mlp.hook_pre"][0], y_c[f"blocks.{layer}.mlp.hook_pre"][0]
-            slope = _secant(mlp.act_fn, gx, gy)
-            if hasattr(mlp, "W_gate"):
+            slope = _secant(_act(mlp), gx, gy)
+            if getattr(mlp, "W_gate", None) is not None:
                 ux = x_c[f"blocks.{layer}.mlp.hook_pre_linear"][0]
                 uy = y_c[f"blocks.{layer}.mlp.hook_pre_linear"][0]
-                mean_act = (mlp.act_fn(gx) + mlp.act_fn(gy)) / 2
+                mean_act = (_act(mlp)(gx) + _act(mlp)(gy)) / 2
                 d_post = slope * (d_in @ mlp.W_gate) * (ux + uy) / 2 + mean_act * (d_in @ mlp.W_in)
             else:
                 d_post = slope * (d_in @ mlp.W_in)

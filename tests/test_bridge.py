@@ -9,7 +9,7 @@ import torch
 import depass_lens as dp
 from depass_lens.adapters import make_adapter, repair_native_scores
 from depass_lens.decomposition import tolerance
-from tests.conftest import BASE, TL, TL4_ONLY, random_tokens
+from tests.conftest import BASE, TL, TL4_ONLY, make_model, random_tokens
 
 pytestmark = pytest.mark.skipif(TL < 4, reason=TL4_ONLY)
 
@@ -76,10 +76,13 @@ def test_native_scores_are_refused_until_repaired():
 def test_what_a_bridge_cannot_do_is_refused_by_name():
     with pytest.raises(dp.UnsupportedModelError, match="SoLU-LN"):
         dp.DePass(plain_native(act_fn="solu_ln"))
-    bridge = repair_native_scores(plain_native())
-    tokens = random_tokens(bridge)
-    with pytest.raises(dp.UnsupportedModelError, match="per-head inputs"):
-        dp.DePass(bridge).graph(tokens, dp.Logit(3))
+    grouped = make_model("llama", torch.float64)  # n_key_value_heads=2 < n_heads=4
+    with pytest.raises(dp.UnsupportedModelError, match="grouped-query attention"):
+        dp.DePass(grouped).graph(random_tokens(grouped), dp.Logit(3))
+    hooked_mlp_in = make_model("gpt2")
+    hooked_mlp_in.set_use_hook_mlp_in(True)  # the graph splits the MLP input itself
+    with pytest.raises(dp.UnsupportedModelError, match="use_hook_mlp_in"):
+        dp.DePass(hooked_mlp_in).graph(random_tokens(hooked_mlp_in), dp.Logit(3))
 
 
 def test_zoo_models_are_bridges_with_the_shipped_weights():

@@ -10,6 +10,7 @@ import torch
 
 import depass_lens as dp
 from depass_lens import zoo
+from depass_lens.adapters import make_adapter
 from depass_lens.circuits import GraphNodes, build_spec, smallest_circuit
 from depass_lens.circuits.patching import EdgePatcher, logit_diff_metric
 from depass_lens.errors import DePassInputError
@@ -21,13 +22,13 @@ from depass_lens.evaluation.circuit_faithfulness import (
     graph_curve,
     wins,
 )
-from tests.conftest import make_model, random_tokens
+from tests.conftest import graph_model, random_tokens
 
 ANSWERS, WRONG = torch.tensor([3, 4]), torch.tensor([5, 6])
 
 
 def _setup(family: str = "gpt2", dtype=torch.float64):
-    model = make_model(family, dtype)
+    model = graph_model(family, dtype)
     clean, corrupt = random_tokens(model, seed=1), random_tokens(model, seed=2)
     depass = dp.DePass(model)
     spec = build_spec(depass.adapter, GraphNodes(), clean.shape[1])
@@ -45,33 +46,26 @@ def test_patching_all_and_no_edges_reproduce_clean_and_corrupted_runs(family):
     torch.testing.assert_close(patcher.logits(~everything), model(corrupt))
     assert patcher.faithfulness(everything) == pytest.approx(1.0)
     assert patcher.faithfulness(~everything) == pytest.approx(0.0, abs=1e-12)
-    assert not model.cfg.use_split_qkv_input  # the split inputs were switched off again
+    assert not getattr(model.cfg, "use_split_qkv_input", False)  # switched off again
 
 
 def test_patching_one_edge_changes_only_its_receiver():
-    """Removing embed -> L0H0 (value) changes the run exactly as swapping that one head's value
-    input for its corrupted stream does (a hand-written hook)."""
+    """Removing embed -> L0H0 (value) gives L0H0 the corrupted run's values and changes nothing
+    else: the same run as a hand-written hook that swaps head 0's ``hook_v`` for the corrupted
+    one (layer 0's value input is the embedding alone), on either backend."""
     model, _, spec, patcher, clean, corrupt = _setup()
     keep = torch.ones(len(spec.edges), dtype=torch.bool)
-    index = spec.edge_index()[("embed", "L0H0", "v")]
-    keep[index] = False
+    keep[spec.edge_index()[("embed", "L0H0", "v")]] = False
     _, corrupt_cache = model.run_with_cache(corrupt)
-    _, clean_cache = model.run_with_cache(clean)
-    delta = (clean_cache["hook_embed"] + clean_cache["hook_pos_embed"]) - (
-        corrupt_cache["hook_embed"] + corrupt_cache["hook_pos_embed"]
-    )
 
     def swap(value, hook):
         value = value.clone()
-        value[:, :, 0] -= delta
+        value[:, :, 0] = corrupt_cache["blocks.0.attn.hook_v"][:, :, 0]
         return value
 
-    model.set_use_split_qkv_input(True)
-    try:
-        expected = model.run_with_hooks(clean, fwd_hooks=[("blocks.0.hook_v_input", swap)])
-    finally:
-        model.set_use_split_qkv_input(False)
+    expected = model.run_with_hooks(clean, fwd_hooks=[("blocks.0.attn.hook_v", swap)])
     torch.testing.assert_close(patcher.logits(keep), expected)
+    assert not torch.allclose(expected, model(clean))  # the edge matters
 
 
 def test_patcher_errors():
@@ -109,11 +103,9 @@ def _finite_difference(model, clean, delta, hook, head, embed=None, eps=1e-5):
         hooks = [(hook, add)]
         if embed is not None:
             hooks.append(("hook_embed", lambda value, hook: embed))
-        model.set_use_split_qkv_input(True)
-        try:
-            logits = model.run_with_hooks(clean, fwd_hooks=hooks)
-        finally:
-            model.set_use_split_qkv_input(False)
+        adapter = make_adapter(model)
+        with adapter.split_inputs(), adapter.hooks(hooks):
+            logits = model(clean)
         return logit_diff_metric(ANSWERS, WRONG)(logits)
 
     return ((metric(eps) - metric(-eps)) / (2 * eps)).detach()
@@ -177,7 +169,7 @@ def test_acdc_and_curves():
 
 
 def test_plot_graph():
-    model = make_model("gpt2", torch.float64)
+    model = graph_model("gpt2", torch.float64)
     graph = dp.DePass(model, attention="symmetric").graph(random_tokens(model), dp.Logit(3))
     fig = dp.plot.graph(graph, k=12)
     assert isinstance(fig, go.Figure)

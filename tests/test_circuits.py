@@ -12,7 +12,7 @@ import torch
 import depass_lens as dp
 from depass_lens.circuits import GraphNodes
 from depass_lens.errors import DePassInputError, UnsupportedModelError
-from tests.conftest import FAMILIES, make_model, random_tokens
+from tests.conftest import FAMILIES, graph_model, random_tokens
 from tests.naive_edges import NODES, NaiveDifferenceModel, NaiveLinearModel, receiver_key
 
 TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
@@ -29,7 +29,7 @@ def test_conservation_every_family(family, dtype):
     """Outgoing edges sum to a node's score, incoming edges to its input's score, input plus own
     constants to its score, and the target to the sources plus all constants: both ways, every
     family, both attention splits."""
-    model = make_model(family, dtype)
+    model = graph_model(family, dtype)
     tokens = random_tokens(model, batch=2, n_pos=7)
     for side in _splits(family):
         graph = dp.DePass(model, attention=side).graph(tokens, TARGETS)
@@ -42,7 +42,7 @@ def test_conservation_every_family(family, dtype):
 def test_edges_equal_naive_computation(family, side):
     """Each edge equals the naive linear model's response to that one sender injected into that
     one receiver input (its own code, tests/naive_edges.py), to 1e-6 in fp32."""
-    model = make_model(family, torch.float32, n_layers=2)
+    model = graph_model(family, torch.float32, n_layers=2)
     tokens = random_tokens(model, batch=1, n_pos=6)
     graph = dp.DePass(model, attention=dp.AttentionSplit(side, nodes=NODES)).graph(
         tokens, dp.Logit(3)
@@ -67,7 +67,7 @@ def test_edges_equal_naive_computation(family, side):
 
 
 def test_query_key_edges_vanish_with_frozen_patterns():
-    model = make_model("gpt2", torch.float64)
+    model = graph_model("gpt2", torch.float64)
     graph = dp.DePass(model, attention="value").graph(random_tokens(model), dp.Logit(3))
     qk = torch.tensor([e.kind in ("q", "k") for e in graph.spec.edges])
     assert float(graph.edge_scores[..., qk].abs().max()) == 0.0
@@ -79,7 +79,7 @@ def test_query_key_edges_vanish_with_frozen_patterns():
 def test_node_scores_equal_node_level_depass(family):
     """Head and MLP node scores equal DePass's Heads/Modules attributions (another code path),
     the target node holds the target's value."""
-    model = make_model(family, torch.float64)
+    model = graph_model(family, torch.float64)
     tokens = random_tokens(model, batch=2)
     depass = dp.DePass(model, attention="symmetric")
     graph = depass.graph(tokens, TARGETS)
@@ -102,7 +102,7 @@ def test_node_scores_equal_node_level_depass(family):
 def test_contrastive_graph_with_the_clean_linearisation():
     """Edges use out(clean) - out(corrupt) with the clean run's gradients: outgoing and incoming
     conservation still hold, and a contrast with itself gives an all-zero graph."""
-    model = make_model("llama", torch.float64)
+    model = graph_model("llama", torch.float64)
     clean, corrupt = random_tokens(model, seed=1), random_tokens(model, seed=2)
     depass = dp.DePass(model, attention="symmetric")
     graph = depass.graph(clean, TARGETS, contrast=corrupt, linearisation="clean")
@@ -122,7 +122,7 @@ def test_difference_graph_is_exact_every_family(family, dtype):
     """With the difference (secant) linearisation every law holds relative to the corrupted run:
     each node's inflow equals its outflow (up to its recorded quadrature remainder), and the
     direct edges sum to the target's actual change."""
-    model = make_model(family, dtype)
+    model = graph_model(family, dtype)
     clean, corrupt = random_tokens(model, seed=1), random_tokens(model, seed=2)
     depass = dp.DePass(model)
     graph = depass.graph(clean, TARGETS, contrast=corrupt)
@@ -145,7 +145,7 @@ def test_difference_edges_equal_naive_secant_model(family, dtype):
     """Each contrastive edge equals a naive secant model's response (tests/naive_edges.py) to
     that sender's change injected into that receiver input: 1e-6 (fp32), 1e-10 (fp64). Both
     integrate the softmax on the path between the runs with the same fixed quadrature."""
-    model = make_model(family, dtype, n_layers=2)
+    model = graph_model(family, dtype, n_layers=2)
     clean = random_tokens(model, batch=1, n_pos=6, seed=1)
     corrupt = random_tokens(model, batch=1, n_pos=6, seed=2)
     split = dp.AttentionSplit("value", nodes=NODES)  # the quadrature of the difference path
@@ -167,7 +167,7 @@ def test_difference_edges_equal_naive_secant_model(family, dtype):
 
 
 def test_batch_with_padding_equals_prompts_alone():
-    model = make_model("gpt2", torch.float64)
+    model = graph_model("gpt2", torch.float64)
     a, b = random_tokens(model, batch=1, n_pos=7, seed=3), random_tokens(model, 1, 5, seed=4)
     padded = torch.cat([a, torch.cat([torch.zeros(1, 2, dtype=b.dtype), b], 1)])
     mask = torch.ones_like(padded)
@@ -180,7 +180,7 @@ def test_batch_with_padding_equals_prompts_alone():
 
 
 def test_token_nodes_and_positions():
-    model = make_model("gpt2", torch.float64)
+    model = graph_model("gpt2", torch.float64)
     tokens = random_tokens(model, batch=1, n_pos=6)
     depass = dp.DePass(model)
     pooled = depass.graph(tokens, dp.Logit(3), by_position=True)
@@ -203,7 +203,7 @@ def test_token_nodes_and_positions():
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_neuron_groups(family):
-    model = make_model(family, torch.float64)
+    model = graph_model(family, torch.float64)
     tokens = random_tokens(model)
     nodes = GraphNodes(neurons={1: [[0, 1, 2], [10, 11]]})
     graph = dp.DePass(model).graph(tokens, dp.Logit(3), nodes=nodes)
@@ -219,7 +219,7 @@ def test_neuron_groups(family):
 
 
 def test_hidden_state_target_reads_part_of_the_graph():
-    model = make_model("gpt2", torch.float64)
+    model = graph_model("gpt2", torch.float64)
     direction = torch.randn(model.cfg.d_model, generator=torch.Generator().manual_seed(0))
     target = dp.HiddenState("blocks.1.hook_resid_mid", pos=-1, direction=direction.double())
     graph = dp.DePass(model).graph(random_tokens(model), target)
@@ -233,7 +233,7 @@ def test_removing_a_path_breaks_conservation(monkeypatch):
     """Lose the key-side gradients on purpose: outgoing conservation fails visibly."""
     from depass_lens.circuits import build
 
-    model = make_model("gpt2", torch.float64)
+    model = graph_model("gpt2", torch.float64)
     tokens = random_tokens(model)
     original = build.slot_blocks
 
@@ -247,7 +247,7 @@ def test_removing_a_path_breaks_conservation(monkeypatch):
 
 
 def test_extraction_and_exports():
-    model = make_model("gpt2", torch.float64)
+    model = graph_model("gpt2", torch.float64)
     graph = dp.DePass(model, attention="symmetric").graph(random_tokens(model, batch=2), TARGETS)
     top = graph.top(5)
     assert len(top) == 5 and abs(top[0][1]) >= abs(top[-1][1])
@@ -269,7 +269,7 @@ def test_extraction_and_exports():
 
 
 def test_clear_errors():
-    model = make_model("gpt2", torch.float64)
+    model = graph_model("gpt2", torch.float64)
     tokens = random_tokens(model, n_pos=7)
     depass = dp.DePass(model)
     with pytest.raises(DePassInputError, match="linear MLP rule"):
@@ -286,7 +286,7 @@ def test_clear_errors():
         depass.graph(tokens, dp.AttentionScore(1, 0, query_pos=-1, key_pos=0))
     with pytest.raises(DePassInputError, match="linearisation must be"):
         depass.graph(tokens, dp.Logit(3), contrast=tokens, linearisation="secant")
-    moe = make_model("moe", torch.float64)
+    moe = graph_model("moe", torch.float64)
     with pytest.raises(UnsupportedModelError, match="mixture of experts"):
         dp.DePass(moe).graph(random_tokens(moe), dp.Logit(3), contrast=random_tokens(moe, seed=5))
     graph = depass.graph(tokens, dp.Logit(3))
@@ -295,3 +295,43 @@ def test_clear_errors():
     with pytest.raises(DePassInputError, match="exactly one"):
         graph.circuit()
     assert not model.cfg.use_split_qkv_input and not model.cfg.use_hook_mlp_in  # restored
+
+
+@pytest.mark.parametrize("family", ["gpt2", "attn_only", "no_norm"])
+def test_split_inputs_have_the_gradients_of_their_own_node(family):
+    """Inside ``adapter.split_inputs()`` the model computes the same logits, and the gradient at
+    each per-node input (one head's query/key/value copy, the MLP's copy, the stream at
+    resid_mid) is the derivative of a run where only that input moves (central differences):
+    on a TransformerBridge the adapter builds these inputs itself."""
+    from depass_lens.adapters import make_adapter
+
+    model = graph_model(family, torch.float64)
+    adapter = make_adapter(model)
+    tokens = random_tokens(model, batch=2, n_pos=7)
+    names = ["blocks.1.hook_q_input", "blocks.1.hook_k_input", "blocks.1.hook_v_input"]
+    if family != "attn_only":
+        names += ["blocks.1.hook_mlp_in", "blocks.1.hook_resid_mid"]
+
+    def run(at: str | None = None, delta: torch.Tensor | None = None):
+        live = {}
+
+        def keep(value, hook):
+            live[hook.name] = value
+            return value + delta if hook.name == at else None
+
+        with torch.enable_grad(), adapter.split_inputs(), adapter.hooks([(n, keep) for n in names]):
+            logits = model(tokens)
+        return logits[:, -1, 3].sum(), live
+
+    value, live = run()
+    torch.testing.assert_close(value, model(tokens)[:, -1, 3].sum(), rtol=0, atol=1e-12)
+    grads = torch.autograd.grad(value, [live[n] for n in names])
+    gen = torch.Generator().manual_seed(0)
+    for name, grad in zip(names, grads):
+        delta = torch.randn(live[name].shape, generator=gen, dtype=torch.float64)
+        if name.endswith(("q_input", "k_input", "v_input")):
+            delta[:, :, 1:] = 0  # head 0 only: the others keep the model's value
+        eps = 1e-5
+        moved = (run(name, eps * delta)[0] - run(name, -eps * delta)[0]) / (2 * eps)
+        assert float(moved) == pytest.approx(float((grad * delta).sum()), rel=1e-6, abs=1e-9)
+    assert not getattr(model.cfg, "use_hook_mlp_in", False)  # restored

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from depass_lens.demo import make_target, run_demo
-from tests.conftest import TL, make_text_model
+from tests.conftest import make_text_model
 
 
 def test_demo_report_has_every_figure(tmp_path):
@@ -18,7 +18,6 @@ def test_demo_report_has_every_figure(tmp_path):
     headings = ("Token attribution", "Head attribution", "Top neurons", "Layer by layer", "Circuit")
     for heading in headings:
         assert heading in page
-    figures = 5 if TL < 4 else 4  # no circuit graph on a TransformerBridge (a note instead)
-    assert page.count("plotly.js") >= 1 and page.count('class="plotly-graph-div"') == figures
+    assert page.count("plotly.js") >= 1 and page.count('class="plotly-graph-div"') == 5
     assert result.completeness_error < 1e-5
     assert len(result.top_heads) == 5 and "target:" in result.summary()

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Any, Literal
 
 import torch
@@ -36,6 +36,7 @@ from depass_lens.adapters.base import (
     as_tensor,
 )
 from depass_lens.adapters.native_scores import needs_repair
+from depass_lens.adapters.split_inputs import SplitInputs
 from depass_lens.errors import UnsupportedModelError
 
 _ACT_ATTRS = ("act_fn", "act", "activation_fn")
@@ -87,6 +88,7 @@ class BridgeAdapter(ModelAdapter):
     def __init__(self, model: Any):
         super().__init__(model)
         self._named_weights: tuple[tuple, list[tuple[str, Tensor]]] | None = None
+        self._split: SplitInputs | None = None  # inside split_inputs()
         enable_compatibility(model)
         name_stream_hooks(model)
         problems = unsupported_settings(model)
@@ -292,17 +294,55 @@ class BridgeAdapter(ModelAdapter):
 
     @contextmanager
     def split_inputs(self) -> Iterator[None]:
-        """Not available yet: circuit graphs need TransformerLens 3's per-head inputs (each head
-        its own copy of the stream, normalised per head, and ungrouped keys/values); a bridge's
-        split inputs fire on the pre-norm stream with other shapes and are not verified here."""
-        raise UnsupportedModelError(
-            "circuit graphs run the model on per-head inputs, which the TransformerBridge "
-            "adapter does not provide yet; build graphs under transformer-lens 3.x "
-            "(every other DePass call works on a bridge)"
-        )
-        yield  # pragma: no cover
+        """Run the model on per-node inputs for the duration of the block, as a
+        ``HookedTransformer`` does with ``use_split_qkv_input`` and ``use_hook_mlp_in``: the
+        per-head inputs are the adapter's own (:mod:`~depass_lens.adapters.split_inputs`), the
+        MLP input is the bridge's ``hook_mlp_in``. Restored afterwards, even on error."""
+        kv_heads = int(self.attention(0).W_V.shape[0])
+        if kv_heads != self.n_heads:
+            raise UnsupportedModelError(
+                f"circuit graphs need every query head's own keys and values; this "
+                f"TransformerBridge groups them (grouped-query attention: n_key_value_heads="
+                f"{kv_heads} < n_heads={self.n_heads}), and a bridge's attention computes one per "
+                "group. Build the graph under transformer-lens 3.x, whose HookedTransformer "
+                "ungroups them (every other DePass call works on this bridge)"
+            )
+        if getattr(self.cfg, "use_split_qkv_input", False) or getattr(
+            self.cfg, "use_attn_in", False
+        ):
+            raise UnsupportedModelError(
+                "circuit graphs run the model on split inputs themselves; turn off "
+                "use_split_qkv_input / use_attn_in on the bridge first"
+            )
+        if getattr(self.cfg, "use_hook_mlp_in", False):
+            raise UnsupportedModelError(
+                "circuit graphs give the MLPs inputs of their own; turn off use_hook_mlp_in on "
+                "the bridge first"
+            )
+        norms = [self.attention_input_norm(layer) for layer in range(self.n_layers)]
+        branches = [self._mlp_branch_hook(layer) for layer in range(self.n_layers)]
+        try:
+            self._splitting = True
+            self._split = SplitInputs(self.model, norms, self.eps, branches, self.parallel)
+            yield
+        finally:
+            self._splitting = False
+            self._split = None
 
-    def hooks(self, fwd_hooks: list[tuple[Any, Callable]]) -> Any:
+    def _mlp_branch_hook(self, layer: int) -> str | None:
+        """The bridge hook on what a block's MLP branch reads (``None``: no MLP): its
+        ``hook_resid_mid`` (``ln2``'s input, or the MLP's where there is no ``ln2``), or for a
+        parallel block, whose bridge has no ``resid_mid``, ``ln2``'s or the MLP's input."""
+        if self.attn_only:
+            return None
+        prefix = f"blocks.{layer}"
+        for name in (f"{prefix}.hook_resid_mid", f"{prefix}.ln2.hook_in", f"{prefix}.mlp.hook_in"):
+            if name in self.model.hook_dict and not (self.parallel and name.endswith("resid_mid")):
+                return name
+        raise UnsupportedModelError(f"{prefix} has no hook on its MLP's input to split")
+
+    @contextmanager
+    def hooks(self, fwd_hooks: list[tuple[Any, Callable]]) -> Iterator[None]:
         """``model.hooks`` with ``HookedTransformer`` semantics for the functions on one hook.
 
         A bridge shows some hooks a reshaped view (``hook_v`` ``[batch pos head d_head]`` of a
@@ -310,7 +350,13 @@ class BridgeAdapter(ModelAdapter):
         so a tensor one function keeps (for its gradient) is off the graph once a later one
         returns its own. Here the functions on one hook run as one, each on what the previous
         returned (or saw, where it returned ``None``), as on a ``HookedTransformer``, and the
-        last value flows on."""
+        last value flows on. Inside :meth:`split_inputs`, functions on the per-head inputs go
+        to the adapter's own hook points."""
+        split = self._split
+        own: list[tuple[str, Callable]] = []
+        if split is not None:
+            own = [(n, fn) for n, fn in fwd_hooks if isinstance(n, str) and n in split.points]
+            fwd_hooks = split.around([h for h in fwd_hooks if h not in own])
         grouped: dict[str, list[Callable]] = {}
         others: list[tuple[Any, Callable]] = []
         for name, fn in fwd_hooks:
@@ -319,7 +365,11 @@ class BridgeAdapter(ModelAdapter):
             else:
                 others.append((name, _returning([fn])))
         chained = [(name, _returning(fns)) for name, fns in grouped.items()]
-        return self.model.hooks(fwd_hooks=chained + others)
+        with ExitStack() as stack:
+            if split is not None:
+                stack.enter_context(split.attached(own))
+            stack.enter_context(self.model.hooks(fwd_hooks=chained + others))
+            yield
 
     def stream(
         self,

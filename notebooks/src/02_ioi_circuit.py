@@ -177,15 +177,18 @@ print("layer-2 ablation effects:", importance[2].numpy().round(2))
 # steering a name mover.
 #
 # ## The same analysis on GPT-2 small (needs internet)
+#
+# `load_pretrained` gives a `HookedTransformer` under TransformerLens 3 and a `TransformerBridge`
+# (compatibility mode) under TransformerLens 4; DePass takes either.
 
 # %%
 import socket
 
-from transformer_lens import HookedTransformer
+from depass_lens.adapters.loading import load_pretrained
 
 try:
     socket.getaddrinfo("huggingface.co", 443)
-    gpt2 = HookedTransformer.from_pretrained("gpt2-small")
+    gpt2 = load_pretrained("gpt2")
 except Exception as exc:  # offline: the model hub is unreachable
     print(f"skipped: gpt2-small cannot be downloaded here ({type(exc).__name__}: {exc})")
 else:
