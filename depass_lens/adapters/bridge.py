@@ -296,8 +296,8 @@ class BridgeAdapter(ModelAdapter):
     def split_inputs(self) -> Iterator[None]:
         """Run the model on per-node inputs for the duration of the block, as a
         ``HookedTransformer`` does with ``use_split_qkv_input`` and ``use_hook_mlp_in``: the
-        per-head inputs are the adapter's own (:mod:`~depass_lens.adapters.split_inputs`), the
-        MLP input is the bridge's ``hook_mlp_in``. Restored afterwards, even on error."""
+        per-head inputs, the MLP's input and ``hook_resid_mid`` are the adapter's own hook points
+        (:mod:`~depass_lens.adapters.split_inputs`). Restored afterwards, even on error."""
         kv_heads = int(self.attention(0).W_V.shape[0])
         if kv_heads != self.n_heads:
             raise UnsupportedModelError(
