@@ -14,9 +14,11 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from depass_lens.checks import check_count
 from depass_lens.circuits.circuit import Circuit
 from depass_lens.circuits.graph import Graph
 from depass_lens.circuits.spec import Node
+from depass_lens.errors import DePassInputError
 from depass_lens.generation import Generation
 from depass_lens.results import Attribution
 
@@ -37,6 +39,7 @@ def tokens(
     title: str | None = None,
 ) -> go.Figure:
     """The prompt's tokens as a strip, each coloured by its score (red +, blue -)."""
+    batch, target = attribution._batch_index(batch), attribution._target_index(target)
     scores = attribution.tokens()[batch, target].detach().float().cpu()
     labels = [lab for lab in attribution.labels if lab.kind == "token"]
     texts = (
@@ -45,7 +48,7 @@ def tokens(
         else [lab.text or f"#{lab.pos}" for lab in labels]
     )
     if len(texts) != len(scores):
-        raise ValueError(f"{len(texts)} token strings for {len(scores)} token scores")
+        raise DePassInputError(f"{len(texts)} token strings for {len(scores)} token scores")
     bound = _symmetric_range(scores)
     fig = go.Figure(
         go.Heatmap(
@@ -75,6 +78,8 @@ def heads(
     attribution: Attribution, *, batch: int | None = None, target: int = 0, title: str | None = None
 ) -> go.Figure:
     """Layer x head heatmap of head scores (mean over the batch unless ``batch`` is given)."""
+    target = attribution._target_index(target)
+    batch = None if batch is None else attribution._batch_index(batch)
     grid = attribution.heads()[:, target]
     grid = grid.mean(0) if batch is None else grid[batch]
     grid = grid.detach().float().cpu()
@@ -111,6 +116,7 @@ def attention_shares(
     value. Scores are the mean over the batch unless ``batch`` is given; the colour scale is
     centred at 0 (red +, blue -), and small grids print each value in its cell.
     """
+    batch = None if batch is None else attribution._batch_index(batch)
     grid = attribution.scores.detach().float().cpu()
     grid = grid.mean(0) if batch is None else grid[batch]
     bound = _symmetric_range(grid)
@@ -164,6 +170,10 @@ def neurons(
     title: str | None = None,
 ) -> go.Figure:
     """Bars of the ``k`` neurons with the largest absolute score."""
+    k = check_count(k, "k")
+    target = attribution._target_index(target)
+    batch = None if batch is None else attribution._batch_index(batch)
+    attribution.of_kind("neuron")  # an error naming the problem if there are none
     index = [i for i, lab in enumerate(attribution.labels) if lab.kind == "neuron"]
     scores = attribution.scores[:, target][:, index]
     scores = (scores.mean(0) if batch is None else scores[batch]).detach().float().cpu()
@@ -310,8 +320,10 @@ def graph(
     """
     circuit = graph if isinstance(graph, Circuit) else None
     g = circuit.graph if circuit is not None else graph
-    assert isinstance(g, Graph)
-    target = circuit.target if circuit is not None else target
+    if not isinstance(g, Graph):
+        raise DePassInputError(f"plot.graph needs a Graph or a Circuit, got {type(g).__name__}")
+    k = check_count(k, "k")
+    target = circuit.target if circuit is not None else g._target_index(target)
     scores = g.scores(target).detach().float().cpu()
     if circuit is not None:
         shown = circuit.edge_indices
@@ -430,6 +442,14 @@ def latents(
     from depass_lens.depass import DePass  # noqa: PLC0415 - the wrapper imports this module's deps
     from depass_lens.sae.lens import latents_figure  # noqa: PLC0415
 
+    unknown = sorted(set(kwargs) - {"lens_k", "batch", "target", "title"})
+    if unknown:
+        raise DePassInputError(f"plot.latents: unknown keyword(s) {unknown}")
+    kwargs["target"] = attribution._target_index(kwargs.get("target", 0))  # type: ignore[arg-type]
+    if kwargs.get("batch") is not None:
+        kwargs["batch"] = attribution._batch_index(kwargs["batch"])  # type: ignore[arg-type]
+    k = check_count(k, "k")
+    check_count(kwargs.get("lens_k", 3), "lens_k", minimum=0)
     adapter = model.adapter if isinstance(model, DePass) else DePass(model, progress=False).adapter  # type: ignore[arg-type]
     return latents_figure(attribution, adapter, sae, k=k, **kwargs)  # type: ignore[arg-type]
 

@@ -11,6 +11,7 @@ from jaxtyping import Float
 from torch import Tensor
 from transformer_lens import ActivationCache
 
+from depass_lens.checks import check_choice, check_count, check_index
 from depass_lens.decomposition import ComponentLabel, relative_error
 from depass_lens.errors import DePassInputError
 from depass_lens.readout import read_target
@@ -105,8 +106,23 @@ class Attribution:
     def neurons(self, layer: int | None = None) -> Float[Tensor, "batch target neuron"]:
         index = self._select("neuron")
         if layer is not None:
+            have = sorted({self.labels[i].layer for i in index})  # type: ignore[type-var]
+            if layer not in have:
+                raise DePassInputError(
+                    f"layer {layer!r} has no neurons in this attribution; its neuron layers: {have}"
+                )
             index = [i for i in index if self.labels[i].layer == layer]
         return self.scores[..., index]
+
+    def _batch_index(self, batch: int) -> int:
+        """``batch`` as an index into the prompts (negative counts from the end), else an error."""
+        n = self.scores.shape[0]
+        return check_index(batch, n, "batch", of=f"for {n} prompt(s)")
+
+    def _target_index(self, target: int) -> int:
+        """``target`` as an index into the scalar targets, else an error naming them."""
+        names = self.target_names
+        return check_index(target, len(names), "target", of=f"for the targets {names}")
 
     @property
     def bias(self) -> Float[Tensor, "batch target"]:
@@ -125,8 +141,13 @@ class Attribution:
     def top(
         self, k: int = 10, target: int = 0, batch: int = 0, by: str = "abs"
     ) -> list[tuple[str, float]]:
-        """The ``k`` components with the largest (absolute or signed) score, excluding rest/bias."""
-        row = self.scores[batch, target]
+        """The ``k`` components with the largest score, excluding rest/bias.
+
+        ``by="abs"`` ranks by magnitude, ``by="signed"`` by value (most positive first).
+        """
+        k = check_count(k, "k")
+        check_choice(by, ("abs", "signed"), "by")
+        row = self.scores[self._batch_index(batch), self._target_index(target)]
         keep = [i for i, lab in enumerate(self.labels) if lab.kind not in ("rest", "bias")]
         values = row[keep]
         order = (values.abs() if by == "abs" else values).argsort(descending=True)[:k]

@@ -9,7 +9,7 @@ and, for adjoint mode, contracts the gradient at its start hooks with its compon
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -19,6 +19,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from depass_lens.adapter import ModelAdapter, NormWeights
+from depass_lens.checks import as_int, check_unique
 from depass_lens.decomposition import BIAS, ComponentLabel, Decomposition, check_lossless
 from depass_lens.errors import DePassInputError
 from depass_lens.norms import (
@@ -211,12 +212,32 @@ class Tokens(Source):
 
 
 # ---------------------------------------------------------------------------------- heads
+def _index_list(values: int | Sequence[int] | None, what: str) -> int | list[int] | None:
+    """A user's layer/head/neuron selection: ``None`` (all), one int, or distinct ints.
+
+    Checked when the source is built: non-ints, an empty list and repeats (which would count a
+    component twice) are refused. Ranges need the model and are checked on use.
+    """
+    if values is None:
+        return None
+    if isinstance(values, str):
+        raise DePassInputError(f"{what} must be ints, got {values!r}")
+    if not isinstance(values, Iterable) or getattr(values, "ndim", 1) == 0:
+        return as_int(values, what)
+    items = values.tolist() if hasattr(values, "tolist") else list(values)
+    out = check_unique(items, what)
+    if not out:
+        raise DePassInputError(f"{what}: an empty list selects nothing; pass None for all")
+    return out
+
+
 def _layers(layers: int | Sequence[int] | None, adapter: ModelAdapter, what: str) -> list[int]:
     if layers is None:
         return list(range(adapter.n_layers))
     if isinstance(layers, int):
         layers = [layers]
-    return [_check_layer(layer, adapter, what) for layer in layers]
+    out = [_check_layer(layer, adapter, what) for layer in layers]
+    return check_unique(out, f"{what}: layers")
 
 
 class Heads(Source):
@@ -230,8 +251,9 @@ class Heads(Source):
     def __init__(
         self, layers: int | Sequence[int] | None = None, heads: Sequence[int] | None = None
     ):
-        self.layers = layers
-        self.heads = list(heads) if heads is not None else None
+        self.layers = _index_list(layers, "Heads: layers")
+        chosen = _index_list(heads, "Heads: heads")
+        self.heads = [chosen] if isinstance(chosen, int) else chosen
 
     def __repr__(self) -> str:
         return f"Heads(layers={self.layers}, heads={self.heads})"
@@ -300,8 +322,9 @@ class Neurons(Source):
     def __init__(
         self, layer: int | Sequence[int] | None = None, neurons: Sequence[int] | None = None
     ):
-        self.layer = layer
-        self.neurons = list(neurons) if neurons is not None else None
+        self.layer = _index_list(layer, "Neurons: layers")
+        chosen = _index_list(neurons, "Neurons: neurons")
+        self.neurons = [chosen] if isinstance(chosen, int) else chosen
 
     def __repr__(self) -> str:
         return f"Neurons(layer={self.layer}, neurons={self.neurons})"
@@ -415,7 +438,7 @@ class Modules(Source):
             raise DePassInputError(
                 f"Modules: module must be 'both', 'attn' or 'mlp', not {module!r}"
             )
-        self.layer = layer
+        self.layer = _index_list(layer, "Modules: layers")
         self.module = module
 
     def __repr__(self) -> str:
@@ -616,8 +639,13 @@ class Combined(Source):
     """
 
     def __init__(self, sources: Sequence[Source]):
-        if not sources or not all(isinstance(s, Source) for s in sources):
+        if isinstance(sources, str) or not isinstance(sources, Sequence):
+            raise DePassInputError(f"Combined needs a list of sources, got {sources!r}")
+        if not sources:
             raise DePassInputError("Combined needs a non-empty list of sources")
+        bad = [s for s in sources if not isinstance(s, Source)]
+        if bad:
+            raise DePassInputError(f"Combined: {bad[0]!r} is not a source; {_SOURCE_HINT}")
         self.sources = list(sources)
 
     def __repr__(self) -> str:
@@ -645,12 +673,20 @@ class Combined(Source):
         return [group for s in self.sources for group in s.label_groups(ctx)]
 
 
+_SOURCE_HINT = (
+    "pass a Source object: dp.Tokens(), dp.Heads(), dp.Neurons(layer), dp.Modules(), "
+    "dp.Subspace(layer, basis), dp.Custom(hook, components), dp.SAELatents(sae), or a list of them"
+)
+
+
 def as_source(source: Source | Sequence[Source] | None) -> Source:
     """Accept one source, a list of sources (combined), or ``None`` (tokens)."""
     if source is None:
         return Tokens()
     if isinstance(source, Source):
         return source
+    if isinstance(source, str) or not isinstance(source, Sequence):
+        raise DePassInputError(f"source={source!r} is not a source; {_SOURCE_HINT}")
     return Combined(list(source))
 
 

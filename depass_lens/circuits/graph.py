@@ -17,10 +17,10 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from depass_lens.checks import check_count, check_index
 from depass_lens.circuits.circuit import Circuit
 from depass_lens.circuits.extract import rank_edges, select_edges
 from depass_lens.circuits.spec import GraphSpec
-from depass_lens.errors import DePassInputError
 
 
 @dataclass
@@ -112,28 +112,29 @@ class Graph:
 
     def scores(self, target: int = 0) -> Float[Tensor, " edge"]:
         """Batch-mean edge scores for one scalar target."""
-        self._check_target(target)
-        return self.edge_scores[:, target].mean(0)
+        return self.edge_scores[:, self._target_index(target)].mean(0)
 
-    def _check_target(self, target: int) -> None:
-        if not 0 <= target < self.edge_scores.shape[1]:
-            raise DePassInputError(
-                f"target {target} out of range: this graph has {self.edge_scores.shape[1]} targets"
-            )
+    def _target_index(self, target: int) -> int:
+        """``target`` as an index into the scalar targets (negative from the end), else an error."""
+        names = self.target_names
+        return check_index(target, len(names), "target", of=f"for the targets {names}")
 
     def edge_name(self, index: int) -> str:
+        """``"sender -> receiver (kind)"`` for edge ``index`` (``0..n_edges-1``)."""
+        index = check_index(index, self.n_edges, "edge index", of=f"for {self.n_edges} edges")
         e = self.spec.edges[index]
         return f"{self.spec.nodes[e.sender].name} -> {self.spec.nodes[e.receiver].name} ({e.kind})"
 
     def top(self, k: int = 10, target: int = 0) -> list[tuple[str, float]]:
         """The ``k`` edges with the largest |batch-mean score|, excluding constant senders."""
+        k = check_count(k, "k")
         scores = self.scores(target)
         order = rank_edges(self.spec, scores)[:k]
         return [(self.edge_name(int(i)), float(scores[i])) for i in order]
 
     def node_table(self, target: int = 0) -> list[dict[str, Any]]:
         """One row per node (batch means): score, input score, own constants, in/outflow."""
-        self._check_target(target)
+        target = self._target_index(target)
         mean = self.mean()
         edges = mean.edge_scores[0, target]
         outflow = torch.zeros(len(self.spec.nodes), dtype=edges.dtype)
@@ -246,11 +247,14 @@ class Graph:
         values are equal, so patching cannot remove them. For the smallest circuit carrying a
         fraction of the target, see :func:`depass_lens.circuits.smallest_circuit`.
         """
+        target = self._target_index(target)
         keep = select_edges(self, k=k, threshold=threshold, target=target, prune=prune)
         return Circuit(self, keep, target)
 
     # ------------------------------------------------------------------ export
     def to_dict(self, target: int = 0) -> dict[str, Any]:
+        """Nodes and edges (batch means) of one scalar target, for JSON."""
+        target = self._target_index(target)
         return {
             "method": self.method,
             "attention": self.attention,
@@ -268,8 +272,8 @@ class Graph:
 
     def to_dot(self, target: int = 0, k: int | None = 50) -> str:
         """Graphviz dot text of the ``k`` strongest edges (``None``: all)."""
+        target = self._target_index(target)
+        k = self.n_edges if k is None else check_count(k, "k")
         keep = torch.zeros(self.n_edges, dtype=torch.bool)
-        keep[rank_edges(self.spec, self.scores(target))[: k if k is not None else self.n_edges]] = (
-            True
-        )
+        keep[rank_edges(self.spec, self.scores(target))[:k]] = True
         return Circuit(self, keep, target).to_dot()

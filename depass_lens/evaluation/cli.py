@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 from depass_lens import zoo
+from depass_lens.errors import DePassInputError
 from depass_lens.evaluation.run import evaluate
 from depass_lens.evaluation.task_batch import TaskBatch
 from depass_lens.zoo.ablation import circuit_heads
@@ -14,6 +15,13 @@ from depass_lens.zoo.ablation import circuit_heads
 
 def run_cli(args: argparse.Namespace) -> int:
     start = time.perf_counter()
+    probe = zoo.info(args.model).get("probe") if args.level == "subspace" else None
+    if args.level == "subspace" and probe is None:
+        have = [name for name in zoo.list() if zoo.info(name).get("probe") is not None]
+        raise DePassInputError(
+            f"--level subspace needs a zoo model with a probe ({', '.join(have)}), "
+            f"not {args.model!r}"
+        )
     model = zoo.load(args.model, device=args.device)
     task = zoo.task(args.model)
     batch = TaskBatch.from_zoo(
@@ -22,7 +30,6 @@ def run_cli(args: argparse.Namespace) -> int:
     )
     truth = zoo.ground_truth(args.model) if args.level in ("heads", "neurons") else None
     circuit = len(circuit_heads(truth)) if truth is not None and args.level == "heads" else 0
-    probe = zoo.info(args.model).get("probe") if args.level == "subspace" else None
     report = evaluate(
         model,
         batch,

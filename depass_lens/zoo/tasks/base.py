@@ -11,6 +11,10 @@ from jaxtyping import Int
 from torch import Tensor
 
 from depass_lens.adapters.base import TLModel
+from depass_lens.checks import as_int, check_choice, check_count
+
+#: The two disjoint example sets: held-out pairs/chains are drawn only for ``"test"``.
+SPLITS = ("train", "test")
 
 
 @dataclass
@@ -67,6 +71,10 @@ class Task(ABC):
         return words, [1.0] * len(words)
 
     def examples(self, n: int, split: str = "test", seed: int = 0) -> list[Example]:
+        """``n`` examples from ``split`` (``"train"`` or ``"test"``), the same for the same seed."""
+        n = check_count(n, "n")
+        check_choice(split, SPLITS, "split")
+        seed = as_int(seed, "seed")
         rng = random.Random(f"{self.name}-{split}-{seed}")
         return [self.example(rng, split) for _ in range(n)]
 
