@@ -12,6 +12,7 @@ It wraps the model without copying weights, reads the frozen quantities from one
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
@@ -91,7 +92,17 @@ class DePass:
         self.model = model
         self.rule = get_rule(rule)
         if attention is None:  # the QK-aware split where the model allows it
-            attention = "value" if self.adapter.qk_problems() else "symmetric"
+            problems = self.adapter.qk_problems()
+            attention = "value" if problems else "symmetric"
+            if problems:  # say why the QK-aware default is not used
+                warnings.warn(
+                    "DePass: attention defaults to 'value' (patterns frozen, no query/key credit) "
+                    "because the QK path of this model cannot be followed exactly: "
+                    + "; ".join(problems)
+                    + ". Pass attention='value' to silence this",
+                    UserWarning,
+                    stacklevel=2,
+                )
         self.attention = get_attention_split(attention)
         if self.attention.uses_pattern:
             self.adapter.check_qk_supported()  # refuse up front, not mid-run
@@ -449,7 +460,10 @@ class DePass:
                 embeddings, optional neuron groups); default pooled embeddings, whole MLPs.
             attention: attention split (default: the wrapper's).
             contrast: corrupted prompts of the same shape: edges score ``out_A(clean) -
-                out_A(corrupt)``, the share of the target's *change* each edge carries.
+                out_A(corrupt)``, the share of the target's *change* each edge carries. Positions
+                are paired one to one, so each corrupted prompt needs its prompt's token length:
+                text is tokenised and padded on its own and refused where a row's real length
+                differs; token ids are read with ``attention_mask``.
             linearisation: with ``contrast``: ``"difference"`` (default) makes every node the
                 exact secant map of its input's change (:mod:`depass_lens.difference`), so
                 conservation holds at every node relative to the corrupted run and the direct
@@ -458,10 +472,17 @@ class DePass:
                 its outflow by its nonlinearity between the two runs).
             by_position: also keep each edge's score per position (``edge_scores_by_pos``).
             rule: MLP rule; must be linear (``taylor``).
+
+        With ``check`` on (the wrapper's default) a graph that breaks its conservation laws
+        raises :class:`~depass_lens.errors.LosslessnessError` instead of being returned.
         """
-        from depass_lens.circuits.build import depass_graph  # noqa: PLC0415 - optional layer
+        from depass_lens.circuits.build import (  # noqa: PLC0415 - optional layer
+            check_graph_supported,
+            depass_graph,
+        )
         from depass_lens.circuits.spec import as_graph_nodes  # noqa: PLC0415
 
+        check_graph_supported(self.adapter, contrast is not None, linearisation)
         the_rule = get_rule(rule) if rule is not None else self.rule
         if not isinstance(the_rule, TaylorRule):
             raise DePassInputError(
@@ -480,9 +501,14 @@ class DePass:
             raise DePassInputError(
                 f"linearisation must be 'difference' or 'clean', not {linearisation!r}"
             )
-        corrupted = None
+        corrupted = contrast_mask = None
         if contrast is not None:
-            corrupted = self.prepare(contrast).tokens
+            other = self.prepare(contrast)
+            corrupted = other.tokens
+            # text is padded on its own; token ids are read with the prompts' mask
+            contrast_mask = (
+                prepared.attention_mask if isinstance(contrast, Tensor) else other.attention_mask
+            )
             if corrupted.shape != prepared.tokens.shape:
                 raise DePassInputError(
                     f"contrast prompts have shape {tuple(corrupted.shape)} but the prompts have "
@@ -504,6 +530,8 @@ class DePass:
             by_position=by_position,
             progress=self.progress,
             str_tokens=prepared.str_tokens,
+            contrast_attention_mask=contrast_mask,
+            check=self.check,
         )
 
     def _validate_read_hooks(self, targets: Sequence[Target]) -> None:

@@ -44,12 +44,19 @@ def check_difference_supported(adapter: ModelAdapter) -> None:
     problems = []
     if adapter.is_moe:
         problems.append("mixture of experts (the routing itself differs between the two runs)")
-    if not adapter.is_moe and any(
-        adapter.final_query_key_hooks(layer) is None for layer in range(adapter.n_layers)
-    ):
+    missing = [] if adapter.is_moe else _without_final_query_key_hooks(adapter)
+    if missing:
+        layers = ", ".join(map(str, missing[:8])) + (", ..." if len(missing) > 8 else "")
+        why = (
+            "the attention fires no hook after its rotary embedding: use_logn_attn, or a "
+            "TransformerBridge attention class without post-rotary hooks"
+            if adapter.positional == "rotary"
+            else "a QK norm without rotary positions, or use_logn_attn"
+        )
         problems.append(
-            "a QK norm without rotary positions or use_logn_attn (the final queries and keys "
-            "have no hook)"
+            "the final queries and keys (what the attention scores are computed from) have no "
+            f"hook point in layer(s) {layers} ({why}), so the secant of the scores cannot be "
+            "formed"
         )
     if problems:
         raise UnsupportedModelError(
@@ -57,6 +64,12 @@ def check_difference_supported(adapter: ModelAdapter) -> None:
             + "; ".join(problems)
             + ". Use linearisation='clean' (gradients of the clean run's linearisation)."
         )
+
+
+def _without_final_query_key_hooks(adapter: ModelAdapter) -> list[int]:
+    return [
+        layer for layer in range(adapter.n_layers) if adapter.final_query_key_hooks(layer) is None
+    ]
 
 
 def norm_names(adapter: ModelAdapter) -> list[str]:
@@ -97,7 +110,11 @@ def reference_hooks(adapter: ModelAdapter) -> list[str]:
 
 
 def secant_slope(act: Callable[[Tensor], Tensor], x: Tensor, y: Tensor) -> Float[Tensor, "*shape"]:
-    """``(act(x) - act(y)) / (x - y)``, the central-difference tangent where ``x ~ y``."""
+    """``(act(x) - act(y)) / (x - y)``, the central-difference tangent where ``x ~ y``.
+
+    Half-precision inputs are taken in float32 (a step of ``1e-4`` vanishes in bfloat16)."""
+    if x.dtype in (torch.float16, torch.bfloat16):
+        return secant_slope(act, x.float(), y.float()).to(x.dtype)
     gap = x - y
     eps = 1e-9 if x.dtype == torch.float64 else 1e-4
     small = gap.abs() < eps
@@ -123,6 +140,26 @@ def secant_norm(
     coef = (normalized_x * scale_x + normalized_y * scale_y) / (d * (scale_x + scale_y))
     out = delta / scale_x - normalized_y / scale_x * (delta * coef).sum(-1, keepdim=True)
     return out * norm.w if norm.w is not None else out
+
+
+def secant_norm_transpose(
+    grad: Float[Tensor, "*batch d"],
+    normalized_x: Tensor,
+    scale_x: Tensor,
+    normalized_y: Tensor,
+    scale_y: Tensor,
+    norm: NormWeights,
+) -> Float[Tensor, "*batch d"]:
+    """The transpose of :func:`secant_norm`: pulls a gradient at the norm's output back to its
+    input, through the same secant (``<secant_norm(d), g> == <d, secant_norm_transpose(g)>``)."""
+    if norm.w is not None:
+        grad = grad * norm.w
+    d = grad.shape[-1]
+    coef = (normalized_x * scale_x + normalized_y * scale_y) / (d * (scale_x + scale_y))
+    out = (grad - coef * (grad * normalized_y).sum(-1, keepdim=True)) / scale_x
+    if norm.centres:  # the centring projection is symmetric
+        out = out - out.mean(-1, keepdim=True)
+    return out
 
 
 class DifferenceLinearisation:

@@ -43,8 +43,13 @@ from depass_lens.circuits.spec import (
     target_read_hook,
 )
 from depass_lens.constants import ConstantLedger, per_prompt
-from depass_lens.difference import difference_outputs, reference_hooks
-from depass_lens.errors import DePassInputError
+from depass_lens.decomposition import tolerance
+from depass_lens.difference import (
+    check_difference_supported,
+    difference_outputs,
+    reference_hooks,
+)
+from depass_lens.errors import DePassInputError, LosslessnessError
 from depass_lens.frozen import run_frozen_cache
 from depass_lens.norms import post_sublayer_norms
 from depass_lens.qk import AttentionSplit
@@ -121,10 +126,12 @@ def slot_blocks(
     the_slots: Sequence[Slot],
     grads: Mapping[str, Tensor | None],
     acts: Mapping[str, Tensor],
+    reference: Mapping[str, Tensor] | None = None,
 ) -> list[SlotBlock]:
     """Every receiving input's gradient in the stream's space, grouped by what it reads: a
     layer's heads per side (one ``[batch, pos, head, d_model]`` tensor, no copy), an MLP or its
-    neuron groups, the target."""
+    neuron groups, the target. ``reference``: the corrupted run's activations, under the
+    difference linearisation (neuron groups read their input through the norm's secant)."""
     index = {(s.receiver, s.kind): i for i, s in enumerate(the_slots)}
     blocks = []
     for layer in range(adapter.n_layers):
@@ -142,7 +149,7 @@ def slot_blocks(
             blocks.append(SlotBlock([index[(members[0], "mlp")]], _unsqueeze(grad)))
         else:
             neurons = [spec.nodes[i].neurons for i in members]
-            stacked = neuron_gradients(adapter, layer, neurons, grads, acts)
+            stacked = neuron_gradients(adapter, layer, neurons, grads, acts, reference)
             side_by_side = None if stacked is None else stacked.permute(1, 2, 0, 3)
             blocks.append(SlotBlock([index[(i, "mlp")] for i in members], side_by_side))
     grad = grads.get(target_read_hook(adapter, spec.target_hook))
@@ -428,6 +435,9 @@ def difference_sender_outputs(
 
 __all__ = [
     "Edge",
+    "check_contrast_alignment",
+    "check_conservation",
+    "check_graph_supported",
     "NodeQuantities",
     "Slot",
     "backward_jobs",
@@ -458,9 +468,17 @@ def depass_graph(
     by_position: bool = False,
     progress: bool = False,
     str_tokens: list[list[str]] | None = None,
+    contrast_attention_mask: Tensor | None = None,
+    check: bool = False,
 ) -> Graph:
     """The DePass graph: absolute, or relative to a corrupted input (``contrast``), with the
-    difference (secant) linearisation or the clean run's frozen one."""
+    difference (secant) linearisation or the clean run's frozen one.
+
+    ``contrast_attention_mask`` is the contrast's own mask (default: ``attention_mask``); it must
+    mark the same real positions (:func:`check_contrast_alignment`). ``check``: raise
+    :class:`~depass_lens.errors.LosslessnessError` if the finished graph breaks its
+    conservation laws (:func:`check_conservation`)."""
+    check_graph_supported(adapter, contrast is not None, linearisation)
     hooks = {t.read_hook(adapter) for t in targets}
     if len(hooks) != 1:
         raise DePassInputError(f"a graph's targets must read one hook; these read {sorted(hooks)}")
@@ -468,9 +486,23 @@ def depass_graph(
     difference = contrast is not None and linearisation == "difference"
     corrupt = None
     if contrast is not None:
+        if contrast.shape != tokens.shape:
+            raise DePassInputError(
+                f"contrast prompts have shape {tuple(contrast.shape)} but the prompts have "
+                f"shape {tuple(tokens.shape)}: a contrast must match position by position"
+            )
+        if contrast_attention_mask is None:
+            contrast_attention_mask = attention_mask
+        check_contrast_alignment(tokens, attention_mask, contrast_attention_mask)
         extra = reference_hooks(adapter) if difference else ()
         corrupt = plain_activations(
-            adapter, spec, contrast, attention_mask, targets, extra, split_inputs=difference
+            adapter,
+            spec,
+            contrast,
+            contrast_attention_mask,
+            targets,
+            extra,
+            split_inputs=difference,
         )
     passed = graph_pass(
         adapter,
@@ -500,7 +532,9 @@ def depass_graph(
         jobs = target_jobs(adapter, targets)
         results = backward_jobs(adapter, spec, passed, tokens, attention_mask, targets, progress)
         for (t, k), (value, constant, grads, sites) in zip(jobs, results):
-            blocks = slot_blocks(adapter, spec, the_slots, grads, acts)
+            blocks = slot_blocks(
+                adapter, spec, the_slots, grads, acts, corrupt if difference else None
+            )
             scores = contract(spec, the_slots, blocks, outputs, by_position)
             if by_position:
                 by_pos_rows.append(scores)
@@ -526,7 +560,7 @@ def depass_graph(
             )
             nodes.append(quantities)
             values.append(value)
-        return Graph(
+        graph = Graph(
             spec=spec,
             edge_scores=torch.stack(edge_rows, 1),
             node_scores=torch.stack([q.score for q in nodes], 1),
@@ -541,4 +575,80 @@ def depass_graph(
             edge_scores_by_pos=torch.stack(by_pos_rows, 1) if by_position else None,
             str_tokens=str_tokens,
             meta={"rule": repr(rule)},
+        )
+    if check:
+        check_conservation(graph, adapter.precision(graph.edge_scores.dtype))
+    return graph
+
+
+def check_graph_supported(
+    adapter: ModelAdapter, contrast: bool, linearisation: str = "difference"
+) -> None:
+    """Refuse up front, with the reason, what a graph cannot be built on: the split per-node
+    inputs every graph runs on (the adapter names what blocks them: e.g. ``use_split_qkv_input``
+    left on, grouped-query attention on a TransformerBridge), then, for a contrast under the
+    difference linearisation, what the secant cannot follow."""
+    with adapter.split_inputs():  # entering checks the model; nothing runs
+        pass
+    if contrast and linearisation == "difference":
+        check_difference_supported(adapter)
+
+
+def check_contrast_alignment(
+    tokens: Int[Tensor, "batch pos"],
+    attention_mask: Tensor | None,
+    contrast_attention_mask: Tensor | None,
+) -> None:
+    """A contrastive graph pairs each position of a prompt with the same position of its
+    contrast (every per-position node, the secant of every attention pattern, the target's read
+    position): both must have real tokens at the same positions. Refuse, naming the rows and
+    their lengths, where they do not."""
+    if attention_mask is None and contrast_attention_mask is None:
+        return
+    full = torch.ones_like(tokens, dtype=torch.bool)
+    mine = full if attention_mask is None else attention_mask.to(tokens.device).bool()
+    theirs = (
+        full
+        if contrast_attention_mask is None
+        else contrast_attention_mask.to(tokens.device).bool()
+    )
+    if theirs.shape != mine.shape:
+        raise DePassInputError(
+            f"the contrast's attention mask has shape {tuple(theirs.shape)}, the prompts' "
+            f"{tuple(mine.shape)}"
+        )
+    rows = (mine != theirs).any(-1).nonzero().flatten().tolist()
+    if not rows:
+        return
+    lines = []
+    for r in rows[:5]:
+        n_mine, n_theirs = int(mine[r].sum()), int(theirs[r].sum())
+        if n_mine != n_theirs:
+            lines.append(f"row {r}: the prompt has {n_mine} real tokens, its contrast {n_theirs}")
+        else:
+            lines.append(f"row {r}: {n_mine} real tokens each, padded at different positions")
+    more = f" (and {len(rows) - 5} more rows)" if len(rows) > 5 else ""
+    raise DePassInputError(
+        "a contrast is compared with its prompt position by position, so each corrupted prompt "
+        "needs real tokens where its prompt has them (the same token length, padded alike); "
+        + "; ".join(lines)
+        + more
+        + ". Pair prompts of equal token length, or build a graph per length"
+    )
+
+
+def check_conservation(graph: Graph, precision: torch.dtype, slack: float = 100.0) -> None:
+    """Raise :class:`~depass_lens.errors.LosslessnessError` unless every conservation law the
+    graph reports holds to ``slack`` times the tolerance of ``precision`` (the dtype whose
+    rounding bounds the model's run): a graph that breaks its own laws holds wrong numbers."""
+    limit = slack * tolerance(precision)
+    errors = graph.conservation()
+    broken = {law: error for law, error in errors.items() if not error <= limit}
+    if broken:
+        laws = ", ".join(f"{law} {error:.3g}" for law, error in broken.items())
+        raise LosslessnessError(
+            f"the circuit graph breaks its conservation laws ({laws}; the limit is {limit:.1g}): "
+            "its edges do not add up to its nodes, so its scores cannot be trusted. Please "
+            "report this with the model and the graph's options; DePass(..., check=False) "
+            "returns the graph regardless"
         )

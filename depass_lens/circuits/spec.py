@@ -10,17 +10,19 @@ receiver reads. This module builds that structure from the adapter; it holds no 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import operator
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import einops
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from depass_lens.adapter import ModelAdapter
+from depass_lens.adapter import ModelAdapter, NormWeights
 from depass_lens.constants import output_constant
+from depass_lens.difference import secant_norm_transpose
 from depass_lens.errors import DePassInputError
 from depass_lens.frozen import Activations
 from depass_lens.norms import (
@@ -91,6 +93,87 @@ class GraphNodes:
     def __post_init__(self) -> None:
         if self.embed not in ("pooled", "tokens"):
             raise DePassInputError(f"embed must be 'pooled' or 'tokens', not {self.embed!r}")
+        object.__setattr__(self, "neurons", neuron_groups(self.neurons))
+
+
+def _integer(value: Any) -> int | None:
+    """``value`` as an int if it is an integer (Python, NumPy or a 0-d integer tensor), else
+    ``None``: floats, bools and strings name no neuron (``0.5`` must not become neuron 0)."""
+    if isinstance(value, bool) or type(value).__name__ == "bool_":  # Python's, NumPy's bool
+        return None
+    if isinstance(value, Tensor) and value.dtype == torch.bool:
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
+def neuron_groups(neurons: Any) -> dict[int, tuple[tuple[int, ...], ...]]:
+    """Validate ``{layer: [[n, ...], ...]}`` and normalise it to tuples of Python ints.
+
+    Refused: a layer or neuron that is not an integer, a bare list of neurons (``{0: [0, 1]}``
+    for ``{0: [[0, 1]]}``), an empty group or layer, a negative index, a neuron listed twice or
+    in two groups. Ranges against the model are checked when the graph is built."""
+    if not isinstance(neurons, Mapping):
+        raise DePassInputError(
+            f"neurons must be a mapping {{layer: [[neuron, ...], ...]}}, got {neurons!r}"
+        )
+    out: dict[int, tuple[tuple[int, ...], ...]] = {}
+    for key, groups in neurons.items():
+        layer = _integer(key)
+        if layer is None:
+            raise DePassInputError(f"neuron groups: layer {key!r} is not a layer index (an int)")
+        example = f"e.g. {{{layer}: [[0, 1, 2]]}}"
+        if isinstance(groups, (str, bytes)) or not isinstance(groups, Iterable):
+            raise DePassInputError(
+                f"neuron groups: layer {layer}'s groups must be lists of neuron indices, "
+                f"{example}; got {groups!r}"
+            )
+        groups = list(groups)
+        if not groups:
+            raise DePassInputError(
+                f"neuron groups: layer {layer} has no groups; leave it out to keep its MLP whole"
+            )
+        checked: list[tuple[int, ...]] = []
+        seen: set[int] = set()
+        for group in groups:
+            if isinstance(group, (str, bytes)) or not isinstance(group, Iterable):
+                raise DePassInputError(
+                    f"neuron groups: layer {layer}'s groups must be lists of neuron indices, "
+                    f"{example}; got {groups!r}"
+                )
+            members: list[int] = []
+            for value in group:
+                index = _integer(value)
+                if index is None:
+                    raise DePassInputError(
+                        f"neuron groups: layer {layer} lists {value!r}, not a neuron index (an int)"
+                    )
+                if index < 0:
+                    raise DePassInputError(
+                        f"neuron groups: layer {layer} lists neuron {index}: negative indices "
+                        "are not neurons (count from 0)"
+                    )
+                if index in members:
+                    raise DePassInputError(
+                        f"neuron groups: a group of layer {layer} lists neuron {index} more "
+                        "than once (it would be counted twice)"
+                    )
+                members.append(index)
+            if not members:
+                raise DePassInputError(f"neuron groups: layer {layer} has an empty group")
+            if seen & set(members):
+                raise DePassInputError(
+                    f"neuron groups: layer {layer}'s groups overlap (neurons "
+                    f"{sorted(seen & set(members))[:5]} are in two groups)"
+                )
+            seen |= set(members)
+            checked.append(tuple(members))
+        if layer in out:
+            raise DePassInputError(f"neuron groups: layer {layer} is given twice")
+        out[layer] = tuple(checked)
+    return out
 
 
 def as_graph_nodes(nodes: GraphNodes | str | None) -> GraphNodes:
@@ -131,8 +214,12 @@ def read_position(adapter: ModelAdapter, hook: str) -> float:
     )
 
 
-def _check_groups(adapter: ModelAdapter, neurons: Mapping[int, Sequence[Sequence[int]]]):
-    if not neurons:
+def _check_groups(
+    adapter: ModelAdapter, neurons: Mapping[int, Sequence[Sequence[int]]]
+) -> dict[int, tuple[tuple[int, ...], ...]]:
+    """The (already well-formed) neuron groups checked against the model."""
+    checked = neuron_groups(neurons)
+    if not checked:
         return {}
     if adapter.attn_only:
         raise DePassInputError("neuron groups: this model is attention-only; it has no MLPs")
@@ -140,9 +227,8 @@ def _check_groups(adapter: ModelAdapter, neurons: Mapping[int, Sequence[Sequence
         raise DePassInputError(
             "neuron groups: mixture-of-experts layers have per-expert neurons; use whole MLPs"
         )
-    checked: dict[int, list[tuple[int, ...]]] = {}
-    for layer, groups in neurons.items():
-        if not isinstance(layer, int) or not 0 <= layer < adapter.n_layers:
+    for layer, groups in checked.items():
+        if not 0 <= layer < adapter.n_layers:
             raise DePassInputError(
                 f"neuron groups: layer {layer!r} is out of range (0..{adapter.n_layers - 1})"
             )
@@ -151,22 +237,12 @@ def _check_groups(adapter: ModelAdapter, neurons: Mapping[int, Sequence[Sequence
                 "neuron groups: SoLU-LN normalises across neurons, so a group's output depends "
                 "on the others; use whole MLPs for this model"
             )
-        seen: set[int] = set()
-        checked[layer] = []
-        for group in groups:
-            group = tuple(int(n) for n in group)
-            if not group:
-                raise DePassInputError(f"neuron groups: layer {layer} has an empty group")
-            bad = [n for n in group if not 0 <= n < adapter.d_mlp]
-            if bad:
-                raise DePassInputError(
-                    f"neuron groups: neuron(s) {bad[:5]} of layer {layer} out of range "
-                    f"(d_mlp={adapter.d_mlp})"
-                )
-            if seen & set(group):
-                raise DePassInputError(f"neuron groups: layer {layer}'s groups overlap")
-            seen |= set(group)
-            checked[layer].append(group)
+        bad = [n for group in groups for n in group if not n < adapter.d_mlp]
+        if bad:
+            raise DePassInputError(
+                f"neuron groups: neuron(s) {bad[:5]} of layer {layer} out of range "
+                f"(d_mlp={adapter.d_mlp})"
+            )
     return checked
 
 
@@ -284,10 +360,15 @@ def neuron_gradients(
     groups: Sequence[tuple[int, ...] | None],
     grads: Mapping[str, Tensor | None],
     acts: Activations,
+    reference: Activations | None = None,
 ) -> Float[Tensor, "group batch pos d_model"] | None:
     """Each neuron group's input gradient: its neurons' pre-activation gradients pulled back
-    through their input weights and the frozen input norm. A ``None`` group is the rest of the
-    layer; ``None`` comes back where the target does not depend on the layer's MLP."""
+    through their input weights and the input norm's linear map. A ``None`` group is the rest of
+    the layer; ``None`` comes back where the target does not depend on the layer's MLP.
+
+    The norm's map is the one the backward pass went through: the frozen norm, or, with the
+    corrupted run's activations as ``reference`` (the difference linearisation), the norm's
+    secant between the two runs. The groups' gradients then add up to the MLP input's."""
     mlp = adapter.mlp(layer)
     prefix = f"blocks.{layer}.mlp"
     chosen = {n for group in groups if group is not None for n in group}
@@ -307,8 +388,30 @@ def neuron_gradients(
             pulled = pulled + gate[..., neurons] @ W[:, neurons].T
         if up is not None and mlp.W_gate is not None:
             pulled = pulled + up[..., neurons] @ mlp.W_in[:, neurons].T
-        out.append(norm_map_transpose(pulled, ln2, frozen_scale(acts, ln2)))
+        out.append(_pull_through_norm(pulled, ln2, acts, reference))
     return torch.stack(out)
+
+
+def _pull_through_norm(
+    grad: Float[Tensor, "batch pos d_model"],
+    norm: NormWeights | None,
+    acts: Activations,
+    reference: Activations | None,
+) -> Float[Tensor, "batch pos d_model"]:
+    """A gradient at a norm's output pulled back to its input: through the frozen norm, or
+    (``reference``: the corrupted run) through its secant between the runs."""
+    if reference is None or norm is None or norm.kind == "none" or norm.scale_hook is None:
+        return norm_map_transpose(grad, norm, frozen_scale(acts, norm))
+    base = norm.scale_hook.removesuffix(".hook_scale")
+    normalized = f"{base}.hook_normalized"
+    return secant_norm_transpose(
+        grad,
+        acts[normalized].to(grad.dtype),
+        acts[norm.scale_hook].to(grad.dtype),
+        reference[normalized].to(grad.dtype),
+        reference[norm.scale_hook].to(grad.dtype),
+        norm,
+    )
 
 
 def sender_hooks(adapter: ModelAdapter, spec: GraphSpec) -> list[str]:
@@ -327,7 +430,8 @@ def sender_hooks(adapter: ModelAdapter, spec: GraphSpec) -> list[str]:
                 names.add(f"blocks.{node.layer}.mlp.hook_post")
                 ln2 = adapter.block_norms(node.layer)["ln2"]
                 if not adapter.post_norm and ln2 is not None and ln2.scale_hook is not None:
-                    names.add(ln2.scale_hook)
+                    base = ln2.scale_hook.removesuffix(".hook_scale")  # both for its secant
+                    names |= {ln2.scale_hook, f"{base}.hook_normalized"}
     return sorted(names)
 
 
