@@ -280,7 +280,6 @@ def make_text_model(family: str = "gpt2", dtype: torch.dtype = torch.float64) ->
 #: Under TransformerLens 4, whole test modules that need what only a HookedTransformer has, and why.
 TL3_MODULES = {
     "test_zoo_mechanisms.py": "path patching sets HookedTransformer's split-input config flags",
-    "test_naive_reference.py": "the naive re-implementation reads HookedTransformer internals",
 }
 #: Single tests that need TransformerLens 3, and why.
 TL3_TESTS = {

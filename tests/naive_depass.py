@@ -19,19 +19,56 @@ from depass_lens.adapters.base import TLModel as HookedTransformer  # either gen
 NODES = 64
 
 
+# Under TransformerLens 4 the model is a ``TransformerBridge`` over TL's native model: the same
+# quantities under other names, read by the few accessors below (norm kind and weights, the
+# activation, the attention scale, rotary).
+
+
+def _centres(module) -> bool:
+    """A LayerNorm (TL 3's ``LayerNorm``/``LayerNormPre``, a bridge over ``nn.LayerNorm``)."""
+    inner = getattr(module, "original_component", None)
+    return type(module).__name__ in ("LayerNorm", "LayerNormPre") or isinstance(
+        inner, torch.nn.LayerNorm
+    )
+
+
 def _norm(comps: list[Tensor], module, scale: Tensor) -> list[Tensor]:
     """Frozen norm: centre (LayerNorm), divide by the real scale, weight; bias to the last comp."""
-    kind = type(module).__name__
+    centre = _centres(module)
+    w, b = getattr(module, "w", None), getattr(module, "b", None)
     out = []
     for c in comps:
-        x = c - c.mean(-1, keepdim=True) if kind in ("LayerNorm", "LayerNormPre") else c
+        x = c - c.mean(-1, keepdim=True) if centre else c
         x = x / scale
-        if hasattr(module, "w"):
-            x = x * module.w
+        if w is not None:
+            x = x * w
         out.append(x)
-    if hasattr(module, "b"):
-        out[-1] = out[-1] + module.b
+    if b is not None:
+        out[-1] = out[-1] + b
     return out
+
+
+def _act(mlp):
+    """The MLP's activation (TL 3's ``act_fn``; a bridge's wrapped native module's ``act``)."""
+    return mlp.act_fn if hasattr(mlp, "act_fn") else mlp.original_component.act
+
+
+def _attn_scale(attn) -> float:
+    """What the scores are divided by (TL 3's ``attn_scale``; the native module's ``scale``)."""
+    return attn.attn_scale if hasattr(attn, "attn_scale") else attn.original_component.scale
+
+
+def _rotate(attn, x: Tensor) -> Tensor:
+    """The model's own rotary on ``[pos, head, d_head]`` (TL 3's ``apply_rotary``; the native
+    model's ``apply_rope`` on ``[batch, head, pos, d_head]``); identity without rotary."""
+    cfg = attn.cfg if hasattr(attn, "cfg") else attn.config
+    if cfg.positional_embedding_type != "rotary":
+        return x
+    if hasattr(attn, "apply_rotary"):
+        return attn.apply_rotary(x[None])[0]
+    heads_first = x.transpose(0, 1)[None]
+    rotated, _ = attn.original_component.rotary.apply_rope(heads_first, heads_first)
+    return rotated[0].transpose(0, 1)
 
 
 def _grouped(attn, name: str) -> Tensor:
@@ -43,8 +80,7 @@ def _qk(attn, c: Tensor, with_bias: bool) -> tuple[Tensor, Tensor]:
     W_K, b_K = _grouped(attn, "W_K"), _grouped(attn, "b_K")
     q = torch.einsum("pd,hde->phe", c, attn.W_Q) + (attn.b_Q if with_bias else 0)
     k = torch.einsum("pd,hde->phe", c, W_K) + (b_K if with_bias else 0)
-    if attn.cfg.positional_embedding_type == "rotary":
-        q, k = attn.apply_rotary(q[None])[0], attn.apply_rotary(k[None])[0]
+    q, k = _rotate(attn, q), _rotate(attn, k)
     k = k.repeat_interleave(attn.W_Q.shape[0] // W_K.shape[0], dim=1)
     return q, k
 
@@ -80,7 +116,7 @@ def _attention(comps: list[Tensor], attn, pattern: Tensor, side: str = "value") 
     causal = torch.ones(n_pos, n_pos, dtype=torch.bool).tril()
     uniform = causal.to(pattern.dtype) / causal.sum(-1, keepdim=True)
     q, k = _qk(attn, sum(comps), True)
-    scores = torch.einsum("ihe,jhe->hij", q, k) / attn.attn_scale
+    scores = torch.einsum("ihe,jhe->hij", q, k) / _attn_scale(attn)
     w_pattern = {"value": 0.0, "pattern": 1.0, "symmetric": 0.5}[side]
     mixing = {"value": pattern, "pattern": uniform.expand_as(pattern)}.get(
         side, 0.5 * (pattern + uniform)
@@ -92,7 +128,7 @@ def _attention(comps: list[Tensor], attn, pattern: Tensor, side: str = "value") 
         for h in range(n_heads):
             z = mixing[h] @ values[i][h]
             if w_pattern:
-                share = (q_c[:, h] @ k[:, h].T + q[:, h] @ k_c[:, h].T) / (2 * attn.attn_scale)
+                share = (q_c[:, h] @ k[:, h].T + q[:, h] @ k_c[:, h].T) / (2 * _attn_scale(attn))
                 moved = _moved(scores[h], torch.where(causal, share, 0.0))
                 if i == last:  # the quadrature's remainder keeps the split exact
                     moved = (
@@ -158,14 +194,14 @@ def _weights(shares: Tensor, rule: str, parity: bool, pos: int, bos: bool = True
 
 def _mlp(comps: list[Tensor], mlp, rule: str, parity: bool, bos: bool = True) -> list[Tensor]:
     """Neuron values split among components by ``rule``, then projected by W_out."""
-    gated = hasattr(mlp, "W_gate")
+    gated = getattr(mlp, "W_gate", None) is not None
     gate = [c @ (mlp.W_gate if gated else mlp.W_in) for c in comps]  # each [pos, d_mlp]
     if not gated:
         gate[-1] = gate[-1] + mlp.b_in
     up = [c @ mlp.W_in for c in comps] if gated else None
     g = torch.stack(gate)  # comp pos d_mlp
     real_g = g.sum(0)
-    act = mlp.act_fn(real_g)
+    act = _act(mlp)(real_g)
     value = act * torch.stack(up).sum(0) if up is not None else act
     post = torch.zeros_like(g)
     if rule == "taylor":
@@ -175,10 +211,11 @@ def _mlp(comps: list[Tensor], mlp, rule: str, parity: bool, bos: bool = True) ->
         for p in range(g.shape[1]):
             for n in range(g.shape[2]):
                 post[:, p, n] = _weights(g[:, p, n], rule, parity, p, bos) * value[p, n]
-    if gated:
+    if gated and mlp.b_in is not None:  # the native gated MLP has no b_in
         post[-1] = post[-1] + mlp.b_in
     out = [post[i] @ mlp.W_out for i in range(len(comps))]
-    out[-1] = out[-1] + mlp.b_out
+    if mlp.b_out is not None:  # the native gated MLP of a bias-free model has none
+        out[-1] = out[-1] + mlp.b_out
     return out
 
 
