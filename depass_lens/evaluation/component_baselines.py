@@ -8,6 +8,7 @@ norm and random are unsigned. ``registry.component_sign`` records this for the r
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 import einops
@@ -70,6 +71,25 @@ def _sum_over_positions(
     return einops.einsum(x, weight, "b p c w, b p -> b c")
 
 
+def _first_order(
+    model: TLModel,
+    tokens: Int[Tensor, "batch pos"],
+    metric: Metric,
+    level: Level,
+    attention_mask: Tensor | None,
+    step: Callable[[LevelSpec, Tensor], Tensor],
+) -> Float[Tensor, "batch n_comp"]:
+    """``step(spec, a_clean) . dmetric/da`` summed over real positions (the gradient family).
+
+    ``step`` is the activation change the method weighs by the gradient: ``a_corrupt - a_clean``
+    for attribution patching, ``a_clean - 0`` for gradient x activation.
+    """
+    spec = resolve_level(model, level)
+    metric = bind_mask(metric, attention_mask)
+    clean, grad = _acts_and_grads(model, tokens, metric, spec, attention_mask)
+    return _sum_over_positions(step(spec, clean) * grad, tokens, attention_mask)
+
+
 def attribution_patching(
     model: TLModel,
     tokens: Int[Tensor, "batch pos"],
@@ -87,11 +107,12 @@ def attribution_patching(
     """
     if corrupted_tokens is None:
         raise ValueError("attribution patching needs corrupted_tokens")
-    spec = resolve_level(model, level)
-    metric = bind_mask(metric, attention_mask)
-    clean, grad = _acts_and_grads(model, tokens, metric, spec, attention_mask)
-    corrupt = spec.stack(component_activations(model, spec, corrupted_tokens, attention_mask))
-    return _sum_over_positions((corrupt - clean) * grad, tokens, attention_mask)
+
+    def patch(spec: LevelSpec, clean: Tensor) -> Tensor:
+        corrupt = component_activations(model, spec, corrupted_tokens, attention_mask)
+        return spec.stack(corrupt) - clean
+
+    return _first_order(model, tokens, metric, level, attention_mask, patch)
 
 
 def gradient_x_activation(
@@ -105,11 +126,7 @@ def gradient_x_activation(
     attention_mask: Tensor | None = None,
 ) -> Float[Tensor, "batch n_comp"]:
     """``a . dmetric/da`` over positions: first-order ``metric(clean) - metric(zero-ablated)``."""
-    spec = resolve_level(model, level)
-    acts, grad = _acts_and_grads(
-        model, tokens, bind_mask(metric, attention_mask), spec, attention_mask
-    )
-    return _sum_over_positions(acts * grad, tokens, attention_mask)
+    return _first_order(model, tokens, metric, level, attention_mask, lambda _, clean: clean)
 
 
 @torch.no_grad()

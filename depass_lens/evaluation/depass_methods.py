@@ -53,6 +53,21 @@ def _attribute(engine: Any, *args: Any, **kwargs: Any) -> Any:
         return engine.attribute(*args, **kwargs)
 
 
+def _token_shares(
+    model: TLModel,
+    tokens: Int[Tensor, "batch pos"],
+    target: Any,
+    rule: str,
+    attention: str,
+    attention_mask: Tensor | None,
+) -> Float[Tensor, "batch pos"]:
+    """Each input token's share of ``target`` (DePass from the input embeddings)."""
+    dp = _engine()
+    engine = dp.DePass(model, rule=rule, attention=attention, progress=False)
+    attribution = _attribute(engine, tokens, target, dp.Tokens(), attention_mask=attention_mask)
+    return attribution.tokens()[:, 0]
+
+
 def depass_target(metric: Metric) -> Any:
     """The engine target for a logit or logit-difference :class:`AnswerMetric`."""
     dp = _engine()
@@ -73,12 +88,8 @@ def depass_token_method(rule: str = "taylor", attention: str = "value") -> Token
         *,
         attention_mask: Tensor | None = None,
     ) -> Float[Tensor, "batch pos"]:
-        dp = _engine()
-        engine = dp.DePass(model, rule=rule, attention=attention, progress=False)
-        attribution = _attribute(
-            engine, tokens, depass_target(metric), dp.Tokens(), attention_mask=attention_mask
-        )
-        return attribution.tokens()[:, 0]
+        target = depass_target(metric)
+        return _token_shares(model, tokens, target, rule, attention, attention_mask)
 
     method.__name__ = method_name(rule, attention).replace("-", "_") + "_tokens"
     return method
@@ -162,9 +173,7 @@ def depass_subspace_method(rule: str = "taylor", attention: str = "value") -> Su
             raise ValueError("DePass subspace method reads one position, not 'all'")
         dp = _engine()
         target = dp.Direction(probe.direction, pos=probe.pos, hook=probe.hook, name="probe")
-        engine = dp.DePass(model, rule=rule, attention=attention, progress=False)
-        attribution = _attribute(engine, tokens, target, dp.Tokens(), attention_mask=attention_mask)
-        return attribution.tokens()[:, 0]
+        return _token_shares(model, tokens, target, rule, attention, attention_mask)
 
     method.__name__ = method_name(rule, attention).replace("-", "_") + "_subspace"
     return method

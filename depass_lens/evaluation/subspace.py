@@ -32,13 +32,13 @@ from depass_lens.evaluation.token_baselines import (
     gradient_x_input_of,
     integrated_gradients_of,
     mean_pattern,
-    seeded_uniform,
+    random_token_scores,
 )
 from depass_lens.evaluation.token_masking import (
     Masking,
-    default_fill_id,
     mask_tokens,
     maskable_positions,
+    masking_defaults,
     top_fraction,
 )
 
@@ -146,8 +146,7 @@ def probe_masking_curve(
     one that pushes it up. ``protect_query`` protects the probe's position (not with ``pos="all"``).
     ``relative_change`` is ``mean |r - r_clean| / mean |r_clean|``.
     """
-    fill_id = default_fill_id(model) if fill_id is None else fill_id
-    protect_bos = make_adapter(model).default_prepend_bos if protect_bos is None else protect_bos
+    fill_id, protect_bos = masking_defaults(model, fill_id, protect_bos)
     shape = tuple(tokens.shape)
     positions = probe.positions(shape, attention_mask)  # type: ignore[arg-type]
     query = positions if positions is not None else real_positions(-1, shape, attention_mask)  # type: ignore[arg-type]
@@ -270,5 +269,4 @@ def probe_random(
     seed: int = 0,
 ) -> Float[Tensor, "batch pos"]:
     """Uniform random scores (seeded)."""
-    scores = seeded_uniform(tuple(tokens.shape), seed).to(tokens.device)
-    return scores * real_mask(tokens, attention_mask).to(scores)
+    return random_token_scores(tokens, attention_mask, seed)

@@ -29,15 +29,17 @@ from depass_lens.evaluation.metrics import (
     real_mask,
 )
 from depass_lens.evaluation.token_level import masked_final_logits
-from depass_lens.evaluation.token_masking import Masking, default_fill_id, maskable_positions
+from depass_lens.evaluation.token_masking import Masking, maskable_positions, masking_defaults
 
 #: ``objective(model, resid, forward_kwargs) -> [batch]``: a scalar per prompt, computed by
 #: running ``model`` from the residual input ``resid`` (``start_at_layer=0``).
 Objective = Callable[[TLModel, Tensor, dict[str, Any]], Float[Tensor, " batch"]]
 
 
-def metric_objective(metric: Metric) -> Objective:
-    """The objective "``metric`` of the logits"."""
+def metric_objective(metric: Metric, attention_mask: Tensor | None = None) -> Objective:
+    """The objective "``metric`` of the logits" (positions counted among ``attention_mask``'s
+    real tokens, as :func:`~depass_lens.evaluation.metrics.bind_mask` does)."""
+    metric = bind_mask(metric, attention_mask)
 
     def objective(model: TLModel, resid: Tensor, kwargs: dict[str, Any]) -> Tensor:
         return metric(model(resid, start_at_layer=0, **kwargs))
@@ -179,6 +181,14 @@ def seeded_uniform(shape: tuple[int, ...], seed: int) -> Tensor:
     return torch.rand(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
 
 
+def random_token_scores(
+    tokens: Int[Tensor, "batch pos"], attention_mask: Tensor | None, seed: int
+) -> Float[Tensor, "batch pos"]:
+    """Seeded uniform scores per token, 0 at pad positions (the token and subspace baseline)."""
+    scores = seeded_uniform(tuple(tokens.shape), seed).to(tokens.device)
+    return _masked(scores, tokens, attention_mask)
+
+
 # ---------------------------------------------------------------------- registered signatures
 def gradient_norm(
     model: TLModel,
@@ -188,7 +198,7 @@ def gradient_norm(
     attention_mask: Tensor | None = None,
 ) -> Float[Tensor, "batch pos"]:
     """L2 norm of the metric's gradient w.r.t. each input embedding (unsigned)."""
-    objective = metric_objective(bind_mask(metric, attention_mask))
+    objective = metric_objective(metric, attention_mask)
     return gradient_norm_of(model, tokens, objective, attention_mask)
 
 
@@ -200,7 +210,7 @@ def gradient_x_input(
     attention_mask: Tensor | None = None,
 ) -> Float[Tensor, "batch pos"]:
     """``<grad, input embedding>`` per token: first-order contribution of each token."""
-    objective = metric_objective(bind_mask(metric, attention_mask))
+    objective = metric_objective(metric, attention_mask)
     return gradient_x_input_of(model, tokens, objective, attention_mask)
 
 
@@ -220,7 +230,7 @@ def integrated_gradients(
     norm layer the path jumps near 0 (``LN(alpha x)`` is constant but for ``eps``), which needs
     many more steps.
     """
-    objective = metric_objective(bind_mask(metric, attention_mask))
+    objective = metric_objective(metric, attention_mask)
     return integrated_gradients_of(
         model, tokens, objective, attention_mask, steps, rule, progress=progress
     )
@@ -261,8 +271,7 @@ def random_tokens(
     seed: int = 0,
 ) -> Float[Tensor, "batch pos"]:
     """Uniform random scores (seeded, so the baseline is reproducible)."""
-    scores = seeded_uniform(tuple(tokens.shape), seed).to(tokens.device)
-    return _masked(scores, tokens, attention_mask)
+    return random_token_scores(tokens, attention_mask, seed)
 
 
 @torch.no_grad()
@@ -284,8 +293,7 @@ def occlusion(
     protected positions; protected and pad positions score 0).
     """
     metric = bind_mask(metric, attention_mask)
-    fill_id = default_fill_id(model) if fill_id is None else fill_id
-    protect_bos = make_adapter(model).default_prepend_bos if protect_bos is None else protect_bos
+    fill_id, protect_bos = masking_defaults(model, fill_id, protect_bos)
     positions = metric_positions(metric, tuple(tokens.shape), attention_mask)  # type: ignore[arg-type]
     maskable = maskable_positions(
         tokens, attention_mask, positions, protect_bos=protect_bos, protect_query=protect_query

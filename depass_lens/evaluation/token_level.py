@@ -19,16 +19,15 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from depass_lens.adapters import make_adapter
 from depass_lens.adapters.base import TLModel
 from depass_lens.evaluation.curves import DEFAULT_GRID, Curve
 from depass_lens.evaluation.forward import final_logits, tile
 from depass_lens.evaluation.metrics import Metric, bind_mask, metric_at, metric_positions
 from depass_lens.evaluation.token_masking import (
     Masking,
-    default_fill_id,
     mask_tokens,
     maskable_positions,
+    masking_defaults,
     top_fraction,
 )
 
@@ -87,8 +86,7 @@ def token_masking_curve(
     if scores.shape != tokens.shape:
         raise ValueError(f"scores {tuple(scores.shape)} do not match tokens {tuple(tokens.shape)}")
     metric = None if metric is None else bind_mask(metric, attention_mask)
-    fill_id = default_fill_id(model) if fill_id is None else fill_id
-    protect_bos = make_adapter(model).default_prepend_bos if protect_bos is None else protect_bos
+    fill_id, protect_bos = masking_defaults(model, fill_id, protect_bos)
     positions = metric_positions(metric, tuple(tokens.shape), attention_mask)  # type: ignore[arg-type]
     clean = final_logits(model, tokens, positions, attention_mask=attention_mask)
     answers = clean.argmax(-1) if answer_ids is None else answer_ids.to(clean.device)

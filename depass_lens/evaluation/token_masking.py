@@ -21,6 +21,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from depass_lens.adapters import make_adapter
 from depass_lens.adapters.base import TLModel
 from depass_lens.evaluation.metrics import real_mask
 
@@ -35,6 +36,16 @@ def default_fill_id(model: TLModel) -> int:
         if value is not None:
             return int(value)
     return 0
+
+
+def masking_defaults(
+    model: TLModel, fill_id: int | None, protect_bos: bool | None
+) -> tuple[int, bool]:
+    """``fill_id`` (default: :func:`default_fill_id`) and ``protect_bos`` (default: whether the
+    model prepends BOS), as every masking protocol resolves them."""
+    fill_id = default_fill_id(model) if fill_id is None else fill_id
+    protect_bos = make_adapter(model).default_prepend_bos if protect_bos is None else protect_bos
+    return fill_id, protect_bos
 
 
 def maskable_positions(
