@@ -83,6 +83,9 @@ RATIO_LOG_KEYS = 6.0
 #: A row whose remainder stays above the tolerance (``exact=True``) has its nodes per panel doubled
 #: while its total stays at most this.
 MAX_NODES = 512
+#: Rows stop doubling once their remainder is within this many roundings (``eps`` of the pattern's
+#: dtype) of the pattern: below that, more nodes only move rounding about.
+ROUNDING_FLOOR = 4
 #: Elements of the node-pattern stack ``[rows, nodes, keys]`` per chunk (cache-sized on the CPU).
 CHUNK_ELEMENTS = {"cpu": 2**19, "other": 2**25}
 
@@ -165,6 +168,8 @@ class IntegratedSoftmax:
         self._remainder: Tensor | None = None
         self._keep_bytes = KEEP_PATTERNS_BYTES if exact else 0  # adjoint mode applies M once
         self._stats = _row_stats(scores, allowed, self._budget)
+        # computed in float32 at least (half-precision inputs get their own dtype back)
+        self._work = torch.promote_types(scores.dtype, torch.float32)
         spread, keys = self._stats.spread, self._stats.keys
         rows = np.flatnonzero(keys > 0)  # rows without keys (padding) have M = 0
         if nodes is not None:
@@ -181,17 +186,27 @@ class IntegratedSoftmax:
         if not exact:  # gradients only (adjoint mode): no remainder
             self.error = float("nan")
             return
-        dtype = scores.dtype
-        target = pattern.to(dtype) - self.uniform
-        scale = target.abs().max().clamp_min(torch.finfo(dtype).tiny)
+        uniform = self._uniform_in(self._work)
+        if scores.dtype == self._work:
+            self._uniform = uniform
+        target = pattern.to(self._work) - uniform
+        scale = target.abs().max().clamp_min(torch.finfo(self._work).tiny)
         remainder = target - self._moved(self._chunks)
         self.error = float(remainder.abs().max() / scale)
+        # More nodes cannot take a row's remainder below the rounding of the pattern it is given
+        # (a float32 softmax over many keys can be off by tens of eps): rows stop at a floor, and
+        # once doubling their nodes failed to halve their remainder (Gauss-Legendre converges
+        # much faster than that, so what is left is rounding).
+        floor = max(tolerance * float(scale), ROUNDING_FLOOR * torch.finfo(pattern.dtype).eps)
+        stalled = np.zeros(keys.shape, dtype=bool)
+        failing = np.zeros(0, dtype=np.int64)
+        before = np.zeros(keys.shape)
         while nodes is None and self.error > tolerance:
             row_error = remainder.abs().amax(-1).reshape(-1).cpu().numpy()
+            stalled[failing] = row_error[failing] > before[failing] / 2
+            before = row_error
             total = self._per_panel * self._panels
-            failing = np.flatnonzero(
-                (row_error > tolerance * float(scale)) & (2 * total <= MAX_NODES)
-            )
+            failing = np.flatnonzero((row_error > floor) & ~stalled & (2 * total <= MAX_NODES))
             if not failing.size:
                 break
             self._per_panel[failing] *= 2
@@ -210,6 +225,8 @@ class IntegratedSoftmax:
             b, h, q = _unflatten(torch.from_numpy(failing).to(scores.device), self._shape)
             remainder[b, h, q] = target[b, h, q] - self._moved(redone)[b, h, q]
             self.error = float(remainder.abs().max() / scale)
+        if scores.dtype != self._work:  # back to the scores' dtype, with its rounding of U
+            remainder = (remainder + (uniform - self.uniform.to(self._work))).to(scores.dtype)
         self._remainder = remainder
 
     # ------------------------------------------------------------------ public attributes
@@ -229,9 +246,12 @@ class IntegratedSoftmax:
     def uniform(self) -> Float[Tensor, "batch head query key"]:
         """``U``: the pattern of equal scores (zero on rows without keys)."""
         if self._uniform is None:
-            count = self._stats.counts.clamp_min(1).to(self._raw.dtype).unsqueeze(-1)
-            self._uniform = torch.where(self.allowed, 1 / count, 0.0).expand(self._shape)
+            self._uniform = self._uniform_in(self._raw.dtype)
         return self._uniform
+
+    def _uniform_in(self, dtype: torch.dtype) -> Tensor:
+        count = self._stats.counts.clamp_min(1).to(dtype).unsqueeze(-1)
+        return torch.where(self.allowed, 1 / count, 0.0).expand(self._shape)
 
     @property
     def remainder(self) -> Float[Tensor, "batch head query key"]:
@@ -274,18 +294,18 @@ class IntegratedSoftmax:
         """
         out_q = queries.new_zeros(queries.shape)
         out_k = keys.new_zeros(keys.shape)
+        dtype = torch.promote_types(left.dtype, self._work)
         for chunk in self._chunks:
             patterns = self._node_patterns(chunk)
             keys_span = slice(chunk.lo, chunk.hi)
             tiles = [
-                left[b, chunk.q[start:stop], h]
-                @ right[b, keys_span, h].transpose(0, 1).to(left.dtype)
+                left[b, chunk.q[start:stop], h].to(dtype)
+                @ right[b, keys_span, h].transpose(0, 1).to(dtype)
                 for start, stop, b, h in chunk.segments
             ]
             tile = torch.cat(tiles) if len(tiles) > 1 else tiles[0]
-            moved = _combine(
-                patterns.to(tile.dtype), chunk.weights.to(tile.dtype), tile.unsqueeze(1)
-            )[:, 0]
+            tile = self._centred(chunk, slice(None), tile.unsqueeze(1))
+            moved = _combine(patterns.to(dtype), chunk.weights.to(dtype), tile)[:, 0]
             if ratio is not None:
                 moved = moved * ratio[chunk.b, chunk.h, chunk.q, keys_span].to(moved.dtype)
             for start, stop, b, h in chunk.segments:
@@ -298,16 +318,20 @@ class IntegratedSoftmax:
     def _apply(self, shares: Tensor) -> Tensor:
         out = torch.zeros_like(shares)
         n_comp = shares.shape[1]
+        dtype = torch.promote_types(shares.dtype, self._work)
         for chunk in self._chunks:
             patterns = self._node_patterns(chunk)
             step = max(1, self._budget // max(1, n_comp * (chunk.hi - chunk.lo)))
             for start in range(0, len(chunk.b), step):
                 part = slice(start, start + step)
                 b, h, q = chunk.b[part], chunk.h[part], chunk.q[part]
-                v = shares[b, :, h, q, chunk.lo : chunk.hi]  # [rows, comp, keys]
-                out[b, :, h, q, chunk.lo : chunk.hi] = _combine(
-                    patterns[part].to(v.dtype), chunk.weights[part].to(v.dtype), v
+                v = shares[b, :, h, q, chunk.lo : chunk.hi].to(dtype)  # [rows, comp, keys]
+                moved = _combine(
+                    patterns[part].to(dtype),
+                    chunk.weights[part].to(dtype),
+                    self._centred(chunk, part, v),
                 )
+                out[b, :, h, q, chunk.lo : chunk.hi] = moved.to(out.dtype)
         return out
 
     # ------------------------------------------------------------------ internals
@@ -315,11 +339,32 @@ class IntegratedSoftmax:
         _, n_head, n_query, _ = self._shape
         return (chunk.b * n_head + chunk.h) * n_query + chunk.q
 
+    def _centred(self, chunk: _Chunk, part: slice, v: Tensor) -> Tensor:
+        """``v`` (``[rows, comp, keys]``, the rows ``part`` of ``chunk``) less its value at each
+        row's top-scoring key: the same ``M(v)``, since ``M`` ignores a constant per row.
+
+        Near the real pattern (where the quadrature puts most of its weight) ``p_n`` sits on the
+        top keys, so ``p_n * v`` and ``p_n (p_n . v)`` are both about ``v_top`` and cancel to
+        ``M(v)``'s own size: float32 would lose ``|v_top| eps`` per node (``5e-4`` of the
+        pattern for ``v = s`` at a score spread of 500); centred, the cancelling terms are only
+        ``v``'s variation across the keys the pattern holds.
+        """
+        top = self._stats.top[chunk.b[part], chunk.h[part], chunk.q[part]] - chunk.lo
+        return v - v.gather(-1, top.view(-1, 1, 1).expand(-1, v.shape[1], 1))
+
     def _tile(self, chunk: _Chunk) -> tuple[Tensor, Tensor]:
-        """The chunk's scores (their change from ``start``, if given) and its mask."""
+        """The chunk's scores (their change from ``start``, if given) less each row's largest, in
+        the working dtype, and its mask.
+
+        ``M`` and ``softmax(alpha s)`` ignore a constant per row, and without it the terms the
+        quadrature sums are ``O(|s|)`` where they cancel to ``O(1)`` (see :meth:`_centred`); the
+        logits ``alpha s`` themselves would also carry ``alpha |s| eps`` of rounding.
+        """
         keys = slice(chunk.lo, chunk.hi)
         allowed = self.allowed.expand(self._shape)[chunk.b, chunk.h, chunk.q, keys]
-        return self._raw.expand(self._shape)[chunk.b, chunk.h, chunk.q, keys], allowed
+        x = self._raw.expand(self._shape)[chunk.b, chunk.h, chunk.q, keys].to(self._work)
+        high = self._stats.high[chunk.b, chunk.h, chunk.q].to(self._work)
+        return x - high.unsqueeze(-1), allowed
 
     def _node_patterns(self, chunk: _Chunk) -> Tensor:
         """``softmax(start + alpha_n s)`` of each row at each of its nodes (``start`` 0 unless
@@ -341,10 +386,10 @@ class IntegratedSoftmax:
 
     def _moved(self, chunks: list[_Chunk]) -> Tensor:
         """``M(s)`` on the rows of ``chunks`` (zeros elsewhere)."""
-        moved = torch.zeros(self._shape, dtype=self._raw.dtype, device=self._raw.device)
+        moved = torch.zeros(self._shape, dtype=self._work, device=self._raw.device)
         for chunk in chunks:
             x, allowed = self._tile(chunk)
-            s = torch.where(allowed, x, 0.0).unsqueeze(1)
+            s = torch.where(allowed, x, 0.0).unsqueeze(1)  # already centred: zero at the top key
             m = _combine(self._node_patterns(chunk), chunk.weights, s)
             moved[chunk.b, chunk.h, chunk.q, chunk.lo : chunk.hi] = m[:, 0]
         return moved
@@ -359,7 +404,7 @@ class IntegratedSoftmax:
         total = _slots(total, hi - lo, self._budget)
         order = np.lexsort((query, rows // n_query, total))  # by slots, then batch and head
         rows, total, lo, hi = rows[order], total[order], lo[order], hi[order]
-        device, dtype = self._raw.device, self._raw.dtype
+        device, dtype = self._raw.device, self._work
         index_np = np.stack([rows // (n_head * n_query), rows // n_query % n_head, rows % n_query])
         index = torch.from_numpy(index_np).to(device)
         chunks = []
@@ -411,6 +456,8 @@ class _RowStats:
     counts: Tensor  # the same, [batch, head, query] on the scores' device
     lo: np.ndarray  # [query]: first key any row of that query position may see
     hi: np.ndarray  # [query]: one past the last
+    high: Tensor  # [batch, head, query] on the scores' device: the largest unmasked score (or 0)
+    top: Tensor  # [batch, head, query] int64: its key (0 on rows without keys)
 
 
 def _row_stats(scores: Tensor, allowed: Tensor, budget: int) -> _RowStats:
@@ -422,7 +469,9 @@ def _row_stats(scores: Tensor, allowed: Tensor, budget: int) -> _RowStats:
     lo_np, hi_np = lo.cpu().numpy().astype(np.int64), hi.cpu().numpy().astype(np.int64)
     hi_np = np.where(seen.gather(-1, lo.unsqueeze(-1))[:, 0].cpu().numpy(), hi_np, lo_np)
     spread = torch.zeros(n_batch, n_head, n_query, dtype=scores.dtype, device=scores.device)
+    highest = torch.zeros_like(spread)
     keys = torch.zeros(n_batch, n_head, n_query, dtype=torch.int64, device=scores.device)
+    top = torch.zeros_like(keys)
     s, a = scores.expand(shape), allowed.expand(shape)
     step = max(1, budget // max(1, n_batch * n_head * n_key))
     for start in range(0, n_query, step):
@@ -431,17 +480,21 @@ def _row_stats(scores: Tensor, allowed: Tensor, budget: int) -> _RowStats:
         if k1 <= k0:
             continue
         x, m = s[:, :, start:stop, k0:k1], a[:, :, start:stop, k0:k1]
-        high = torch.where(m, x, -torch.inf).amax(-1)
+        high, arg = torch.where(m, x, -torch.inf).max(-1)
         low = torch.where(m, x, torch.inf).amin(-1)
         count = m.sum(-1)
         keys[:, :, start:stop] = count
         spread[:, :, start:stop] = torch.where(count > 0, high - low, 0.0)
+        highest[:, :, start:stop] = torch.where(count > 0, high, 0.0)
+        top[:, :, start:stop] = arg + k0
     return _RowStats(
         spread.reshape(-1).double().cpu().numpy(),
         keys.reshape(-1).cpu().numpy(),
         keys,
         lo_np,
         hi_np,
+        highest,
+        top,
     )
 
 

@@ -98,18 +98,94 @@ def test_moves_the_pattern_exactly(spread):
     assert bool(torch.isfinite(moved).all())
 
 
-@pytest.mark.parametrize("spread", [5.0, 500.0])
-def test_float32(spread):
-    allowed = causal(1, 4, 64)
-    scores = random_scores(allowed, spread, seed=2, dtype=torch.float32)
+@pytest.mark.parametrize("offset", [0.0, 300.0])
+@pytest.mark.parametrize("spread", [1.0, 5.0, 20.0, 100.0, 500.0, 2000.0])
+def test_float32_reconstructs_the_pattern(spread, offset):
+    """float32 gives ``M(s) + remainder + U == A`` to float32 precision at any score spread and
+    offset, and ``M(s)`` itself within the same bound of float64's (same rule).
+
+    ``M`` ignores a constant per row, so the quadrature runs on scores less their row's largest
+    and on shares less their value at the row's top key: every term it sums is then of the
+    pattern's own size (at most 1) and each node's rounding is a few ``eps`` of the pattern,
+    whatever the spread, so both gaps are within ``8 eps`` (about 1e-6; measured at most 0.5
+    and 3 ``eps``). Uncentred, ``p_n * s`` and ``p_n (p_n . s)`` are ``O(|s|)`` and cancel to
+    ``O(1)``: the error grew as ``|s| eps`` (1.9e-4 = 1600 ``eps`` at spread 500, 3e-6 at 20).
+    """
+    allowed = causal(2, 3, 40, pad=3)
+    scores = random_scores(allowed, spread, seed=2, dtype=torch.float32) + offset
     pattern = softmax(scores, allowed)
     integrated = IntegratedSoftmax(scores, allowed, pattern)
     moved = integrated.apply(integrated.scores.unsqueeze(1))[:, 0]
-    assert moved.dtype == torch.float32
-    torch.testing.assert_close(moved + integrated.remainder + integrated.uniform, pattern)
+    assert moved.dtype == integrated.remainder.dtype == torch.float32
+    bound = 8 * torch.finfo(torch.float32).eps
+    rebuilt = moved + integrated.remainder + integrated.uniform
+    torch.testing.assert_close(rebuilt, pattern, rtol=0, atol=bound)
+    double = IntegratedSoftmax(scores.double(), allowed, pattern.double(), exact=False)
+    assert (double._per_panel * double._panels == integrated._per_panel * integrated._panels).all()
+    want = double.apply(integrated.scores.double().unsqueeze(1))[:, 0]
+    torch.testing.assert_close(moved.double(), want, rtol=0, atol=bound)
+
+
+@pytest.mark.parametrize("spread", [5.0, 500.0])
+def test_float32(spread):
+    """``M(v)`` of unit shares in float32 against the brute-force reference: within 1e-5 of its
+    largest entry (the quadrature's 3e-7 and float32's rounding of each node, a few ``eps``)."""
+    allowed = causal(1, 4, 64)
+    scores = random_scores(allowed, spread, seed=2, dtype=torch.float32)
+    integrated = IntegratedSoftmax(scores, allowed, softmax(scores, allowed))
     v = shares_like(allowed, 3, seed=3)
     want = reference(scores, allowed, v, panels=250 if spread < 100 else 1000)
     assert gap(integrated.apply(v.float()), want) <= 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_scores(dtype):
+    """Half-precision scores are integrated in float32 and given back in their own dtype: ``M(s)``
+    is float32's rounded once (within ``eps`` of that dtype, values at most 1), the reconstruction
+    holds to that dtype's three roundings (``2 eps``), and the rows keep float32's rule (the
+    pattern's own rounding is no reason for more nodes)."""
+    allowed = causal(1, 4, 48)
+    scores = random_scores(allowed, 100.0, seed=30).to(dtype)
+    pattern = softmax(scores.float(), allowed).to(dtype)
+    integrated = IntegratedSoftmax(scores, allowed, pattern)
+    moved = integrated.apply(integrated.scores.unsqueeze(1))[:, 0]
+    assert moved.dtype == integrated.remainder.dtype == integrated.uniform.dtype == dtype
+    eps = torch.finfo(dtype).eps
+    rebuilt = moved.double() + integrated.remainder.double() + integrated.uniform.double()
+    torch.testing.assert_close(rebuilt, pattern.double(), rtol=0, atol=2 * eps)
+    single = IntegratedSoftmax(scores.float(), allowed, softmax(scores.float(), allowed))
+    assert integrated.n_nodes <= single.n_nodes
+    want = single.apply(single.scores.unsqueeze(1))[:, 0]
+    torch.testing.assert_close(moved.double(), want.double(), rtol=0, atol=eps)
+
+
+def test_the_pattern_rounding_buys_no_nodes():
+    """A pattern is only as exact as its dtype, and the remainder keeps that rounding; more nodes
+    cannot remove it, so float32 rows keep float64's rule (doubled once at most: a doubling that
+    does not halve a row's remainder is its last).
+
+    Two cases: one key 16.8 above 799 others, where float32's softmax drops most of the others'
+    ``e^-16.8`` from its sum (its top entry is off by up to ``K e^-16.8``, about 350 ``eps``, on
+    CPUs whose sum loses them), and a nearly uniform layer, whose ``|A - U|`` is so small that
+    ``eps`` of ``A`` is above the relative tolerance. ``M(s)`` itself stays within 1e-6 (the
+    tolerance, on the float64 pattern of the same scores).
+    """
+    n = 800
+    gen = torch.Generator().manual_seed(31)
+    gaps = torch.tensor([16.8, 17.5, 18.3, 19.9]).view(1, 1, 4, 1)
+    wide = -gaps + 1e-3 * torch.randn(1, 1, 4, n, generator=gen)
+    wide[..., 0] = 0.0
+    narrow = random_scores(causal(1, 2, 64), 0.01, seed=32, dtype=torch.float32)
+    for scores, allowed in (
+        (wide, torch.ones(wide.shape, dtype=torch.bool)),
+        (narrow, causal(1, 2, 64)),
+    ):
+        single = IntegratedSoftmax(scores, allowed, softmax(scores, allowed))
+        double = IntegratedSoftmax(scores.double(), allowed, softmax(scores.double(), allowed))
+        assert single.n_nodes <= 2 * double.n_nodes
+        exact = softmax(scores.double(), allowed) - double.uniform
+        moved = single.apply(single.scores.unsqueeze(1))[:, 0]
+        assert float((moved.double() - exact).abs().max()) <= 1e-6 * float(exact.abs().max())
 
 
 @pytest.mark.parametrize("spread", [0.05, 1.0, 7.0, 30.0, 300.0, 5000.0])
