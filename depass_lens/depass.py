@@ -26,6 +26,7 @@ from transformer_lens.utilities import get_attention_mask
 from depass_lens.adapters import ModelAdapter, make_adapter
 from depass_lens.adapters.base import TLModel
 from depass_lens.adjoint import linearised_forward, target_scalar
+from depass_lens.cache_check import refuse_stale_cache
 from depass_lens.circuits.graph import Graph
 from depass_lens.circuits.spec import GraphNodes
 from depass_lens.decomposition import ComponentLabel, check_lossless
@@ -36,7 +37,7 @@ from depass_lens.propagate import DecomposedTransformer, PropagationContext
 from depass_lens.qk import AttentionSplit, get_attention_split
 from depass_lens.readout import Prepared, Readout, read_target
 from depass_lens.results import Attribution, DecomposedCache
-from depass_lens.rules import MLPRule, TaylorRule, get_rule
+from depass_lens.rules import MLPRule, ReferenceParity, TaylorRule, get_rule
 from depass_lens.sources import Source, SourceContext, Tokens, as_source
 from depass_lens.targets import FINAL, Target, TargetContext, as_targets
 
@@ -68,12 +69,16 @@ class DePass:
             circuit), ``"value"`` (DePass as published: patterns frozen, credit through the
             values only), or an :class:`~depass_lens.qk.AttentionSplit`. ``None`` (default):
             ``"symmetric"`` where the model's QK path can be followed exactly, else ``"value"``
-            (chosen from the faithfulness and speed measurements in ``docs/qk.md``).
+            (chosen from the faithfulness and speed measurements in ``docs/qk.md``); with a
+            :class:`~depass_lens.rules.ReferenceParity` rule, ``"value"`` (the reference's
+            convention; it refuses the QK-aware splits).
         chunk_size: components propagated at once in forward mode; ``None`` picks one from
             ``memory_budget``.
         memory_budget: bytes forward mode may use for intermediates (default: a quarter of the free
             memory of the model's device).
         check: verify losslessness against the real activations at every cached residual hook.
+            A cache passed in is compared with the model whatever this says (a stale one is
+            refused), and hooks left on the model are refused by every call.
         progress: show a tqdm bar when a call has several start points or many targets.
     """
 
@@ -91,10 +96,12 @@ class DePass:
         self.adapter = make_adapter(model)
         self.model = model
         self.rule = get_rule(rule)
+        self._attention_given = attention is not None
         if attention is None:  # the QK-aware split where the model allows it
+            reference = isinstance(self.rule, ReferenceParity)
             problems = self.adapter.qk_problems()
-            attention = "value" if problems else "symmetric"
-            if problems:  # say why the QK-aware default is not used
+            attention = "value" if reference or problems else "symmetric"
+            if problems and not reference:  # say why the QK-aware default is not used
                 warnings.warn(
                     "DePass: attention defaults to 'value' (patterns frozen, no query/key credit) "
                     "because the QK path of this model cannot be followed exactly: "
@@ -104,6 +111,7 @@ class DePass:
                     stacklevel=2,
                 )
         self.attention = get_attention_split(attention)
+        _refuse_mixed_conventions(self.rule, self.attention)
         if self.attention.uses_pattern:
             self.adapter.check_qk_supported()  # refuse up front, not mid-run
         self.chunk_size = chunk_size
@@ -139,13 +147,9 @@ class DePass:
                 raise DePassInputError(
                     "the input is text but the model has no tokenizer; pass token ids"
                 )
-            kwargs: dict[str, Any] = {}
-            if prepend_bos is not None:
-                kwargs["prepend_bos"] = prepend_bos
-            if padding_side is not None:
-                kwargs["padding_side"] = padding_side
             text = input if isinstance(input, str) else list(input)
-            tokens = model.to_tokens(text, **kwargs)
+            # never truncated: a prompt past n_ctx is refused with its length below
+            tokens = self.adapter.to_tokens(text, prepend_bos, padding_side)
             _reject_unknown(model, tokens, input)
             if (
                 attention_mask is None
@@ -194,7 +198,38 @@ class DePass:
                     "(names_filter=None caches everything) or let DePass run the model"
                 )
         frozen = FrozenActivations(self.adapter, cache, prepared.tokens, prepared.attention_mask)
+        if user_cache:  # of this model as it is now, on this input and mask
+            refuse_stale_cache(self.adapter, cache, prepared.tokens, prepared.attention_mask)
         return frozen, user_cache
+
+    def _settings(
+        self, rule: str | MLPRule | None, attention: str | AttentionSplit | None
+    ) -> tuple[MLPRule, AttentionSplit]:
+        """A call's MLP rule and attention split: its own, else the wrapper's.
+
+        :class:`~depass_lens.rules.ReferenceParity` takes the reference's value split where no
+        split was asked for, and refuses a QK-aware one that was."""
+        the_rule = get_rule(rule) if rule is not None else self.rule
+        if attention is not None:
+            split, given = get_attention_split(attention), True
+        else:
+            split, given = self.attention, self._attention_given
+        if isinstance(the_rule, ReferenceParity) and split.uses_pattern and not given:
+            split = get_attention_split("value")
+        _refuse_mixed_conventions(the_rule, split)
+        return the_rule, split
+
+    def _refuse_engine_hooks(self, call: str) -> None:
+        """Hooks a user keeps on :attr:`engine` act on :meth:`run`; attribution would follow them
+        in forward mode only (adjoint mode and graphs never run the engine), so it refuses."""
+        hooked = [repr(n) for n, point in self.engine.hook_dict.items() if point.has_hooks()]
+        if hooked:
+            raise DePassInputError(
+                f"the decomposed pass (dp_model.engine) carries hooks on {', '.join(hooked)}; "
+                f"they act on run(), but {call} would follow them in forward mode and not in "
+                "adjoint mode or graphs. Remove them (dp_model.engine.reset_hooks()) or "
+                "intervene through run(..., fwd_hooks=...)"
+            )
 
     def _qk_hooks(self) -> list[str]:
         """Cache entries the QK path reads at every layer (pattern-side split, score hooks)."""
@@ -286,8 +321,9 @@ class DePass:
                 Keeping ``attn.hook_attn_scores`` also splits every score among the components.
             fwd_hooks: ``(name, fn)`` hooks on the decomposed run, e.g. to zero a component.
         """
+        self.adapter.refuse_foreign_hooks()
         source = source or Tokens()
-        split = get_attention_split(attention) if attention is not None else self.attention
+        the_rule, split = self._settings(rule, attention)
         prepared = self.prepare(input, attention_mask)
         starts = source.start_hooks(self.adapter)
         if len(starts) != 1:
@@ -310,7 +346,9 @@ class DePass:
         frozen, user_cache = self._frozen(prepared, cache, names)
         sctx = SourceContext(self.adapter, frozen.cache, prepared.tokens, prepared.str_tokens)
         (decomposition,) = source.decompositions(sctx)
-        ctx = self._context(prepared, frozen, user_cache, rule, decomposition.n_components, split)
+        ctx = self._context(
+            prepared, frozen, user_cache, the_rule, decomposition.n_components, split
+        )
         if fwd_hooks or any(hp.has_hooks() for hp in self.engine.hook_points()):
             ctx.checker = None  # an intervention changes the sums on purpose
         cache_dict, caching_hooks, _ = self.engine.get_caching_hooks(names_filter)
@@ -358,6 +396,7 @@ class DePass:
 
         Uses adjoint mode: one forward over the final sequence and one backward per new token.
         """
+        self.adapter.refuse_foreign_hooks()  # before generating with them
         return generate_and_cite(
             self,
             prompt,
@@ -402,10 +441,11 @@ class DePass:
         start point, the scores (with ``rest`` and ``bias``) sum to the real target value.
         ``rule`` and ``attention`` override the wrapper's MLP rule and attention split.
         """
+        self.adapter.refuse_foreign_hooks()
+        self._refuse_engine_hooks("attribute()")
         source = as_source(source)
         targets = as_targets(target)
-        the_rule = get_rule(rule) if rule is not None else self.rule
-        split = get_attention_split(attention) if attention is not None else self.attention
+        the_rule, split = self._settings(rule, attention)
         prepared = self.prepare(input, attention_mask)
         self._validate_read_hooks(targets)
         self._validate_order(source, targets)
@@ -482,6 +522,8 @@ class DePass:
         )
         from depass_lens.circuits.spec import as_graph_nodes  # noqa: PLC0415
 
+        self.adapter.refuse_foreign_hooks()
+        self._refuse_engine_hooks("graph()")
         check_graph_supported(self.adapter, contrast is not None, linearisation)
         the_rule = get_rule(rule) if rule is not None else self.rule
         if not isinstance(the_rule, TaylorRule):
@@ -756,4 +798,16 @@ def _reject_unknown(model: TLModel, tokens: Tensor, text: Any) -> None:
         raise DePassInputError(
             f"the input contains words the tokenizer does not know (mapped to {tok.unk_token!r}): "
             f"{text!r}"
+        )
+
+
+def _refuse_mixed_conventions(rule: MLPRule, split: AttentionSplit) -> None:
+    """:class:`ReferenceParity` with a QK-aware split gives neither the reference's numbers nor
+    ours: refuse it, naming the split the reference uses."""
+    if isinstance(rule, ReferenceParity) and split.uses_pattern:
+        raise DePassInputError(
+            f"{rule!r} reproduces the DePass reference, which freezes attention patterns, but "
+            f"the attention split is {split.side!r}; the combination matches neither the "
+            'reference nor DePass\'s own numbers. Use attention="value" (the default with '
+            "ReferenceParity) or a plain rule such as rule='softmax'"
         )

@@ -322,7 +322,10 @@ class ReferenceParity(MLPRule):
     """The DePass reference implementation's conventions around a non-linear rule, for parity.
 
     The paper's numbers were produced with these; they are off by default and only apply when
-    this wrapper is used explicitly. The reference's special cases act on its *first* and *last*
+    this wrapper is used explicitly. The reference freezes attention patterns, so a
+    :class:`~depass_lens.DePass` call with this rule uses ``attention="value"`` where no split
+    was asked for, and refuses ``"symmetric"`` or ``"pattern"`` asked for explicitly (the mix
+    gives neither the reference's numbers nor ours). The reference's special cases act on its *first* and *last*
     components, which the engine finds from the source's labels (:func:`reference_roles`): at
     token level the BOS token and ``bias`` (the reference's remainder "left"); at head, module and
     neuron level ``rest`` (the reference puts it first) and the last head, module or neuron. For

@@ -83,9 +83,9 @@ def resolve_token(adapter: ModelAdapter, token: str | int) -> int:
         raise DePassInputError(
             f"target {token!r} is a string but the model has no tokenizer; pass a token id"
         )
-    ids = model.to_tokens(token, prepend_bos=False)[0].tolist()
+    ids = adapter.to_tokens(token, prepend_bos=False)[0].tolist()  # never cut at n_ctx
     if len(ids) != 1:
-        pieces = model.to_str_tokens(token, prepend_bos=False)
+        pieces = model.to_str_tokens(torch.tensor(ids)) if ids else []
         raise DePassInputError(
             f"target {token!r} is {len(ids)} tokens {pieces}, not one; pick a single-token target "
             "(mind the leading space) or pass a token id"

@@ -279,11 +279,14 @@ def make_text_model(family: str = "gpt2", dtype: torch.dtype = torch.float64) ->
 
 #: Under TransformerLens 4, whole test modules that need what only a HookedTransformer has, and why.
 TL3_MODULES = {
-    "test_zoo_mechanisms.py": "path patching sets HookedTransformer's split-input config flags",
 }
 #: Single tests that need TransformerLens 3, and why.
 TL3_TESTS = {
     "test_training_reduces_the_loss": "zoo training builds HookedTransformers",
+    "test_mechanism_edges_hold_by_path_patching[recall]": (
+        "recall's edges were measured by patching a grouped key/value head's own input; a "
+        "bridge's grouped-query attention has no per-head input (per-node inputs are refused)"
+    ),
     "test_reference_parity_conventions[max]": (
         "checks that a head wins some layer-1 neuron at position 0 under max, a property of "
         "TL 3's random weights; on the native model's weights the rest wins every one"

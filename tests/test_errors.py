@@ -208,8 +208,10 @@ def test_broken_model_state_is_refused(broken, call):
     depass = dp.DePass(model)
     breaks, named = BROKEN[broken]
     breaks(model, tokens)
+    # a hook left on the model is refused by name before anything runs (test_trust_core.py)
+    message = "carries hooks" if broken == "nan_hook" else "model's state is broken"
     try:
-        with pytest.raises(dp.DePassInputError, match="model's state is broken") as info:
+        with pytest.raises(dp.DePassInputError, match=message) as info:
             _calls(depass, tokens)[call]()
     finally:
         model.reset_hooks()

@@ -28,7 +28,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from depass_lens.errors import UnsupportedModelError
+from depass_lens.errors import DePassInputError, UnsupportedModelError
 
 NormKind = Literal["LN", "LNPre", "RMS", "RMSPre", "none"]
 _BLOCK_HOOK = re.compile(r"^blocks\.(\d+)\.(.+)$")
@@ -402,6 +402,67 @@ class ModelAdapter(ABC):
         """The unembedding bias (zeros where the model has none)."""
 
     # ---------------------------------------------------------------- model calls
+    def to_tokens(
+        self,
+        text: str | list[str],
+        prepend_bos: bool | None = None,
+        padding_side: Literal["left", "right"] | None = None,
+    ) -> Int[Tensor, "batch pos"]:
+        """``model.to_tokens`` without its silent cut at ``n_ctx``: a prompt longer than the
+        context keeps every token, so the length check refuses it instead of explaining a prefix
+        (TransformerLens truncates by default)."""
+        kwargs: dict[str, Any] = {"truncate": False}
+        if prepend_bos is not None:
+            kwargs["prepend_bos"] = prepend_bos
+        if padding_side is not None:
+            kwargs["padding_side"] = padding_side
+        return self.model.to_tokens(text, **kwargs)
+
+    def _backend_hook(self, handle: Any) -> bool:
+        """Whether a hook on a hook point was put there by the backend itself (not a user)."""
+        return False
+
+    def foreign_hooks(self) -> list[str]:
+        """The model's hook points that carry hooks DePass did not add (``add_hook``,
+        ``add_perma_hook``, an open ``hooks()`` context), each as ``'name' (n fwd, m bwd)``;
+        a hook point with several names (a bridge's aliases) lists them all. Called on every
+        DePass entry, before DePass adds its own, so it stays a scan of the hook lists."""
+        points: dict[int, tuple[list[str], int, int]] = {}
+        for name, point in self.model.hook_dict.items():
+            fwd = getattr(point, "fwd_hooks", ())
+            bwd = getattr(point, "bwd_hooks", ())
+            if not fwd and not bwd:
+                continue
+            n_fwd = sum(not self._backend_hook(h) for h in fwd)
+            n_bwd = sum(not self._backend_hook(h) for h in bwd)
+            if n_fwd or n_bwd:
+                names = points.setdefault(id(point), ([], n_fwd, n_bwd))[0]
+                names.append(name)
+        found = []
+        for names, n_fwd, n_bwd in points.values():
+            counts = ", ".join(
+                f"{n} {kind}" for n, kind in ((n_fwd, "forward"), (n_bwd, "backward")) if n
+            )
+            found.append(" = ".join(repr(n) for n in names) + f" ({counts})")
+        return found
+
+    def refuse_foreign_hooks(self) -> None:
+        """Raise :class:`DePassInputError` naming every hook a user left on the model.
+
+        A hook changes the model's forward pass, and DePass reads that pass in more than one
+        way (frozen values from a run of the model, weights read directly, an adjoint pass of
+        its own): no mode can honour it consistently, so every entry refuses it by name."""
+        found = self.foreign_hooks()
+        if found:
+            raise DePassInputError(
+                f"the model carries hooks DePass did not add, on {', '.join(found)}. DePass "
+                "explains the model's own forward pass, and a hook changes that pass in some of "
+                "the places DePass reads it and not in others. Remove them first "
+                "(model.reset_hooks(); hooks added with add_perma_hook need "
+                "model.reset_hooks(including_permanent=True)); to intervene on the decomposed "
+                "pass instead, pass fwd_hooks= to DePass.run"
+            )
+
     def hooks(self, fwd_hooks: list[tuple[Any, Callable]]) -> Any:
         """``model.hooks(fwd_hooks=...)``, with hook functions that see and keep on the graph the
         very tensor that flows on (a function returning ``None`` leaves it unchanged)."""

@@ -282,6 +282,14 @@ class BridgeAdapter(ModelAdapter):
     def embed(self, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos d_model"]:
         return self.model.embed(tokens)
 
+    def _backend_hook(self, handle: Any) -> bool:
+        """The permanent relays TransformerLens 4 wires itself (``_wire_symbolic_hooks``: a
+        placeholder component's hook point fired from its sub-components') are the bridge's."""
+        fn = getattr(handle, "user_hook", None)
+        return bool(getattr(handle, "is_permanent", False)) and getattr(
+            fn, "__qualname__", ""
+        ).startswith("_wire_symbolic_hooks.")
+
     def named_weights(self) -> Iterator[tuple[str, Tensor]]:
         """TransformerLens names (``blocks.0.mlp.W_in``), not the wrapped module's paths.
 

@@ -17,6 +17,8 @@ compute the same function:
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import einops
@@ -135,6 +137,21 @@ def _norm(module: nn.Module, state: dict[str, Tensor], prefix: str) -> None:
         bias.copy_(state[prefix + ".b"])
 
 
+@contextmanager
+def _probe_allowed(tokenizer: Any) -> Iterator[None]:
+    """TransformerLens 4's bridge builder encodes ``"a"`` to learn whether the tokenizer adds
+    BOS/EOS; a zoo tokenizer refuses words outside its vocabulary (``_refuse_unknown``), so for
+    the build it lets that probe through (the refusal is back on afterwards)."""
+    if tokenizer is None or not hasattr(tokenizer, "_refuse_unknown"):
+        yield
+        return
+    tokenizer._refuse_unknown = lambda text: None  # shadows the method on this instance
+    try:
+        yield
+    finally:
+        del tokenizer._refuse_unknown
+
+
 def native_bridge(
     config: dict[str, Any],
     state: dict[str, Tensor],
@@ -153,14 +170,15 @@ def native_bridge(
     model = NativeModel(cfg).to(dtype)
     _load(model, cfg, state)
     model.to(device)
-    bridge = build_bridge_from_module(
-        model,
-        architecture="TransformerLensNative",
-        tl_config=cfg,
-        tokenizer=tokenizer,
-        dtype=dtype,
-        model_name=str(config.get("model_name", "native")),
-    )
+    with _probe_allowed(tokenizer):
+        bridge = build_bridge_from_module(
+            model,
+            architecture="TransformerLensNative",
+            tl_config=cfg,
+            tokenizer=tokenizer,
+            dtype=dtype,
+            model_name=str(config.get("model_name", "native")),
+        )
     bridge.enable_compatibility_mode(disable_warnings=True, no_processing=True)
     repair_native_scores(bridge)
     bridge.eval()

@@ -5,7 +5,8 @@ An edge is ``(sender, receiver, type)``: the sender is ``"embed"``, a head ``"L0
 ``"k"``, ``"v"``), an MLP (``"L1.mlp"``, type ``"mlp"``) or the logits (type ``"direct"``).
 Patching the edge runs the clean prompts with one change: the receiver's chosen input (with
 ``model.set_use_split_qkv_input(True)``, the per-head ``blocks.L.hook_q_input``/``hook_k_input``/
-``hook_v_input``; ``blocks.L.hook_mlp_in``; for the logits, the final residual stream) gets the
+``hook_v_input``, on a ``TransformerBridge`` its adapter's own hooks of those names;
+``blocks.L.hook_mlp_in``; for the logits, the final residual stream) gets the
 difference between the sender's output on the corrupted prompts and on the clean prompts added to
 it. Every other component sees the clean sender; everything downstream of the receiver is
 recomputed. The residual stream is a sum, and these hooks sit before the receiver's layer norm,
@@ -33,6 +34,7 @@ from jaxtyping import Int
 from torch import Tensor
 from tqdm import tqdm
 
+from depass_lens.adapters import make_adapter
 from depass_lens.adapters.base import TLModel
 from depass_lens.zoo.ablation import logit_diff
 from depass_lens.zoo.mechanisms import MECHANISMS, Mechanism, paths_path
@@ -133,6 +135,8 @@ class PathPatcher:
         wrong: Int[Tensor, " batch"],
     ) -> None:
         self.model, self.tokens, self.answers, self.wrong = model, tokens, answers, wrong
+        adapter = make_adapter(model)
+        self._bridge = adapter if adapter.backend == "TransformerBridge" else None
 
         def wanted(name: str) -> bool:
             return name.endswith(("hook_z", "hook_mlp_out", "hook_embed", "hook_pos_embed"))
@@ -168,10 +172,13 @@ class PathPatcher:
                     act[:, :, head] += delta
             return act
 
-        with split_inputs(self.model):
-            logits = self.model.run_with_hooks(
-                self.tokens, fwd_hooks=[(name, patch) for name in patches]
-            )
+        hooks = [(name, patch) for name in patches]
+        if self._bridge is not None:  # a bridge's per-head inputs are its adapter's own hooks
+            with self._bridge.split_inputs(), self._bridge.hooks(hooks):
+                logits = self.model(self.tokens)
+        else:
+            with split_inputs(self.model):
+                logits = self.model.run_with_hooks(self.tokens, fwd_hooks=hooks)
         return float(logit_diff(logits, self.answers, self.wrong)) - self.clean
 
     def fraction(self, effect: float) -> float:

@@ -83,7 +83,8 @@ class Task(ABC):
         examples = self.examples(n, split, seed)
 
         def ids(words: list[str]) -> Tensor:
-            return model.to_tokens(" ".join(words), prepend_bos=True)[0]
+            # never cut at n_ctx (TransformerLens's default): a long example is refused later
+            return model.to_tokens(" ".join(words), prepend_bos=True, truncate=False)[0]
 
         def single(word: str) -> int:
             return int(model.to_single_token(word))
