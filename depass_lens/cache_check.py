@@ -17,7 +17,7 @@ from jaxtyping import Int
 from torch import Tensor
 from transformer_lens import ActivationCache
 
-from depass_lens.adapter import ModelAdapter
+from depass_lens.adapters.base import ModelAdapter, Stage
 from depass_lens.decomposition import relative_error, tolerance
 from depass_lens.errors import CacheMismatchError
 
@@ -42,13 +42,11 @@ def refuse_stale_cache(
             "sure the cache is of it in its current state; cache it (names_filter=None caches "
             "everything) or let DePass run the model"
         )
-    stages = ("pre", "mid", "post") if adapter.has_resid_mid else ("pre", "post")
-    names = [
-        adapter.resid_hook(layer, stage)
-        for layer in range(adapter.n_layers)
-        for stage in stages
-        if adapter.resid_hook(layer, stage) in cache.cache_dict
+    stages: tuple[Stage, ...] = ("pre", "mid", "post") if adapter.has_resid_mid else ("pre", "post")
+    every = [
+        adapter.resid_hook(layer, stage) for layer in range(adapter.n_layers) for stage in stages
     ]
+    names = [name for name in every if name in cache.cache_dict]
     mismatches: list[tuple[str, float, float]] = []
 
     def compare(name: str):
