@@ -102,7 +102,7 @@ def test_reference_parity_takes_the_reference_value_split(llama):
     got = default.attribute(tokens, target, source)
     expected = explicit.attribute(tokens, target, source)
     assert got.attention == "value"
-    torch.testing.assert_close(got.scores, expected.scores, rtol=0, atol=1e-12)
+    torch.testing.assert_close(got.scores, expected.scores, rtol=0, atol=1e-10)
     # what the default split used to give differs (so this test fails on the old default)
     symmetric = dp.DePass(model, rule="softmax", attention="symmetric", progress=False)
     value = dp.DePass(model, rule="softmax", attention="value", progress=False)
@@ -116,9 +116,9 @@ def test_reference_parity_takes_the_reference_value_split(llama):
     assert plain.attention.side == "symmetric"
     per_call = plain.attribute(tokens, target, source, rule=rule)
     assert per_call.attention == "value"
-    torch.testing.assert_close(per_call.scores, expected.scores, rtol=0, atol=1e-12)
+    torch.testing.assert_close(per_call.scores, expected.scores, rtol=0, atol=1e-10)
     run = plain.run(tokens, rule=rule)["unembed.hook_in"]
-    torch.testing.assert_close(run, explicit.run(tokens)["unembed.hook_in"], rtol=0, atol=1e-12)
+    torch.testing.assert_close(run, explicit.run(tokens)["unembed.hook_in"], rtol=0, atol=1e-10)
 
 
 @pytest.mark.parametrize("side", ["symmetric", "pattern"])
@@ -183,7 +183,7 @@ def test_hook_left_on_the_model_is_refused_by_name(call, check):
     assert _no_hooks(model, depass.engine)
     _calls(depass, tokens)[call]()  # runs once the hook is gone
     again = depass.attribute(tokens, dp.Logit(3), mode="adjoint").target_values
-    torch.testing.assert_close(again, plain, rtol=0, atol=0)
+    torch.testing.assert_close(again, plain, rtol=0, atol=1e-10)  # fp64, run again
 
 
 def test_every_kind_of_user_hook_is_refused():
@@ -319,7 +319,7 @@ def test_cache_computed_under_a_hook_or_without_the_mask_is_refused():
     _, masked = model.run_with_cache(tokens, attention_mask=mask)
     got = depass.attribute(tokens, dp.Logit(3), mode="forward", cache=masked, attention_mask=mask)
     own = depass.attribute(tokens, dp.Logit(3), mode="forward", attention_mask=mask)
-    torch.testing.assert_close(got.scores, own.scores, rtol=0, atol=1e-12)
+    torch.testing.assert_close(got.scores, own.scores, rtol=0, atol=1e-10)
 
 
 def test_cache_without_the_final_stream_is_refused():
