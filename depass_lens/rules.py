@@ -325,11 +325,12 @@ class ReferenceParity(MLPRule):
     this wrapper is used explicitly. The reference freezes attention patterns, so a
     :class:`~depass_lens.DePass` call with this rule uses ``attention="value"`` where no split
     was asked for, and refuses ``"symmetric"`` or ``"pattern"`` asked for explicitly (the mix
-    gives neither the reference's numbers nor ours). The reference's special cases act on its *first* and *last*
-    components, which the engine finds from the source's labels (:func:`reference_roles`): at
-    token level the BOS token and ``bias`` (the reference's remainder "left"); at head, module and
-    neuron level ``rest`` (the reference puts it first) and the last head, module or neuron. For
-    one neuron at one position the reference's shares are edited, then the inner rule applies:
+    gives neither the reference's numbers nor ours). The reference's special cases act on its
+    *first* and *last* components, which the engine finds from the source's labels
+    (:func:`reference_roles`): at token level the BOS token and ``bias`` (the reference's
+    remainder "left"); at head, module and neuron level ``rest`` (the reference puts it first)
+    and the last head, module or neuron. For one neuron at one position the reference's shares
+    are edited, then the inner rule applies:
 
     1. ``ignore_bos`` (the reference's ``ignore_special_token=True``): the first component's share
        is zeroed, so the BOS token receives no MLP output after position 0;

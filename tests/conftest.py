@@ -278,8 +278,7 @@ def make_text_model(family: str = "gpt2", dtype: torch.dtype = torch.float64) ->
 
 
 #: Under TransformerLens 4, whole test modules that need what only a HookedTransformer has, and why.
-TL3_MODULES = {
-}
+TL3_MODULES: dict[str, str] = {}
 #: Single tests that need TransformerLens 3, and why.
 TL3_TESTS = {
     "test_training_reduces_the_loss": "zoo training builds HookedTransformers",

@@ -148,7 +148,8 @@ def test_cli_turns_input_errors_into_one_line(tmp_path, capsys, monkeypatch):
     argv = ["demo", "--prompt", "When Zebra went to the store", "--out", out]
     message = _fails(argv, capsys, monkeypatch, forbid_model=False)
     assert message.startswith("depass-lens demo: error:") and "'Zebra'" in message
-    message = _fails(["demo", "--sae", "zoo", "--model", "recall", "--out", out], capsys, monkeypatch)
+    argv = ["demo", "--sae", "zoo", "--model", "recall", "--out", out]
+    message = _fails(argv, capsys, monkeypatch)
     assert "ships an SAE for ioi only" in message
     message = _fails(["demo", "--sae", str(tmp_path / "none"), "--out", out], capsys, monkeypatch)
     assert "not a directory" in message
