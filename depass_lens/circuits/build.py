@@ -36,6 +36,7 @@ from depass_lens.circuits.spec import (
     GraphNodes,
     GraphSpec,
     build_spec,
+    check_contrast_alignment,
     neuron_gradients,
     receiver_hooks,
     sender_hooks,
@@ -592,49 +593,6 @@ def check_graph_supported(
         pass
     if contrast and linearisation == "difference":
         check_difference_supported(adapter)
-
-
-def check_contrast_alignment(
-    tokens: Int[Tensor, "batch pos"],
-    attention_mask: Tensor | None,
-    contrast_attention_mask: Tensor | None,
-) -> None:
-    """A contrastive graph pairs each position of a prompt with the same position of its
-    contrast (every per-position node, the secant of every attention pattern, the target's read
-    position): both must have real tokens at the same positions. Refuse, naming the rows and
-    their lengths, where they do not."""
-    if attention_mask is None and contrast_attention_mask is None:
-        return
-    full = torch.ones_like(tokens, dtype=torch.bool)
-    mine = full if attention_mask is None else attention_mask.to(tokens.device).bool()
-    theirs = (
-        full
-        if contrast_attention_mask is None
-        else contrast_attention_mask.to(tokens.device).bool()
-    )
-    if theirs.shape != mine.shape:
-        raise DePassInputError(
-            f"the contrast's attention mask has shape {tuple(theirs.shape)}, the prompts' "
-            f"{tuple(mine.shape)}"
-        )
-    rows = (mine != theirs).any(-1).nonzero().flatten().tolist()
-    if not rows:
-        return
-    lines = []
-    for r in rows[:5]:
-        n_mine, n_theirs = int(mine[r].sum()), int(theirs[r].sum())
-        if n_mine != n_theirs:
-            lines.append(f"row {r}: the prompt has {n_mine} real tokens, its contrast {n_theirs}")
-        else:
-            lines.append(f"row {r}: {n_mine} real tokens each, padded at different positions")
-    more = f" (and {len(rows) - 5} more rows)" if len(rows) > 5 else ""
-    raise DePassInputError(
-        "a contrast is compared with its prompt position by position, so each corrupted prompt "
-        "needs real tokens where its prompt has them (the same token length, padded alike); "
-        + "; ".join(lines)
-        + more
-        + ". Pair prompts of equal token length, or build a graph per length"
-    )
 
 
 def check_conservation(graph: Graph, precision: torch.dtype, slack: float = 100.0) -> None:

@@ -20,7 +20,12 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from depass_lens.adapter import ModelAdapter
-from depass_lens.circuits.spec import GraphSpec, sender_hooks, sender_outputs
+from depass_lens.circuits.spec import (
+    GraphSpec,
+    check_contrast_alignment,
+    sender_hooks,
+    sender_outputs,
+)
 from depass_lens.constants import output_constant
 from depass_lens.errors import DePassInputError
 from depass_lens.frozen import run_frozen_cache
@@ -56,6 +61,10 @@ class EdgePatcher:
         ablation: ``"corrupt"`` (each prompt's counterfactual) or ``"mean"`` (every sender's mean
             output over ``reference``, per position).
         reference: prompts for mean ablation (default: the corrupted prompts, else the clean ones).
+        attention_mask: the prompts' mask (padding).
+        corrupted_attention_mask: the corrupted prompts' own mask (default: ``attention_mask``);
+            patching pairs positions, so it must mark the same real positions (refused, naming
+            the rows and their lengths, where it does not).
     """
 
     def __init__(
@@ -68,6 +77,7 @@ class EdgePatcher:
         ablation: Literal["corrupt", "mean"] = "corrupt",
         reference: Int[Tensor, "ref pos"] | None = None,
         attention_mask: Tensor | None = None,
+        corrupted_attention_mask: Tensor | None = None,
     ):
         if any(node.kind == "neurons" for node in spec.nodes):
             raise DePassInputError(
@@ -82,6 +92,8 @@ class EdgePatcher:
             raise DePassInputError(
                 "corrupt ablation needs corrupted prompts of the same shape as the prompts"
             )
+        if ablation == "corrupt" and corrupted_attention_mask is not None:
+            check_contrast_alignment(tokens, attention_mask, corrupted_attention_mask)
         self.adapter = adapter
         self.spec = spec
         self.tokens = tokens
