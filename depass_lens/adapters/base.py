@@ -130,6 +130,28 @@ def as_tensor(value: object, name: str) -> Tensor:
     return value
 
 
+def device_spread(model: Any) -> str | None:
+    """Why ``model`` runs on more than one device (``None``: it runs on one).
+
+    DePass keeps every component of the stream beside the real activations and frozen
+    quantities, and its weights' views are read per layer; a model spread over devices
+    (``HookedTransformer``'s ``n_devices``, a bridge loaded with a ``device_map``) would move
+    tensors between them mid-propagation or fail with a device mismatch, so it is refused by
+    name until every component follows its layer's device."""
+    n_devices = getattr(getattr(model, "cfg", None), "n_devices", 1) or 1
+    if n_devices > 1:
+        return f"n_devices={n_devices} (layers spread over several devices)"
+    devices = sorted({str(p.device) for p in model.parameters()})
+    if len(devices) > 1:
+        where = getattr(getattr(model, "original_model", None), "hf_device_map", None)
+        how = "a device_map" if where else "parameters moved apart"
+        return (
+            f"a model on several devices ({', '.join(devices)}; {how}); move it to one device "
+            "(e.g. model.to('cuda')) first"
+        )
+    return None
+
+
 class ModelAdapter(ABC):
     """Read-only view of a TransformerLens model in the terms DePass needs.
 

@@ -26,6 +26,7 @@ from depass_lens.adapters.base import (
     NormWeights,
     QKWeights,
     as_tensor,
+    device_spread,
 )
 from depass_lens.errors import UnsupportedModelError
 
@@ -232,6 +233,9 @@ def _unsupported_settings(model: Any) -> list[str]:
     """Settings that change the computation in a way DePass cannot reproduce exactly."""
     cfg = model.cfg
     problems = []
+    spread = device_spread(model)
+    if spread is not None:
+        problems.append(spread)
     if getattr(cfg, "num_experts", None) and cfg.original_architecture == "GptOssForCausalLM":
         problems.append("GPT-OSS mixture-of-experts (clamped SwiGLU experts with biases)")
     if getattr(cfg, "clip_qkv", None) is not None:
