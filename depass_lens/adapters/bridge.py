@@ -16,6 +16,7 @@ rotary embeddings are the wrapped model's own (HF ``rotary_emb`` or the native `
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from typing import Any, Literal
@@ -34,11 +35,17 @@ from depass_lens.adapters.base import (
     QKWeights,
     Rotary,
     as_tensor,
+    device_spread,
 )
 from depass_lens.adapters.native_scores import needs_repair
-from depass_lens.adapters.split_inputs import SplitInputs
+from depass_lens.adapters.split_inputs import Projection, SplitInputs
 from depass_lens.errors import UnsupportedModelError
 
+#: The start of the warnings a bridge norm gives when hooks move it off its native-autograd
+#: path (see :meth:`BridgeAdapter.hooks`).
+NORM_PATH_WARNING = (
+    r"(Backward hooks on hook_scale/hook_normalized|A forward hook edited hook_scale)"
+)
 _ACT_ATTRS = ("act_fn", "act", "activation_fn")
 
 
@@ -88,6 +95,8 @@ class BridgeAdapter(ModelAdapter):
     def __init__(self, model: Any):
         super().__init__(model)
         self._named_weights: tuple[tuple, list[tuple[str, Tensor]]] | None = None
+        self._views: dict[tuple[str, int], tuple[tuple, Any]] = {}  # see _cached
+        self._points: dict[str, Any] | None = None  # see hook_points
         self._split: SplitInputs | None = None  # inside split_inputs()
         enable_compatibility(model)
         name_stream_hooks(model)
@@ -133,6 +142,29 @@ class BridgeAdapter(ModelAdapter):
             return (f"{prefix}.hook_rot_q", f"{prefix}.hook_rot_k")
         return (f"{prefix}.hook_q", f"{prefix}.hook_k")
 
+    # ---------------------------------------------------------------- caches
+    @property
+    def hook_points(self) -> dict[str, Any]:
+        """The bridge's ``hook_dict``, read once: a bridge rebuilds it, aliases included, on every
+        access (about a millisecond), and its hook points do not change after compatibility
+        mode is on."""
+        if self._points is None:
+            self._points = dict(self.model.hook_dict)
+        return self._points
+
+    def _cached(self, kind: str, layer: int, modules: list[Any], build: Callable[[], Any]) -> Any:
+        """``build()``, kept until a parameter of ``modules`` changes (replaced, moved or edited
+        in place) or autograd is switched on or off. A bridge builds its stacked weight views
+        (``W_Q`` ``[head d_model d_head]`` ...) anew on every read; DePass reads them per forward
+        pass, per hook, so reading them once keeps the adapter off the profile."""
+        key = (torch.is_grad_enabled(), *_fingerprint(modules))
+        hit = self._views.get((kind, layer))
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        value = build()
+        self._views[(kind, layer)] = (key, value)
+        return value
+
     # ---------------------------------------------------------------- weights
     def _norm(self, component: Any, name: str) -> NormWeights | None:
         if component is None:
@@ -154,17 +186,26 @@ class BridgeAdapter(ModelAdapter):
         block = self.model.blocks[layer]
         modules = block._modules
         prefix = f"blocks.{layer}"
-        return {
-            name: self._norm(modules.get(name), f"{prefix}.{name}")
-            for name in ("ln1", "ln2", "ln1_post", "ln2_post")
-        }
+        names = ("ln1", "ln2", "ln1_post", "ln2_post")
+        norms = [modules.get(name) for name in names]
+        built = self._cached(
+            "norms",
+            layer,
+            norms,
+            lambda: {n: self._norm(m, f"{prefix}.{n}") for n, m in zip(names, norms)},
+        )
+        return dict(built)  # callers may edit their copy
 
     def final_norm(self) -> NormWeights:
-        norm = self._norm(self.model._modules.get("ln_final"), "ln_final")
+        module = self.model._modules.get("ln_final")
+        norm = self._cached("final_norm", -1, [module], lambda: self._norm(module, "ln_final"))
         return norm if norm is not None else NormWeights("none", None)
 
     def attention(self, layer: int) -> AttentionWeights:
         attn = self.model.blocks[layer].attn
+        return self._cached("attention", layer, [attn], lambda: self._attention(attn))
+
+    def _attention(self, attn: Any) -> AttentionWeights:
         W_V = as_tensor(attn.W_V, "W_V")
         W_O = as_tensor(attn.W_O, "W_O")
         return AttentionWeights(
@@ -200,6 +241,9 @@ class BridgeAdapter(ModelAdapter):
     def qk(self, layer: int) -> QKWeights:
         self.check_qk_supported()
         attn = self.model.blocks[layer].attn
+        return self._cached("qk", layer, [attn], lambda: self._qk(layer, attn))
+
+    def _qk(self, layer: int, attn: Any) -> QKWeights:
         W_Q, W_K = as_tensor(attn.W_Q, "W_Q"), as_tensor(attn.W_K, "W_K")
         return QKWeights(
             W_Q=W_Q,
@@ -257,6 +301,9 @@ class BridgeAdapter(ModelAdapter):
 
     def mlp(self, layer: int) -> MLPWeights:
         mlp = self.model.blocks[layer].mlp
+        return self._cached("mlp", layer, [mlp], lambda: self._mlp(layer, mlp))
+
+    def _mlp(self, layer: int, mlp: Any) -> MLPWeights:
         W_in, W_out = as_tensor(mlp.W_in, "W_in"), as_tensor(mlp.W_out, "W_out")
         gate = getattr(mlp, "W_gate", None)
         inner = None
@@ -327,15 +374,34 @@ class BridgeAdapter(ModelAdapter):
                 "circuit graphs give the MLPs inputs of their own; turn off use_hook_mlp_in on "
                 "the bridge first"
             )
-        norms = [self.attention_input_norm(layer) for layer in range(self.n_layers)]
-        branches = [self._mlp_branch_hook(layer) for layer in range(self.n_layers)]
+        layers = range(self.n_layers)
+        norms = [self.attention_input_norm(layer) for layer in layers]
+        projections = [self._projections(layer) for layer in layers]
+        branches = [self._mlp_branch_hook(layer) for layer in layers]
         try:
             self._splitting = True
-            self._split = SplitInputs(self.model, norms, self.eps, branches, self.parallel)
+            self._split = SplitInputs(
+                self.hook_points, norms, projections, self.eps, branches, self.parallel
+            )
             yield
         finally:
             self._splitting = False
             self._split = None
+
+    def _projections(self, layer: int) -> dict[str, Projection]:
+        """``layer``'s query, key and value weights ``[head d_model d_head]`` and biases
+        ``[head d_head]`` (zeros where the model has none), for the per-head inputs."""
+        attn = self.model.blocks[layer].attn
+        return self._cached("projections", layer, [attn], lambda: self._read_projections(attn))
+
+    def _read_projections(self, attn: Any) -> dict[str, Projection]:
+        out = {}
+        for side in "qkv":
+            upper = side.upper()
+            W = as_tensor(getattr(attn, f"W_{upper}"), f"W_{upper}")
+            b = getattr(attn, f"b_{upper}")
+            out[side] = (W, _zeros_if_none(b, (W.shape[0], W.shape[2]), W, f"b_{upper}"))
+        return out
 
     def _mlp_branch_hook(self, layer: int) -> str | None:
         """The bridge hook on what a block's MLP branch reads (``None``: no MLP): its
@@ -345,7 +411,7 @@ class BridgeAdapter(ModelAdapter):
             return None
         prefix = f"blocks.{layer}"
         for name in (f"{prefix}.hook_resid_mid", f"{prefix}.ln2.hook_in", f"{prefix}.mlp.hook_in"):
-            if name in self.model.hook_dict and not (self.parallel and name.endswith("resid_mid")):
+            if name in self.hook_points and not (self.parallel and name.endswith("resid_mid")):
                 return name
         raise UnsupportedModelError(f"{prefix} has no hook on its MLP's input to split")
 
@@ -359,12 +425,21 @@ class BridgeAdapter(ModelAdapter):
         returns its own. Here the functions on one hook run as one, each on what the previous
         returned (or saw, where it returned ``None``), as on a ``HookedTransformer``, and the
         last value flows on. Inside :meth:`split_inputs`, functions on the per-head inputs go
-        to the adapter's own hook points."""
+        to the adapter's own hook points.
+
+        A bridge norm on its native-autograd path warns that hooks on its ``hook_scale`` or
+        ``hook_normalized`` move it to its Python path, "output numerics may differ". DePass's
+        hooks there hold the scale at the real run's value, and its checks compare the result
+        with the real activations to the dtype's tolerance, so the warning is silenced here,
+        inside DePass's own runs only (:data:`NORM_PATH_WARNING`)."""
         split = self._split
         own: list[tuple[str, Callable]] = []
         if split is not None:
-            own = [(n, fn) for n, fn in fwd_hooks if isinstance(n, str) and n in split.points]
-            fwd_hooks = split.around([h for h in fwd_hooks if h not in own])
+            model_hooks: list[tuple[Any, Callable]] = []
+            for name, fn in fwd_hooks:
+                target = own if isinstance(name, str) and name in split.points else model_hooks
+                target.append((name, fn))
+            fwd_hooks = split.around(model_hooks)
         grouped: dict[str, list[Callable]] = {}
         others: list[tuple[Any, Callable]] = []
         for name, fn in fwd_hooks:
@@ -374,6 +449,8 @@ class BridgeAdapter(ModelAdapter):
                 others.append((name, _returning([fn])))
         chained = [(name, _returning(fns)) for name, fns in grouped.items()]
         with ExitStack() as stack:
+            stack.enter_context(warnings.catch_warnings())
+            warnings.filterwarnings("ignore", message=NORM_PATH_WARNING)
             if split is not None:
                 stack.enter_context(split.attached(own))
             stack.enter_context(self.model.hooks(fwd_hooks=chained + others))
@@ -398,10 +475,21 @@ class BridgeAdapter(ModelAdapter):
         def stop(value: Tensor, hook: Any) -> None:
             raise StopAtLayerException(value)
 
-        reader = "ln_final.hook_in" if "ln_final.hook_in" in self.model.hook_dict else None
+        reader = "ln_final.hook_in" if "ln_final.hook_in" in self.hook_points else None
         reader = reader or "unembed.hook_in"
         with self.model.hooks(fwd_hooks=[(reader, stop)]):
             return self.model(tokens, attention_mask=attention_mask, return_type=None)
+
+
+def _fingerprint(modules: list[Any]) -> tuple:
+    """Identity, storage and in-place version of every parameter of ``modules`` (``None``s
+    skipped): changes when a parameter is replaced, moved, cast or edited in place."""
+    return tuple(
+        (id(p), p.data_ptr(), p._version)
+        for module in modules
+        if module is not None
+        for p in module.parameters()
+    )
 
 
 def _returning(fns: list[Callable]) -> Callable:
@@ -462,6 +550,9 @@ def unsupported_settings(model: Any) -> list[str]:
     """Settings of a bridge that change the computation in a way DePass cannot reproduce."""
     cfg = model.cfg
     problems = []
+    spread = device_spread(model)
+    if spread is not None:
+        problems.append(spread)
     if getattr(cfg, "num_experts", None):
         problems.append("mixture-of-experts layers on a TransformerBridge")
     if getattr(cfg, "load_in_4bit", False):

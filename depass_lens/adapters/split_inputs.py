@@ -40,11 +40,23 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from depass_lens.adapters.base import NormWeights, as_tensor
+from depass_lens.adapters.base import NormWeights
 from depass_lens.errors import UnsupportedModelError
 
 SIDES = ("q", "k", "v")
 HookFn = Callable[..., Any]
+
+
+#: A side's weight ``[head d_model d_head]`` and bias ``[head d_head]``.
+Projection = tuple[Float[Tensor, "head d_model d_head"], Float[Tensor, "head d_head"]]
+
+
+def _norm_points(points: dict[str, Any], norm: NormWeights | None) -> tuple[Any, Any]:
+    """The bridge's ``hook_scale`` and ``hook_normalized`` points of ``norm`` (``None``: absent)."""
+    if norm is None or norm.scale_hook is None:
+        return None, None
+    normalized = norm.scale_hook.removesuffix(".hook_scale") + ".hook_normalized"
+    return points.get(norm.scale_hook), points.get(normalized)
 
 
 def input_hook_name(layer: int, side: str) -> str:
@@ -55,22 +67,26 @@ def input_hook_name(layer: int, side: str) -> str:
 class SplitInputs:
     """The per-node input hook points of one bridge and the hooks that feed them.
 
-    ``norms[layer]`` is that layer's ``ln1`` (``None``: no norm), ``eps`` the norms' epsilon,
-    ``mlp_branch[layer]`` the bridge hook on its MLP branch's input (``None``: no MLP) and
-    ``parallel`` whether the MLP reads ``resid_pre`` (no ``resid_mid``)."""
+    ``points`` is the bridge's ``hook_dict``, ``norms[layer]`` that layer's ``ln1`` (``None``: no
+    norm), ``projections[layer]`` its query, key and value weights and biases (``{"q": (W_Q [head
+    d_model d_head], b_Q [head d_head]), ...}``, read once by the adapter), ``eps`` the norms'
+    epsilon, ``mlp_branch[layer]`` the bridge hook on its MLP branch's input (``None``: no MLP)
+    and ``parallel`` whether the MLP reads ``resid_pre`` (no ``resid_mid``)."""
 
     def __init__(
         self,
-        bridge: Any,
+        points: dict[str, Any],
         norms: list[NormWeights | None],
+        projections: list[dict[str, Projection]],
         eps: float,
         mlp_branch: list[str | None],
         parallel: bool,
     ):
         from transformer_lens.hook_points import HookPoint
 
-        self.bridge = bridge
         self.norms = norms
+        self.projections = projections
+        self._norm_points = [_norm_points(points, norm) for norm in norms]
         self.eps = eps
         self.mlp_branch = mlp_branch
         self.parallel = parallel
@@ -143,11 +159,7 @@ class SplitInputs:
         return keep
 
     def _project(self, layer: int, side: str) -> HookFn:
-        attn = self.bridge.blocks[layer].attn
-        upper = side.upper()
-        W = as_tensor(getattr(attn, f"W_{upper}"), f"W_{upper}")
-        bias = getattr(attn, f"b_{upper}")
-        b = W.new_zeros(W.shape[0], W.shape[2]) if bias is None else as_tensor(bias, f"b_{upper}")
+        W, b = self.projections[layer][side]
         point = self.points[input_hook_name(layer, side)]
 
         def project(
@@ -182,15 +194,12 @@ class SplitInputs:
         if norm.centres:
             x = x - x.mean(-1, keepdim=True)
         scale = (x.pow(2).mean(-1, keepdim=True) + self.eps).sqrt()
-        points = self.bridge.hook_dict
-        if norm.scale_hook is not None:
-            scale = points[norm.scale_hook](scale)
+        scale_point, normalized_point = self._norm_points[layer]
+        if scale_point is not None:
+            scale = scale_point(scale)
         x = x / scale
-        normalized = (
-            None if norm.scale_hook is None else norm.scale_hook[: -len("scale")] + "normalized"
-        )
-        if normalized in points:
-            x = points[normalized](x)
+        if normalized_point is not None:
+            x = normalized_point(x)
         if norm.w is not None:
             x = x * norm.w
         return x + norm.b if norm.b is not None else x
