@@ -277,6 +277,14 @@ def make_text_model(family: str = "gpt2", dtype: torch.dtype = torch.float64) ->
     return model
 
 
+#: Two paths computing one linear map in different association orders (adjoint vs forward
+#: mode, a naive reimplementation vs the engine) differ by rounding accumulated over the
+#: layers: a few eps per layer of the largest score's size, for fp32 measured up to 9 eps
+#: (1.03e-6, moe) on 3 layers. The bound is the dtype's losslessness tolerance (fp32
+#: 1e-5 = 84 eps, fp64 1e-10), which no real disagreement stays under.
+AGREEMENT = {torch.float32: 1e-5, torch.float64: 1e-10}
+
+
 #: Under TransformerLens 4, whole test modules that need what only a HookedTransformer has, and why.
 TL3_MODULES: dict[str, str] = {}
 #: Single tests that need TransformerLens 3, and why.

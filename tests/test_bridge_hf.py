@@ -99,7 +99,8 @@ def test_adjoint_equals_forward(checkpoints, family):
         adjoint = depass.attribute(tokens, dp.LogitDiff(3, 5), source, mode="adjoint")
         forward = depass.attribute(tokens, dp.LogitDiff(3, 5), source, mode="forward")
         gap = (adjoint.scores - forward.scores).abs().max() / forward.scores.abs().max()
-        assert gap <= 1e-6, (source, float(gap))
+        # two association orders of one fp32 linear map: see AGREEMENT in test_agreement.py
+        assert gap <= tolerance(torch.float32), (source, float(gap))
 
 
 @pytest.mark.parametrize("family", ["gpt2", "neox", "llama"])

@@ -45,7 +45,8 @@ def test_patching_all_and_no_edges_reproduce_clean_and_corrupted_runs(family):
     torch.testing.assert_close(patcher.logits(everything), model(clean))
     torch.testing.assert_close(patcher.logits(~everything), model(corrupt))
     assert patcher.faithfulness(everything) == pytest.approx(1.0)
-    assert patcher.faithfulness(~everything) == pytest.approx(0.0, abs=1e-12)
+    # patched-with-nothing vs the plain corrupted run: two fp64 computations of the metric
+    assert patcher.faithfulness(~everything) == pytest.approx(0.0, abs=1e-10)
     assert not getattr(model.cfg, "use_split_qkv_input", False)  # switched off again
 
 
@@ -144,7 +145,9 @@ def test_eap_against_itself_is_zero():
     _, depass, spec, _, clean, _ = _setup("attn_only")
     target = dp.LogitDiff(ANSWERS, WRONG)
     same = eap_graph(depass.adapter, spec, clean, clean, [target], ["ld"], steps=4)
-    assert float(same.edge_scores.abs().max()) == 0.0
+    # clean and "corrupted" activations come from two runs, whose fp64 rounding may differ (e.g.
+    # MKL's results depend on memory alignment): zero up to that, far below any real edge
+    assert float(same.edge_scores.abs().max()) <= 1e-10
 
 
 def test_acdc_and_curves():

@@ -12,8 +12,10 @@ import torch
 import depass_lens as dp
 from depass_lens.circuits import GraphNodes
 from depass_lens.errors import DePassInputError, UnsupportedModelError
-from tests.conftest import FAMILIES, graph_model, random_tokens
+from tests.conftest import AGREEMENT, FAMILIES, graph_model, random_tokens
 from tests.naive_edges import NODES, NaiveDifferenceModel, NaiveLinearModel, receiver_key
+
+pytestmark = pytest.mark.numerics  # also run under test.sh's second math configuration
 
 TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
 TARGETS = [dp.Logit(3), dp.LogitDiff(5, 7, pos=-2)]
@@ -41,7 +43,7 @@ def test_conservation_every_family(family, dtype):
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_edges_equal_naive_computation(family, side):
     """Each edge equals the naive linear model's response to that one sender injected into that
-    one receiver input (its own code, tests/naive_edges.py), to 1e-6 in fp32."""
+    one receiver input (its own code, tests/naive_edges.py), to AGREEMENT in fp32."""
     model = graph_model(family, torch.float32, n_layers=2)
     tokens = random_tokens(model, batch=1, n_pos=6)
     graph = dp.DePass(model, attention=dp.AttentionSplit(side, nodes=NODES)).graph(
@@ -61,7 +63,8 @@ def test_edges_equal_naive_computation(family, side):
         expected = naive.target(
             {receiver_key(receiver, edge.kind): naive.sender_output(sender)}, readout
         )
-        assert abs(expected - float(graph.edge_scores[0, 0, i])) <= 1e-6 * scale, (sender, receiver)
+        bound = AGREEMENT[torch.float32] * scale
+        assert abs(expected - float(graph.edge_scores[0, 0, i])) <= bound, (sender, receiver)
         kinds.add(edge.kind)
     assert kinds == {"q", "k", "v", "mlp", "direct"}
 
@@ -101,7 +104,9 @@ def test_node_scores_equal_node_level_depass(family):
 
 def test_contrastive_graph_with_the_clean_linearisation():
     """Edges use out(clean) - out(corrupt) with the clean run's gradients: outgoing and incoming
-    conservation still hold, and a contrast with itself gives an all-zero graph."""
+    conservation still hold, and a contrast with itself gives an all-zero graph (up to fp64
+    rounding: the two runs' outputs may round differently, e.g. batched apart or on another
+    kernel path, so 1e-10 of the real contrast's largest edge, like the conservation errors)."""
     model = graph_model("llama", torch.float64)
     clean, corrupt = random_tokens(model, seed=1), random_tokens(model, seed=2)
     depass = dp.DePass(model, attention="symmetric")
@@ -113,7 +118,8 @@ def test_contrastive_graph_with_the_clean_linearisation():
     delta = model(clean)[:, -1, 3] - model(corrupt)[:, -1, 3]
     torch.testing.assert_close(graph.node_scores[:, 0, graph.spec.target], delta.detach())
     same = depass.graph(clean, TARGETS, contrast=clean, linearisation="clean")
-    assert float(same.edge_scores.abs().max()) == 0.0
+    scale = float(graph.edge_scores.abs().max())
+    assert scale > 0 and float(same.edge_scores.abs().max()) <= 1e-10 * scale
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])

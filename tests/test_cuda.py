@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import depass_lens as dp
-from tests.conftest import FAMILIES, make_model, random_tokens
+from tests.conftest import AGREEMENT, FAMILIES, make_model, random_tokens
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -47,7 +47,7 @@ def test_adjoint_equals_forward_on_cuda(family):
     forward = depass.attribute(tokens, target, sources, mode="forward")
     adjoint = depass.attribute(tokens, target, sources, mode="adjoint")
     gap = float((adjoint.scores - forward.scores).abs().max() / forward.scores.abs().max())
-    assert gap <= 1e-6, gap
+    assert gap <= AGREEMENT[torch.float32], gap
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama", "gemma", "moe"])
@@ -74,7 +74,7 @@ def test_memory_budget_chunks_on_cuda():
     assert tight._chunk(prepared, tokens.shape[1] + 1) < tokens.shape[1] + 1
     assert whole._chunk(prepared, tokens.shape[1] + 1) == tokens.shape[1] + 1
     a, b = whole.run(tokens), tight.run(tokens)
-    torch.testing.assert_close(a["unembed.hook_in"], b["unembed.hook_in"], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(a["unembed.hook_in"], b["unembed.hook_in"], rtol=1e-10, atol=1e-10)
 
 
 def test_zoo_model_on_cuda():

@@ -263,7 +263,8 @@ def test_occlusion_is_leave_one_out(model, batch):
     masked[:, 3] = 0
     expected = metric(model(batch.tokens)) - metric(model(masked))
     torch.testing.assert_close(scores[:, 3], expected)
-    assert (scores[:, [0, -1]] == 0).all()  # BOS and the query are protected
+    # BOS and the query are protected: clean minus an unmasked run, zero up to fp64 rounding
+    assert bool((scores[:, [0, -1]].abs() <= 1e-10 * expected.abs().max()).all())
 
 
 def test_padding_changes_nothing(model):
@@ -377,7 +378,7 @@ def test_neuron_curves_cover_top_and_bottom(model, batch):
     }  # fmt: skip
     top, bottom = curves["top-k zero-ablation"], curves["bottom-k zero-ablation"]
     assert top.grid == [0, 0.25, 1]
-    assert top.values["metric"][0] == bottom.values["metric"][0]
+    assert top.values["metric"][0] == pytest.approx(bottom.values["metric"][0], rel=1e-10)
     assert top.values["metric"][-1] == pytest.approx(bottom.values["metric"][-1])
 
 
@@ -394,9 +395,10 @@ def test_probe_protocol(model, batch):
     }
     curves = ev.compare_probe_rankings(model, batch.tokens, rankings, probe, masking="zero")
     for curve in curves.values():
-        assert curve.values["change"][0] == 0
+        assert curve.values["change"][0] <= 1e-10 * float(manual.abs().mean())  # two fp64 runs
         assert curve.values["reading"][0] == pytest.approx(float(manual.mean()))
-    assert curves["grad-x-input"].values["change"][-1] == curves["random"].values["change"][-1]
+    everything = [curves[name].values["change"][-1] for name in ("grad-x-input", "random")]
+    assert everything[0] == pytest.approx(everything[1], rel=1e-10)  # the same run, twice
 
 
 # -------------------------------------------------------------------------------- runner

@@ -40,7 +40,7 @@ def test_memory_budget_chunks_forward_mode_without_changing_results():
     full = dp.DePass(model, chunk_size=10_000).attribute(tokens, dp.Logit(3), mode="forward")
     tiny = dp.DePass(model, memory_budget=1).attribute(tokens, dp.Logit(3), mode="forward")
     assert dp.DePass(model, memory_budget=1)._chunk(dp.DePass(model).prepare(tokens), 13) == 1
-    torch.testing.assert_close(tiny.scores, full.scores, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(tiny.scores, full.scores, rtol=1e-10, atol=1e-10)  # fp64
 
 
 def test_figures_carry_the_scores():

@@ -10,6 +10,8 @@ import torch
 import depass_lens.integrated_softmax as integrated_softmax
 from depass_lens.integrated_softmax import IntegratedSoftmax
 
+pytestmark = pytest.mark.numerics  # also run under test.sh's second math configuration
+
 DOUBLE = torch.float64
 
 
@@ -254,7 +256,8 @@ def test_adjoint_rule_is_the_forward_rule():
     exact = IntegratedSoftmax(scores, allowed, pattern)
     fast = IntegratedSoftmax(scores, allowed, pattern, exact=False)
     v = shares_like(allowed, 3, seed=16)
-    torch.testing.assert_close(fast.apply(v), exact.apply(v), rtol=0, atol=1e-15)
+    # same rule and nodes; only the chunks may differ (rows moved by the doubling): a few eps
+    torch.testing.assert_close(fast.apply(v), exact.apply(v), rtol=0, atol=1e-13)
     assert fast.n_nodes == exact.n_nodes and not bool(fast.remainder.any())
     torch.testing.assert_close(fast.uniform, exact.uniform)
 
