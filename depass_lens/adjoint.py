@@ -35,6 +35,7 @@ from depass_lens.constants import (
     output_constant,
     value_constant,
 )
+from depass_lens.decomposition import compute_dtype
 from depass_lens.difference import DifferenceLinearisation
 from depass_lens.frozen import refuse_non_finite
 from depass_lens.integrated_softmax import IntegratedSoftmax
@@ -241,7 +242,7 @@ class Linearisation:
                 on_constants=holder.append,
             )
             correction = correction + term.apply(queries, keys)
-            return z + (correction - correction.detach())
+            return z + (correction - correction.detach()).to(z.dtype)  # float32 terms: half z
 
         if self.split_inputs:
             inputs = [f"blocks.{layer}.hook_q_input", f"blocks.{layer}.hook_k_input"]
@@ -342,7 +343,7 @@ class Linearisation:
             scale = scale.unsqueeze(-1)
         if ln1.centres:
             x = x - x.mean(-1, keepdim=True)
-        return x / scale.to(x.dtype)
+        return (x / scale).to(x.dtype)  # divided in the wider dtype (float32 scale)
 
     def _live_attention_inputs(
         self, layer: int, seen: dict[str, Tensor], real: LayerQK
@@ -587,8 +588,10 @@ def target_scalar(
     weights: Float[Tensor, "batch pos *d"],
     constant: Float[Tensor, " batch"],
 ) -> Float[Tensor, " batch"]:
-    """``<weights, state> + constant`` per prompt."""
-    return (state * weights).flatten(1).sum(-1) + constant  # any trailing shape (hook_z)
+    """``<weights, state> + constant`` per prompt (in float32 for a half-precision state)."""
+    wide = compute_dtype(state.dtype)
+    product = state.to(wide) * weights.to(wide)
+    return product.flatten(1).sum(-1) + constant.to(wide)  # any trailing shape (hook_z)
 
 
 __all__ = ["AdjointPass", "Linearisation", "linearised_forward", "target_scalar"]

@@ -23,6 +23,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from depass_lens.adapter import MLPWeights, ModelAdapter
+from depass_lens.decomposition import compute_dtype
 from depass_lens.frozen import Activations
 from depass_lens.norms import post_sublayer_norms, through_norms
 
@@ -57,7 +58,8 @@ class ConstantSite:
         if grad is None:
             shape = (batch,) if self.axis is None else (batch, self.live.shape[self.axis])
             return self.live.new_zeros(shape)
-        constant = self.constant.to(grad.dtype)
+        wide = compute_dtype(grad.dtype)  # products summed in float32 for half precision
+        constant, grad = self.constant.to(wide), grad.to(wide)
         if constant.ndim < grad.ndim:
             constant = constant.reshape((1,) * (grad.ndim - constant.ndim) + constant.shape)
         keep = {0, self.axis % grad.ndim if self.axis is not None else 0}
@@ -117,7 +119,7 @@ class ConstantLedger:
         total: Tensor = torch.zeros(())  # a 0-d tensor adds to any device and dtype
         for site, value in zip(self.sites, contributions):
             if adapter.hook_position(site.hook) > where:
-                total = total + per_prompt(value)
+                total = total + per_prompt(value).to(compute_dtype(value.dtype))
         return total
 
 

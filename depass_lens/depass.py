@@ -29,7 +29,7 @@ from depass_lens.adjoint import linearised_forward, target_scalar
 from depass_lens.cache_check import refuse_stale_cache
 from depass_lens.circuits.graph import Graph
 from depass_lens.circuits.spec import GraphNodes
-from depass_lens.decomposition import ComponentLabel, check_lossless
+from depass_lens.decomposition import ComponentLabel, check_lossless, compute_dtype
 from depass_lens.errors import CacheMismatchError, DePassInputError, LosslessnessError
 from depass_lens.frozen import FrozenActivations, run_frozen_cache
 from depass_lens.generation import Generation, generate_and_cite
@@ -284,7 +284,7 @@ class DePass:
         if self.chunk_size is not None:
             return self.chunk_size
         batch, n_pos = prepared.tokens.shape
-        itemsize = self.adapter.dtype.itemsize
+        itemsize = compute_dtype(self.adapter.dtype).itemsize  # float32 for half models
         stream = batch * n_comp * n_pos * self.adapter.d_model * itemsize
         budget = self.memory_budget
         if budget is None:

@@ -25,7 +25,7 @@ def frozen_norm_linear(
     """The linear part of a norm with frozen scale: centre (LayerNorm only), divide by the scale."""
     if norm.centres:
         x = x - x.mean(dim=-1, keepdim=True)
-    return x / scale.unsqueeze(1).to(x.dtype)
+    return (x / scale.unsqueeze(1)).to(x.dtype)  # divided in the wider dtype (float32 scale)
 
 
 def frozen_scale(

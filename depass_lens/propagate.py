@@ -7,6 +7,10 @@ TransformerLens's own names. Each activation has an extra ``comp`` axis after ``
 stream, or zeroing one component mid-pass, uses the hook machinery users already know.
 
 The engine knows nothing of tokens or heads: sources only choose the starting decomposition.
+
+A half-precision model's stream is propagated in float32 (:func:`~depass_lens.decomposition.
+compute_dtype`): each weight is cast as it is used, the frozen quantities are the model's own
+half-precision values, and the losslessness checks compare with its half-precision activations.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from transformer_lens import HookedRootModule
 from transformer_lens.hook_points import HookPoint
 
 from depass_lens.adapter import MLPWeights, ModelAdapter, NormWeights
-from depass_lens.decomposition import Decomposition
+from depass_lens.decomposition import HALF_DTYPES, Decomposition, compute_dtype
 from depass_lens.errors import DePassInputError
 from depass_lens.frozen import FrozenActivations
 from depass_lens.integrated_softmax import IntegratedSoftmax
@@ -56,12 +60,33 @@ class PropagationContext:
             real = layer_qk(self.adapter, layer, self.frozen, self.attention_mask)
             integrated = None
             if self.attention.uses_pattern:
-                pattern = self.frozen.pattern(layer).to(real.scores.dtype)
+                model_pattern = self.frozen.pattern(layer)
+                pattern = model_pattern.to(real.scores.dtype)
+                rounding = _pattern_rounding(real, pattern, model_pattern.dtype)
+                if rounding is not None:  # integrate to the unrounded pattern, then add it back
+                    pattern = pattern - rounding
                 integrated = IntegratedSoftmax(
                     real.scores, real.allowed, pattern, self.attention.nodes
                 )
+                if rounding is not None:
+                    integrated.remainder.add_(rounding)  # A - U - M(s), A as the model rounded it
             self.memo[layer] = (real, integrated)
         return self.memo[layer]
+
+
+def _pattern_rounding(real: LayerQK, pattern: Tensor, model_dtype: torch.dtype) -> Tensor | None:
+    """A half-precision model's pattern less the float32 softmax of its own scores.
+
+    The model rounds its pattern to ``eps / 2``; no quadrature reaches below that, so
+    the integrated softmax would refine every row to its node limit in vain. It integrates to
+    the unrounded softmax instead, and the rounding joins its remainder (the ``bias``).
+    ``None`` for float32 and float64 models (their softmax is the pattern itself).
+    """
+    if model_dtype not in HALF_DTYPES:
+        return None
+    exact = torch.softmax(real.scores, dim=-1)
+    exact = torch.where(real.allowed, torch.nan_to_num(exact), 0.0)
+    return pattern - exact
 
 
 def chunk_slices(n_comp: int, chunk_size: int | None) -> list[tuple[int, int]]:
@@ -173,7 +198,7 @@ class DecomposedAttention(nn.Module):
         pattern = ctx.frozen.pattern(layer).to(part.dtype)
         v = einops.einsum(
             part,
-            weights.W_V,
+            weights.W_V.to(part.dtype),
             "batch comp pos d_model, head d_model d_head -> batch comp pos head d_head",
         )
         v = v + is_bias.unsqueeze(-1) * weights.b_V
@@ -181,11 +206,12 @@ class DecomposedAttention(nn.Module):
             v = torch.repeat_interleave(v, weights.kv_repeat, dim=3)
         v = self.hook_v(v)
         z = self.hook_z(self._mix(part, v, pattern, layer, ctx, is_bias))
+        W_O = weights.W_O.to(z.dtype)
         if self.hook_result.has_hooks():
             result = self.hook_result(
                 einops.einsum(
                     z,
-                    weights.W_O,
+                    W_O,
                     "batch comp pos head d_head, head d_head d_model -> "
                     "batch comp pos head d_model",
                 )
@@ -194,7 +220,7 @@ class DecomposedAttention(nn.Module):
         else:
             out = einops.einsum(
                 z,
-                weights.W_O,
+                W_O,
                 "batch comp pos head d_head, head d_head d_model -> batch comp pos d_model",
             )
         return out + is_bias * weights.b_O
@@ -235,10 +261,10 @@ class DecomposedMLP(nn.Module):
     ) -> tuple[Tensor, Tensor | None]:
         pre_hook = self.hook_pre if hooks else _identity
         if mlp.W_gate is not None:
-            gate = einops.einsum(part, mlp.W_gate, "b c p d, d n -> b c p n")
-            up = einops.einsum(part, mlp.W_in, "b c p d, d n -> b c p n")
+            gate = einops.einsum(part, mlp.W_gate.to(part.dtype), "b c p d, d n -> b c p n")
+            up = einops.einsum(part, mlp.W_in.to(part.dtype), "b c p d, d n -> b c p n")
             return pre_hook(gate), (self.hook_pre_linear if hooks else _identity)(up)
-        pre = einops.einsum(part, mlp.W_in, "b c p d, d n -> b c p n")
+        pre = einops.einsum(part, mlp.W_in.to(part.dtype), "b c p d, d n -> b c p n")
         return pre_hook(pre + is_bias * mlp.b_in), None
 
     def forward(
@@ -271,8 +297,8 @@ class DecomposedMLP(nn.Module):
             if not bool((weight != 0).any()):
                 continue
             assert expert.W_gate is not None
-            gate = real @ expert.W_gate
-            up = real @ expert.W_in
+            gate = real @ expert.W_gate.to(real.dtype)
+            up = real @ expert.W_in.to(real.dtype)
             act = expert.act_fn(gate)
             values = NeuronValues(gate, act, act * up, up, expert.act_fn)
             part = self._dense(x, expert, values, ctx, slices, prepare, _keep, hooks=False)
@@ -326,7 +352,8 @@ class DecomposedMLP(nn.Module):
                 post = post + is_bias * mlp.b_in
             if hooks:
                 post = self.hook_post(post)
-            out = einops.einsum(post, mlp.W_out, "b c p n, n d -> b c p d") + is_bias * mlp.b_out
+            W_out = mlp.W_out.to(post.dtype)
+            out = einops.einsum(post, W_out, "b c p n, n d -> b c p d") + is_bias * mlp.b_out
             out = finish(out, is_bias)
             if output is None:
                 return out
@@ -525,12 +552,13 @@ class DecomposedTransformer(HookedRootModule):
         if rule is not ctx.rule:
             ctx = replace(ctx, rule=rule)
         layer, stage = parse_start(decomposition.hook, adapter)
-        x = decomposition.components
+        dtype = compute_dtype(decomposition.components.dtype)  # float32 for half models
+        x = decomposition.components.to(dtype)
         owned = False  # the input belongs to the caller: never modified in place
         if stage == "embed":
             x = self.hook_embed(x)
             if decomposition.pos_components is not None:
-                pos = self.hook_pos_embed(decomposition.pos_components)
+                pos = self.hook_pos_embed(decomposition.pos_components.to(dtype))
                 if adapter.positional == "standard":
                     x, owned = x + pos, True
             stage = "pre"

@@ -24,6 +24,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from depass_lens.adapter import ModelAdapter, NormWeights, QKWeights
+from depass_lens.decomposition import compute_dtype, unmasked
 from depass_lens.errors import DePassInputError
 from depass_lens.frozen import Activations
 
@@ -51,7 +52,7 @@ def _frozen_qk_norm(
         y = einops.rearrange(y, "n pos head d -> n pos (head d)")
     if norm.centres:
         y = y - y.mean(-1, keepdim=True)
-    y = y / scale.to(y.dtype)
+    y = (y / scale).to(y.dtype)  # the division in the wider of the two (a float32 scale)
     if norm.w is not None:
         y = y * norm.w
     if norm.b is not None:
@@ -78,6 +79,7 @@ def project(
     (both linear). Keys come out repeated to ``n_heads`` (grouped-query attention).
     """
     W, b = (qk.W_Q, qk.b_Q) if which == "q" else (qk.W_K, qk.b_K)
+    W = W.to(x.dtype)  # a half model's weights on float32 components
     if x.ndim == 4:  # one input per head
         y = einops.einsum(x, W, "n pos head d_model, head d_model d_head -> n pos head d_head")
     else:
@@ -188,16 +190,27 @@ def norm_scale_of(value: Tensor | None, batch: int, n_pos: int, style: str) -> T
     return value.reshape(batch, n_pos, 1)
 
 
+def attended(scores: Float[Tensor, "batch head query key"]) -> Bool[Tensor, "batch head query key"]:
+    """Which keys each query may attend to, read from the scores as the model masked them:
+    ``-inf`` (TransformerLens) or the dtype's most negative number added (Hugging Face's additive
+    masks, e.g. a bridge's GPT-NeoX attention), which would otherwise count as a score to split."""
+    return unmasked(scores)
+
+
 def layer_qk(
     adapter: ModelAdapter,
     layer: int,
     activations: Activations,
     attention_mask: Int[Tensor, "batch pos"] | None,
 ) -> LayerQK:
-    """Real queries, keys and scores of ``layer`` from the real activations (a cache or dict)."""
+    """Real queries, keys and scores of ``layer`` from the real activations (a cache or dict).
+
+    A half-precision model's are recomputed in float32 from its (half-precision) input; the
+    difference from its own scores joins ``extra`` (to ``bias``), so shares still sum to them."""
     qk = adapter.qk(layer)
     prefix = f"blocks.{layer}.attn"
     normalized = activations[adapter.attention_input_hook(layer)]
+    normalized = normalized.to(compute_dtype(normalized.dtype))
     batch, n_pos, _ = normalized.shape
     pos_embed = activations["hook_pos_embed"] if adapter.positional == "shortformer" else None
     one = normalized.new_ones(1, 1, 1, 1)
@@ -214,14 +227,15 @@ def layer_qk(
     q = project(qk, x, "q", ones, q_scale, attention_mask)
     k = project(qk, x, "k", ones, k_scale, attention_mask)
     raw = einops.einsum(q, k, "b i h e, b j h e -> b h i j") / qk.attn_scale
-    scores = activations[f"{prefix}.hook_attn_scores"].to(raw.dtype)
+    hooked = activations[f"{prefix}.hook_attn_scores"]
+    scores = hooked.to(raw.dtype)
     cap = adapter.attn_scores_soft_cap
     if cap > 0:
         safe = torch.where(raw == 0, torch.ones_like(raw), raw)
         ratio = torch.where(raw == 0, torch.ones_like(raw), cap * torch.tanh(raw / cap) / safe)
     else:
         ratio = torch.ones_like(raw)
-    allowed = torch.isfinite(scores)
+    allowed = attended(hooked)
     extra = torch.where(allowed, scores - ratio * raw, torch.zeros_like(raw))
     return LayerQK(
         qk, q, k, scores, ratio, extra, allowed, q_scale, k_scale, attention_mask, pos_embed

@@ -41,7 +41,7 @@ class Readout:
     def logits(
         self, final: Float[Tensor, "batch comp pos d_model"]
     ) -> Float[Tensor, "batch comp pos d_vocab"]:
-        logits = einops.einsum(final, self.adapter.W_U, "b c p d, d v -> b c p v")
+        logits = einops.einsum(final, self.adapter.W_U.to(final.dtype), "b c p d, d v -> b c p v")
         logits[:, -1] += self.adapter.b_U
         return logits
 
