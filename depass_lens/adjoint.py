@@ -35,7 +35,7 @@ from depass_lens.constants import (
     output_constant,
     value_constant,
 )
-from depass_lens.decomposition import compute_dtype
+from depass_lens.decomposition import compute_dtype, unmasked
 from depass_lens.difference import DifferenceLinearisation
 from depass_lens.frozen import refuse_non_finite
 from depass_lens.integrated_softmax import IntegratedSoftmax
@@ -202,7 +202,7 @@ class Linearisation:
 
         def steer(z: Tensor, hook) -> Tensor:
             scores = seen[f"{prefix}.hook_attn_scores"]
-            allowed = torch.isfinite(scores)
+            allowed = unmasked(scores)  # -inf or an additive finfo.min mask
             pattern = seen[f"{prefix}.hook_pattern"].to(scores.dtype)
             integrated = IntegratedSoftmax(scores, allowed, pattern, split.nodes, exact=False)
             v = seen[f"{prefix}.hook_v"]

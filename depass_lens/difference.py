@@ -32,6 +32,7 @@ from torch import Tensor
 
 from depass_lens.adapter import ModelAdapter, NormWeights
 from depass_lens.constants import ConstantLedger, ConstantSite
+from depass_lens.decomposition import unmasked
 from depass_lens.errors import UnsupportedModelError
 from depass_lens.integrated_softmax import IntegratedSoftmax
 from depass_lens.norms import post_sublayer_norms
@@ -275,7 +276,7 @@ class DifferenceLinearisation:
                 raw_y = einops.einsum(q_y, k_y, "b i h e, b j h e -> b h i j") / scale
                 ratio = secant_slope(lambda t: cap * torch.tanh(t / cap), raw_x, raw_y)
             scores_x = seen["scores"]
-            allowed = torch.isfinite(scores_x)
+            allowed = unmasked(scores_x)  # -inf or an additive finfo.min mask
             scores_y = self._ref(f"{prefix}.hook_attn_scores", scores_x)
             integrated = IntegratedSoftmax(
                 scores_x, allowed, seen["pattern"], self.nodes, exact=False, start=scores_y
