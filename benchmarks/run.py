@@ -28,6 +28,11 @@ from depass_lens.adapters.loading import tl_generation
 RESULTS = Path(__file__).parent / "results"
 DOCS = Path(__file__).parents[1] / "docs" / "benchmarks.md"
 DOCS_START, DOCS_END = "<!-- results: written by python -m benchmarks.run -->", "<!-- /results -->"
+#: The same block for TransformerLens 4's run (``.venv-tl4/bin/python -m benchmarks.run``).
+DOCS_TL4 = (
+    "<!-- results tl4: written by .venv-tl4/bin/python -m benchmarks.run -->",
+    "<!-- /results tl4 -->",
+)
 
 #: (config, case, n_pos, repeats, warm-up?) -- issue 4's matrix, (a) to (d), and circuits (e).
 FULL = (
@@ -163,8 +168,37 @@ def ratio_rows(results: list[dict]) -> list[dict]:
     return rows
 
 
+def machine() -> str:
+    """One line naming where the numbers come from: CPU model and cores, memory, versions."""
+    import datetime
+    import importlib.metadata
+    import os
+    import platform
+
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            cpu = next(line.split(":", 1)[1].strip() for line in fh if "model name" in line)
+    except (OSError, StopIteration):
+        pass
+    try:
+        with open("/proc/meminfo") as fh:
+            mem = f"{int(fh.readline().split()[1]) / 2**20:.0f} GiB"
+    except (OSError, ValueError, IndexError):
+        mem = "? GiB"
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    tl = importlib.metadata.version("transformer-lens")
+    return (
+        f"Measured {datetime.date.today()} on {cpu}, {cores} cores, {mem}; torch "
+        f"{torch.__version__} ({torch.get_num_threads()} threads), TransformerLens {tl}."
+    )
+
+
 def markdown(results: list[dict], rows: list[dict]) -> str:
-    lines = ["| ratio | config | tokens | measured | target | met |", "|---|---|---|---|---|---|"]
+    lines = [machine(), ""]
+    lines += ["| ratio | config | tokens | measured | target | met |", "|---|---|---|---|---|---|"]
     for row in rows:
         met = "" if row["met"] is None else ("yes" if row["met"] else "NO")
         lines.append(
@@ -221,14 +255,16 @@ def chart(results: list[dict], device: str = "cpu") -> go.Figure:
     return fig
 
 
-def update_docs(table: str, docs: Path = DOCS) -> bool:
+def update_docs(
+    table: str, docs: Path = DOCS, markers: tuple[str, str] = (DOCS_START, DOCS_END)
+) -> bool:
     """Replace the results tables in ``docs/benchmarks.md`` (between its markers) by ``table``."""
     text = docs.read_text()
-    if DOCS_START not in text or DOCS_END not in text:
+    if markers[0] not in text or markers[1] not in text:
         return False
-    head, rest = text.split(DOCS_START, 1)
-    _, tail = rest.split(DOCS_END, 1)
-    docs.write_text(f"{head}{DOCS_START}\n{table.rstrip()}\n{DOCS_END}{tail}")
+    head, rest = text.split(markers[0], 1)
+    _, tail = rest.split(markers[1], 1)
+    docs.write_text(f"{head}{markers[0]}\n{table.rstrip()}\n{markers[1]}{tail}")
     return True
 
 
@@ -269,6 +305,8 @@ def main() -> None:
     chart(results, args.device).write_html(args.out / "cost_vs_length.html", include_plotlyjs=True)
     if args.out == RESULTS and not args.quick:  # the full CPU matrix is what the docs quote
         update_docs(table)
+    if args.out == RESULTS / "tl4" and not args.quick:
+        update_docs(table, markers=DOCS_TL4)
     print(table)
 
 
