@@ -16,8 +16,6 @@ import depass_lens as dp
 from depass_lens import constants
 from tests.conftest import FAMILIES, make_model, random_tokens
 
-pytestmark = pytest.mark.numerics  # also run under test.sh's second math configuration
-
 SOURCES = {"tokens": dp.Tokens(), "heads": dp.Heads(), "modules": dp.Modules()}
 
 

@@ -4,15 +4,15 @@ Each half-precision model is the float32 model cast (``model.to(dtype)``: the sa
 rounded), so their scores differ by the half model's own rounding and nothing else.
 
 Tolerances come from the dtype's ``eps`` (bf16 ``2^-7``, fp16 ``2^-10``). Every sublayer of the
-half model rounds its output and the residual sum to ``eps / 2`` of their size, so after the
-3 layers here its activations (and logits) are a few ``eps`` from float32's: measured 0.6 to 3.6
-eps up to 12 layers (``benchmarks/results/half_precision.md``). DePass adds no error of its own beyond float32's (it propagates in
-float32), so scores relative to their largest agree to ``tolerance(dtype) = 8 eps``
-(:data:`~depass_lens.decomposition.HALF_GROWTH`), losslessness against the half model's own
-activations holds to the same bound, and forward mode's completeness (a float32 sum) to
-float32's ``1e-5``. Adjoint mode's gradients are the half model's own backward pass, so its
-completeness is again ``8 eps``. A contrastive graph scores *changes* between two runs, each
-rounded on its own: twice the bound.
+half model rounds its output and the residual sum to ``eps / 2`` of their size, so its
+activations (and logits) are a few ``eps`` from float32's: measured 0.6 to 3.6 eps on 3 to 12
+layers (``benchmarks/results/half_precision.md``). DePass adds no error of its own beyond
+float32's (it propagates in float32), so scores relative to their largest agree to
+``tolerance(dtype) = 8 eps`` (:data:`~depass_lens.decomposition.HALF_GROWTH`), losslessness
+against the half model's own activations holds to the same bound, and forward mode's
+completeness (a float32 sum) to float32's ``1e-5``. Adjoint mode's gradients are the half
+model's own backward pass, so its completeness is again ``8 eps``. A contrastive graph scores
+*changes* between two runs, each rounded on its own: twice the bound.
 """
 
 from __future__ import annotations

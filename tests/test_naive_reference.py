@@ -14,8 +14,6 @@ import depass_lens as dp
 from tests.conftest import make_model, random_tokens
 from tests.naive_depass import NODES, naive_reference_depass, naive_token_depass, without_biases
 
-pytestmark = pytest.mark.numerics  # also run under test.sh's second math configuration
-
 RULES = ["taylor", "softmax", "max", "relu", "linear"]
 
 

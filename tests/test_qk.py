@@ -10,8 +10,6 @@ from depass_lens.integrated_softmax import IntegratedSoftmax
 from depass_lens.qk import layer_qk
 from tests.conftest import AGREEMENT, FAMILIES, TL, make_model, random_tokens, requires_tl3
 
-pytestmark = pytest.mark.numerics  # also run under test.sh's second math configuration
-
 SIDES = ["pattern", "symmetric"]
 TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-10}
 
