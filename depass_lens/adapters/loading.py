@@ -66,22 +66,28 @@ def from_tl_weights(
     return model
 
 
-def random_model(config: dict[str, Any], device: str = "cpu") -> TLModel:
+def random_model(
+    config: dict[str, Any], device: str = "cpu", dtype: torch.dtype | None = None
+) -> TLModel:
     """A randomly initialised model with TransformerLens 3.x ``config`` (for benchmarks and
     examples): a ``HookedTransformer`` under 3.x; under 4.x a ``boot_native`` bridge in
-    compatibility mode whose attention fires real scores (:func:`repair_native_scores`)."""
+    compatibility mode whose attention fires real scores (:func:`repair_native_scores`).
+    ``dtype`` (default: the config's, else float32) is the parameters' dtype from the start."""
+    fields = {k: v for k, v in config.items() if k != "dtype"}
+    dtype = dtype or config.get("dtype") or torch.float32
     if tl_generation() >= 4:
         import transformer_lens.model_bridge.sources.native  # noqa: F401 - attaches boot_native
         from transformer_lens.model_bridge import TransformerBridge
 
         from depass_lens.adapters.native_scores import repair_native_scores
 
-        bridge = TransformerBridge.boot_native(dict(config), device=device)  # type: ignore[attr-defined]
+        bridge = TransformerBridge.boot_native(fields, device=device, dtype=dtype)  # type: ignore[attr-defined]
         bridge.enable_compatibility_mode(disable_warnings=True, no_processing=True)
         return repair_native_scores(bridge).eval()
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-    return HookedTransformer(HookedTransformerConfig(**config, device=device)).eval()
+    cfg = HookedTransformerConfig(**fields, device=device, dtype=dtype)
+    return HookedTransformer(cfg).eval()
 
 
 def load_pretrained(name: str, device: str = "cpu") -> TLModel:

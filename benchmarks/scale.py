@@ -1,0 +1,197 @@
+"""Scale: seconds and peak memory of DePass on billion-parameter shapes at long prompts.
+
+Random LLaMA-shaped models (RMSNorm, rotary, grouped-query attention, gated SiLU MLPs) of a 1B
+and a 7B shape, one prompt of random tokens, and per (model, case) one subprocess so that its
+peak memory is its own::
+
+    python -m benchmarks.scale --device cuda --dtype bfloat16 --n-pos 2048   # on one GPU
+    python -m benchmarks.scale --cpu-smoke                                    # tiny, on the CPU
+
+Cases: one ``run_with_cache``; every head to one logit difference (adjoint mode); the circuit
+graph (every edge, symmetric split); the contrastive graph (difference linearisation). Each is
+timed once, first call included (at these sizes one call is the realistic use), under a time
+limit; a case that runs out of memory or time is reported as such. Peak memory is the whole
+process's (the model included): the CUDA allocator's peak on a GPU, the resident set on the CPU.
+Results: JSON lines on stdout, a markdown table in ``benchmarks/results/scale[_cuda].md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).parent / "results"
+LLAMA = dict(
+    act_fn="silu",
+    normalization_type="RMS",
+    positional_embedding_type="rotary",
+    gated_mlp=True,
+    final_rms=True,
+)
+#: name -> TransformerLens 3 config fields (``rotary_dim`` is ``d_head``).
+SHAPES = {
+    # Llama-3.2-1B: 16 layers, d_model 2048, 32 heads in 8 key/value groups, d_mlp 8192.
+    "llama-1b": dict(
+        n_layers=16, d_model=2048, n_heads=32, d_head=64, d_mlp=8192, n_key_value_heads=8,
+        d_vocab=128256,
+    ),
+    # Llama-2-7B: 32 layers, d_model 4096, 32 heads (no grouping), d_mlp 11008.
+    "llama-7b": dict(
+        n_layers=32, d_model=4096, n_heads=32, d_head=128, d_mlp=11008, n_key_value_heads=32,
+        d_vocab=32000,
+    ),
+    # --cpu-smoke: the same code paths in seconds.
+    "smoke": dict(
+        n_layers=2, d_model=128, n_heads=4, d_head=32, d_mlp=256, n_key_value_heads=2,
+        d_vocab=1000,
+    ),
+}  # fmt: skip
+CASES = ("run_with_cache", "heads", "graph", "contrastive graph")
+
+
+def build(shape: str, n_pos: int, dtype: torch.dtype, device: str):
+    """The random model, created directly on ``device`` in ``dtype`` (a 7B model is never
+    materialised in float32 or on the CPU first)."""
+    from depass_lens.adapters.loading import random_model
+
+    config = {**LLAMA, **SHAPES[shape], "rotary_dim": SHAPES[shape]["d_head"], "seed": 0}
+    config["n_ctx"] = max(n_pos, 128)
+    with torch.device(device):
+        return random_model(config, device, dtype=dtype)
+
+
+def run_case(shape: str, case: str, n_pos: int, dtype: torch.dtype, device: str) -> dict:
+    """One case in this process: seconds of one call and peak memory (model included)."""
+    import depass_lens as dp
+
+    warnings.filterwarnings("ignore")
+    cuda = torch.device(device).type == "cuda"
+    start = time.perf_counter()
+    model = build(shape, n_pos, dtype, device)
+    built = time.perf_counter() - start
+    model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    gen = torch.Generator().manual_seed(1)
+    vocab = model.cfg.d_vocab
+    tokens = torch.randint(0, vocab, (1, n_pos), generator=gen).to(device)
+    corrupted = torch.roll(tokens, 1, dims=1)
+    target = dp.LogitDiff(1, 2)
+    depass = dp.DePass(model, progress=False)
+    calls = {
+        "run_with_cache": lambda: model.run_with_cache(tokens),
+        "heads": lambda: depass.attribute(tokens, target, dp.Heads(), mode="adjoint"),
+        "graph": lambda: depass.graph(tokens, target),
+        "contrastive graph": lambda: depass.graph(tokens, target, contrast=corrupted),
+    }
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    calls[case]()
+    if cuda:
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    peak = (
+        torch.cuda.max_memory_allocated()
+        if cuda
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    )
+    return {
+        "shape": shape,
+        "case": case,
+        "n_pos": n_pos,
+        "dtype": str(dtype).removeprefix("torch."),
+        "device": device,
+        "seconds": seconds,
+        "build_seconds": built,
+        "peak_bytes": peak,
+        "model_bytes": model_bytes,
+    }
+
+
+def spawn(shape: str, case: str, n_pos: int, dtype: str, device: str, timeout: float) -> dict:
+    """:func:`run_case` in a fresh subprocess under ``timeout`` seconds."""
+    cmd = [sys.executable, "-m", "benchmarks.scale", "--worker", shape, case]
+    cmd += ["--n-pos", str(n_pos), "--dtype", dtype, "--device", device]
+    row = {"shape": shape, "case": case, "n_pos": n_pos, "dtype": dtype, "device": device}
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+    except subprocess.TimeoutExpired:
+        return {**row, "error": f"over the {timeout:.0f} s limit"}
+    lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
+    if out.returncode == 0 and lines:
+        return json.loads(lines[-1])
+    tail = out.stderr.strip().splitlines()[-1:] or [f"exit {out.returncode}"]
+    killed = out.returncode in (-9, 137)
+    oom = killed or "out of memory" in out.stderr.lower()
+    return {**row, "error": "out of memory" if oom else tail[0][:200]}
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = [
+        "| model | dtype | tokens | case | seconds | x run_with_cache | peak GiB | model GiB |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    base = {
+        (r["shape"], r["n_pos"]): r["seconds"]
+        for r in rows
+        if r["case"] == "run_with_cache" and "seconds" in r
+    }
+    for r in rows:
+        if "seconds" not in r:
+            lines.append(
+                f"| {r['shape']} | {r['dtype']} | {r['n_pos']} | {r['case']} | {r['error']} | | | |"
+            )
+            continue
+        ratio = (
+            r["seconds"] / base[(r["shape"], r["n_pos"])]
+            if (r["shape"], r["n_pos"]) in base
+            else None
+        )
+        lines.append(
+            f"| {r['shape']} | {r['dtype']} | {r['n_pos']} | {r['case']} | {r['seconds']:.2f} | "
+            f"{'' if ratio is None else f'{ratio:.1f}x'} | {r['peak_bytes'] / 2**30:.2f} | "
+            f"{r['model_bytes'] / 2**30:.2f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--worker", nargs=2, metavar=("SHAPE", "CASE"), help=argparse.SUPPRESS)
+    parser.add_argument("--shapes", nargs="+", default=["llama-1b", "llama-7b"])
+    parser.add_argument("--n-pos", type=int, default=2048)
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--timeout", type=float, default=150.0, help="seconds per case")
+    parser.add_argument("--cpu-smoke", action="store_true", help="tiny model, 128 tokens, CPU")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    if args.worker:
+        shape, case = args.worker
+        dtype = getattr(torch, args.dtype)
+        print(json.dumps(run_case(shape, case, args.n_pos, dtype, args.device)), flush=True)
+        return
+    if args.cpu_smoke:
+        args.shapes, args.n_pos, args.device = ["smoke"], 128, "cpu"
+    rows = []
+    for shape in args.shapes:
+        for case in CASES:
+            row = spawn(shape, case, args.n_pos, args.dtype, args.device, args.timeout)
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    suffix = "" if args.device == "cpu" else f"_{torch.device(args.device).type}"
+    out = args.out or RESULTS / f"scale{suffix}.md"
+    out.write_text(markdown(rows))
+    print(markdown(rows))
+
+
+if __name__ == "__main__":
+    main()
