@@ -191,8 +191,10 @@ def first_non_finite_hook(
     """Run the model once with a check on every hook, in forward order: the first hook whose value
     holds NaN or inf, and which (``"NaN"``/``"inf"``); ``None`` if the whole pass is finite.
 
-    Only called once something was found non-finite, so the normal path never pays for it. Hooks
-    the user put on the model stay in place and run first, so a value they break is seen.
+    Only called once something was found non-finite, so the normal path never pays for it.
+    DePass's entry points refuse a model carrying hooks before they get here
+    (:meth:`~depass_lens.adapters.base.ModelAdapter.refuse_foreign_hooks`), so this is the
+    model's own pass; a direct caller's hooks would run first, and a value they break is seen.
     """
     found: list[tuple[str, str]] = []
 
