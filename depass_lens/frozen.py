@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from transformer_lens import ActivationCache
 
 from depass_lens.adapter import ModelAdapter
+from depass_lens.adapters.base import parameter_versions
 from depass_lens.errors import CacheMismatchError, DePassInputError
 
 
@@ -173,7 +174,7 @@ def non_finite_weights(
     healthy model.
     """
     params = list((named or model.named_parameters)())
-    key = tuple((p.data_ptr(), p._version) for _, p in params)
+    key = parameter_versions(p for _, p in params)
     seen = _WEIGHTS_SEEN.get(model)
     if seen is not None and seen[0] == key:
         return seen[1]

@@ -190,13 +190,6 @@ def norm_scale_of(value: Tensor | None, batch: int, n_pos: int, style: str) -> T
     return value.reshape(batch, n_pos, 1)
 
 
-def attended(scores: Float[Tensor, "batch head query key"]) -> Bool[Tensor, "batch head query key"]:
-    """Which keys each query may attend to, read from the scores as the model masked them:
-    ``-inf`` (TransformerLens) or the dtype's most negative number added (Hugging Face's additive
-    masks, e.g. a bridge's GPT-NeoX attention), which would otherwise count as a score to split."""
-    return unmasked(scores)
-
-
 def layer_qk(
     adapter: ModelAdapter,
     layer: int,
@@ -235,7 +228,7 @@ def layer_qk(
         ratio = torch.where(raw == 0, torch.ones_like(raw), cap * torch.tanh(raw / cap) / safe)
     else:
         ratio = torch.ones_like(raw)
-    allowed = attended(hooked)
+    allowed = unmasked(hooked)  # -inf or an additive finfo.min mask (Hugging Face)
     extra = torch.where(allowed, scores - ratio * raw, torch.zeros_like(raw))
     return LayerQK(
         qk, q, k, scores, ratio, extra, allowed, q_scale, k_scale, attention_mask, pos_embed

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -128,6 +128,12 @@ def as_tensor(value: object, name: str) -> Tensor:
     if not isinstance(value, Tensor):
         raise UnsupportedModelError(f"weight {name} is a {type(value).__name__}, not a tensor")
     return value
+
+
+def parameter_versions(params: Iterable[Tensor]) -> tuple[tuple[int, int, int], ...]:
+    """Identity, storage and in-place version of each parameter: a key that changes when one is
+    replaced, moved, cast or edited in place (for caches of what is read from the weights)."""
+    return tuple((id(p), p.data_ptr(), p._version) for p in params)
 
 
 def device_spread(model: Any) -> str | None:
@@ -523,9 +529,9 @@ class ModelAdapter(ABC):
         """The model's weights by their TransformerLens names (``blocks.0.mlp.W_in``, ...)."""
         return self.model.named_parameters()
 
-    def parameter_fingerprint(self) -> tuple[tuple[int, int], ...]:
-        """Identity and in-place version of every parameter: changes when the model is edited."""
-        return tuple((id(p), p._version) for p in self.model.parameters())
+    def parameter_fingerprint(self) -> tuple[tuple[int, int, int], ...]:
+        """:func:`parameter_versions` of every parameter: changes when the model is edited."""
+        return parameter_versions(self.model.parameters())
 
 
 __all__ = [
@@ -542,4 +548,5 @@ __all__ = [
     "Stage",
     "TLModel",
     "as_tensor",
+    "parameter_versions",
 ]

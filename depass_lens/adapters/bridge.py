@@ -36,6 +36,7 @@ from depass_lens.adapters.base import (
     Rotary,
     as_tensor,
     device_spread,
+    parameter_versions,
 )
 from depass_lens.adapters.native_scores import needs_repair
 from depass_lens.adapters.split_inputs import Projection, SplitInputs
@@ -157,7 +158,8 @@ class BridgeAdapter(ModelAdapter):
         in place) or autograd is switched on or off. A bridge builds its stacked weight views
         (``W_Q`` ``[head d_model d_head]`` ...) anew on every read; DePass reads them per forward
         pass, per hook, so reading them once keeps the adapter off the profile."""
-        key = (torch.is_grad_enabled(), *_fingerprint(modules))
+        params = (p for module in modules if module is not None for p in module.parameters())
+        key = (torch.is_grad_enabled(), *parameter_versions(params))
         hit = self._views.get((kind, layer))
         if hit is not None and hit[0] == key:
             return hit[1]
@@ -342,7 +344,7 @@ class BridgeAdapter(ModelAdapter):
 
         The bridge builds these views anew on every call; they are kept until a parameter of
         the wrapped model changes, so callers that cache by tensor identity stay cached."""
-        key = tuple((p.data_ptr(), p._version) for p in self.model.original_model.parameters())
+        key = parameter_versions(self.model.original_model.parameters())
         if self._named_weights is None or self._named_weights[0] != key:
             self._named_weights = (key, list(self.model.tl_named_parameters()))
         return iter(self._named_weights[1])
@@ -479,17 +481,6 @@ class BridgeAdapter(ModelAdapter):
         reader = reader or "unembed.hook_in"
         with self.model.hooks(fwd_hooks=[(reader, stop)]):
             return self.model(tokens, attention_mask=attention_mask, return_type=None)
-
-
-def _fingerprint(modules: list[Any]) -> tuple:
-    """Identity, storage and in-place version of every parameter of ``modules`` (``None``s
-    skipped): changes when a parameter is replaced, moved, cast or edited in place."""
-    return tuple(
-        (id(p), p.data_ptr(), p._version)
-        for module in modules
-        if module is not None
-        for p in module.parameters()
-    )
 
 
 def _returning(fns: list[Callable]) -> Callable:
