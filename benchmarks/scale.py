@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -27,6 +26,8 @@ import warnings
 from pathlib import Path
 
 import torch
+
+from benchmarks.cases import peak_rss_bytes
 
 RESULTS = Path(__file__).parent / "results"
 LLAMA = dict(
@@ -98,11 +99,7 @@ def run_case(shape: str, case: str, n_pos: int, dtype: torch.dtype, device: str)
     if cuda:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
-    peak = (
-        torch.cuda.max_memory_allocated()
-        if cuda
-        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    )
+    peak = torch.cuda.max_memory_allocated() if cuda else peak_rss_bytes()
     return {
         "shape": shape,
         "case": case,
