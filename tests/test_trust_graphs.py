@@ -129,27 +129,23 @@ def test_edge_patching_refuses_a_corrupted_batch_padded_otherwise():
     mask = torch.ones_like(tokens)
     mask[1, -2:] = 0
     metric = logit_diff_metric(torch.tensor([3, 3]), torch.tensor([5, 5]), mask)
-    with pytest.raises(
-        DePassInputError, match="row 1: the prompt has 5 real tokens, its contrast 7"
-    ):
-        EdgePatcher(
+
+    def patcher(corrupted_mask: torch.Tensor) -> EdgePatcher:
+        return EdgePatcher(
             depass.adapter,
             spec,
             tokens,
             metric,
             corrupted=corrupt,
             attention_mask=mask,
-            corrupted_attention_mask=torch.ones_like(mask),
+            corrupted_attention_mask=corrupted_mask,
         )
-    alike = EdgePatcher(
-        depass.adapter,
-        spec,
-        tokens,
-        metric,
-        corrupted=corrupt,
-        attention_mask=mask,
-        corrupted_attention_mask=mask.clone(),
-    )
+
+    with pytest.raises(
+        DePassInputError, match="row 1: the prompt has 5 real tokens, its contrast 7"
+    ):
+        patcher(torch.ones_like(mask))
+    alike = patcher(mask.clone())
     assert alike.clean != alike.corrupt
 
 
