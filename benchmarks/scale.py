@@ -1,10 +1,12 @@
 """Scale: seconds and peak memory of DePass on billion-parameter shapes at long prompts.
 
 Random LLaMA-shaped models (RMSNorm, rotary, grouped-query attention, gated SiLU MLPs) of a 1B
-and a 7B shape, one prompt of random tokens, and per (model, case) one subprocess so that its
-peak memory is its own::
+and a 7B shape, a GPT-2-small shape, one prompt of random tokens, and per (model, length, case)
+one subprocess so that its peak memory is its own::
 
     python -m benchmarks.scale --device cuda --dtype bfloat16 --n-pos 2048   # on one GPU
+    python -m benchmarks.scale --shapes gpt2-small --dtype float32 --device cpu \
+        --n-pos 256 512 1024 2048                                             # memory vs length
     python -m benchmarks.scale --cpu-smoke                                    # tiny, on the CPU
 
 Cases: one ``run_with_cache``; every head to one logit difference (adjoint mode); the circuit
@@ -37,6 +39,7 @@ LLAMA = dict(
     gated_mlp=True,
     final_rms=True,
 )
+GPT2 = dict(act_fn="gelu_new", normalization_type="LN", positional_embedding_type="standard")
 #: name -> TransformerLens 3 config fields (``rotary_dim`` is ``d_head``).
 SHAPES = {
     # Llama-3.2-1B: 16 layers, d_model 2048, 32 heads in 8 key/value groups, d_mlp 8192.
@@ -48,6 +51,10 @@ SHAPES = {
     "llama-7b": dict(
         n_layers=32, d_model=4096, n_heads=32, d_head=128, d_mlp=11008, n_key_value_heads=32,
         d_vocab=32000,
+    ),
+    # GPT-2 small: 12 layers, d_model 768, 12 heads, d_mlp 3072, learned positions.
+    "gpt2-small": dict(
+        n_layers=12, d_model=768, n_heads=12, d_head=64, d_mlp=3072, d_vocab=50257,
     ),
     # --cpu-smoke: the same code paths in seconds.
     "smoke": dict(
@@ -63,7 +70,11 @@ def build(shape: str, n_pos: int, dtype: torch.dtype, device: str):
     materialised in float32 or on the CPU first)."""
     from depass_lens.adapters.loading import random_model
 
-    config = {**LLAMA, **SHAPES[shape], "rotary_dim": SHAPES[shape]["d_head"], "seed": 0}
+    shaped = SHAPES[shape]
+    family = LLAMA if "n_key_value_heads" in shaped else GPT2
+    config = {**family, **shaped, "seed": 0}
+    if family is LLAMA:
+        config["rotary_dim"] = shaped["d_head"]
     config["n_ctx"] = max(n_pos, 128)
     with torch.device(device):
         return random_model(config, device, dtype=dtype)
@@ -164,7 +175,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--worker", nargs=2, metavar=("SHAPE", "CASE"), help=argparse.SUPPRESS)
     parser.add_argument("--shapes", nargs="+", default=["llama-1b", "llama-7b"])
-    parser.add_argument("--n-pos", type=int, default=2048)
+    parser.add_argument("--n-pos", type=int, nargs="+", default=[2048])
+    parser.add_argument("--cases", nargs="+", default=list(CASES), choices=CASES)
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--timeout", type=float, default=150.0, help="seconds per case")
@@ -174,16 +186,18 @@ def main() -> None:
     if args.worker:
         shape, case = args.worker
         dtype = getattr(torch, args.dtype)
-        print(json.dumps(run_case(shape, case, args.n_pos, dtype, args.device)), flush=True)
+        n_pos = args.n_pos[0]
+        print(json.dumps(run_case(shape, case, n_pos, dtype, args.device)), flush=True)
         return
     if args.cpu_smoke:
-        args.shapes, args.n_pos, args.device = ["smoke"], 128, "cpu"
+        args.shapes, args.n_pos, args.device = ["smoke"], [128], "cpu"
     rows = []
     for shape in args.shapes:
-        for case in CASES:
-            row = spawn(shape, case, args.n_pos, args.dtype, args.device, args.timeout)
-            print(json.dumps(row), flush=True)
-            rows.append(row)
+        for n_pos in args.n_pos:
+            for case in args.cases:
+                row = spawn(shape, case, n_pos, args.dtype, args.device, args.timeout)
+                print(json.dumps(row), flush=True)
+                rows.append(row)
     suffix = "" if args.device == "cpu" else f"_{torch.device(args.device).type}"
     out = args.out or RESULTS / f"scale{suffix}.md"
     out.write_text(markdown(rows))

@@ -515,6 +515,7 @@ def linearised_forward(
     split: AttentionSplit | None = None,
     *,
     split_inputs: bool = False,
+    per_head: bool = True,
     linearise: bool = True,
     embed_override: Tensor | None = None,
     reference: Mapping[str, Tensor] | None = None,
@@ -524,7 +525,8 @@ def linearised_forward(
     The unembedding is never applied (targets read ``unembed.hook_in`` and only their own columns of
     ``W_U``), which saves the ``d_vocab``-wide matmul of a plain forward. ``split_inputs`` runs on
     per-head query/key/value inputs and a separate MLP input (see
-    :meth:`~depass_lens.adapter.ModelAdapter.split_inputs`), whose hooks may then be stored.
+    :meth:`~depass_lens.adapter.ModelAdapter.split_inputs`), whose hooks may then be stored;
+    ``per_head=False`` splits the MLPs' inputs only (heads read their shared input).
     ``linearise=False`` keeps the real model (its true gradients, for gradient baselines such as
     edge attribution patching); ``embed_override`` replaces the token embeddings (e.g. points on
     a path between two inputs, for integrated gradients). ``reference`` (a corrupted run's
@@ -552,7 +554,13 @@ def linearised_forward(
         linearisation = DifferenceLinearisation(adapter, reference, ledger, nodes)
     else:
         linearisation = Linearisation(
-            adapter, rule, split, attention_mask, ledger, tokens.shape[1], split_inputs=split_inputs
+            adapter,
+            rule,
+            split,
+            attention_mask,
+            ledger,
+            tokens.shape[1],
+            split_inputs=split_inputs and per_head,
         )
     fwd_hooks: list[tuple[str | Callable, Callable]] = []
     if linearise:
@@ -563,7 +571,7 @@ def linearised_forward(
     # Stored after linearisation hooks so the stored value is what flows on.
     fwd_hooks += [(name, keep) for name in wanted if name not in ("hook_embed", "hook_pos_embed")]
     n_layers = adapter.n_layers if stop_at_layer is None else stop_at_layer
-    context = adapter.split_inputs() if split_inputs else nullcontext()
+    context = adapter.split_inputs(per_head) if split_inputs else nullcontext()
     with torch.enable_grad(), context, adapter.hooks(fwd_hooks):
         resid = adapter.stream(tokens, attention_mask, n_layers)
         if stop_at_layer is None and "unembed.hook_in" in wanted:

@@ -243,8 +243,8 @@ def test_removing_a_path_breaks_conservation(monkeypatch):
     tokens = random_tokens(model)
     original = build.slot_blocks
 
-    def no_keys(adapter, spec, the_slots, grads, acts, *rest):
-        blocks = original(adapter, spec, the_slots, grads, acts, *rest)
+    def no_keys(adapter, spec, the_slots, grads, acts, *rest, **options):
+        blocks = original(adapter, spec, the_slots, grads, acts, *rest, **options)
         return [b for b in blocks if the_slots[b.slots[0]].kind != "k"]
 
     monkeypatch.setattr(build, "slot_blocks", no_keys)

@@ -519,9 +519,15 @@ class ModelAdapter(ABC):
             return resid
         return self.model.ln_final(resid)
 
+    def head_projections(self, layer: int) -> dict[str, Float[Tensor, "head d_model d_head"]]:
+        """``layer``'s query, key and value weights per query head (``"q"``, ``"k"``, ``"v"``;
+        grouped keys and values repeated), as they act on the attention input."""
+        raise UnsupportedModelError(f"{self.backend} models expose no per-head projections")
+
     @contextmanager
-    def split_inputs(self) -> Iterator[None]:
-        """Run the model on per-node inputs for the duration of the block (see subclasses)."""
+    def split_inputs(self, per_head: bool = True) -> Iterator[None]:
+        """Run the model on per-node inputs for the duration of the block (see subclasses);
+        ``per_head=False``: the MLP's own input only, attention reading its shared input."""
         raise UnsupportedModelError(f"{self.backend} models cannot run on per-head inputs")
         yield  # pragma: no cover
 

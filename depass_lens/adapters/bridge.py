@@ -350,11 +350,12 @@ class BridgeAdapter(ModelAdapter):
         return iter(self._named_weights[1])
 
     @contextmanager
-    def split_inputs(self) -> Iterator[None]:
+    def split_inputs(self, per_head: bool = True) -> Iterator[None]:
         """Run the model on per-node inputs for the duration of the block, as a
         ``HookedTransformer`` does with ``use_split_qkv_input`` and ``use_hook_mlp_in``: the
         per-head inputs, the MLP's input and ``hook_resid_mid`` are the adapter's own hook points
-        (:mod:`~depass_lens.adapters.split_inputs`). Restored afterwards, even on error."""
+        (:mod:`~depass_lens.adapters.split_inputs`); ``per_head=False``: the MLP's only.
+        Restored afterwards, even on error."""
         kv_heads = int(self.attention(0).W_V.shape[0])
         if kv_heads != self.n_heads:
             raise UnsupportedModelError(
@@ -383,12 +384,15 @@ class BridgeAdapter(ModelAdapter):
         try:
             self._splitting = True
             self._split = SplitInputs(
-                self.hook_points, norms, projections, self.eps, branches, self.parallel
+                self.hook_points, norms, projections, self.eps, branches, self.parallel, per_head
             )
             yield
         finally:
             self._splitting = False
             self._split = None
+
+    def head_projections(self, layer: int) -> dict[str, Float[Tensor, "head d_model d_head"]]:
+        return {side: W for side, (W, _) in self._projections(layer).items()}
 
     def _projections(self, layer: int) -> dict[str, Projection]:
         """``layer``'s query, key and value weights ``[head d_model d_head]`` and biases

@@ -146,6 +146,11 @@ class HookedAdapter(ModelAdapter):
             logn=logn,
         )
 
+    def head_projections(self, layer: int) -> dict[str, Float[Tensor, "head d_model d_head"]]:
+        attn = self.model.blocks[layer].attn  # grouped keys and values come repeated per head
+        names = {side: f"W_{side.upper()}" for side in "qkv"}
+        return {side: as_tensor(getattr(attn, name), name) for side, name in names.items()}
+
     def mlp(self, layer: int) -> MLPWeights:
         mlp = self.model.blocks[layer].mlp
         gated = hasattr(mlp, "W_gate")
@@ -197,7 +202,7 @@ class HookedAdapter(ModelAdapter):
         return self.model.b_U
 
     @contextmanager
-    def split_inputs(self) -> Iterator[None]:
+    def split_inputs(self, per_head: bool = True) -> Iterator[None]:
         """Run the model on per-node inputs for the duration of the block.
 
         TransformerLens's ``use_split_qkv_input`` gives every head its own query, key and value
@@ -205,7 +210,9 @@ class HookedAdapter(ModelAdapter):
         a separate MLP input (``blocks.L.hook_mlp_in``), and ungrouping grouped-query attention
         gives every query head its own copy of its keys and values. Values are unchanged; what
         changes is that a hook on one of these inputs sees (and may replace) exactly what one node
-        reads. The settings are restored afterwards, even on error.
+        reads. ``per_head=False`` keeps the shared attention input (no ``d_model``-wide copy per
+        head): a head's input is then reached through ``attn.hook_q``/``hook_k``/``hook_v``. The
+        settings are restored afterwards, even on error.
         """
         cfg = self.cfg
         saved = (cfg.use_split_qkv_input, cfg.use_hook_mlp_in, cfg.ungroup_grouped_query_attention)
@@ -216,7 +223,7 @@ class HookedAdapter(ModelAdapter):
             )
         try:
             self._splitting = True
-            cfg.use_split_qkv_input = True
+            cfg.use_split_qkv_input = per_head
             cfg.use_hook_mlp_in = True
             cfg.ungroup_grouped_query_attention = True
             yield

@@ -71,7 +71,8 @@ class SplitInputs:
     norm), ``projections[layer]`` its query, key and value weights and biases (``{"q": (W_Q [head
     d_model d_head], b_Q [head d_head]), ...}``, read once by the adapter), ``eps`` the norms'
     epsilon, ``mlp_branch[layer]`` the bridge hook on its MLP branch's input (``None``: no MLP)
-    and ``parallel`` whether the MLP reads ``resid_pre`` (no ``resid_mid``)."""
+    and ``parallel`` whether the MLP reads ``resid_pre`` (no ``resid_mid``). ``per_head=False``
+    splits the MLP's input only (heads keep the shared stream)."""
 
     def __init__(
         self,
@@ -81,6 +82,7 @@ class SplitInputs:
         eps: float,
         mlp_branch: list[str | None],
         parallel: bool,
+        per_head: bool = True,
     ):
         from transformer_lens.hook_points import HookPoint
 
@@ -90,8 +92,11 @@ class SplitInputs:
         self.eps = eps
         self.mlp_branch = mlp_branch
         self.parallel = parallel
+        self.per_head = per_head
         self.points: dict[str, Any] = {}
-        names = [input_hook_name(layer, side) for layer in range(len(norms)) for side in SIDES]
+        names = []
+        if per_head:
+            names = [input_hook_name(layer, side) for layer in range(len(norms)) for side in SIDES]
         for layer, branch in enumerate(mlp_branch):
             if branch is not None:
                 names.append(f"blocks.{layer}.hook_mlp_in")
@@ -123,9 +128,10 @@ class SplitInputs:
         before: list[tuple[Any, HookFn]] = []
         after: list[tuple[Any, HookFn]] = []
         for layer in range(len(self.norms)):
-            after.append((f"blocks.{layer}.hook_resid_pre", self._keep(layer)))
-            for side in SIDES:
-                before.append((f"blocks.{layer}.attn.hook_{side}", self._project(layer, side)))
+            if self.per_head:
+                after.append((f"blocks.{layer}.hook_resid_pre", self._keep(layer)))
+                for side in SIDES:
+                    before.append((f"blocks.{layer}.attn.hook_{side}", self._project(layer, side)))
             branch = self.mlp_branch[layer]
             if branch is not None:
                 before.append((branch, self._mlp_input(layer)))

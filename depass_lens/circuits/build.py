@@ -15,9 +15,10 @@ a corrupted prompt, gives the gradients of edge attribution patching and EAP-IG
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
+from functools import partial
 from typing import Literal
 
 import einops
@@ -29,6 +30,14 @@ from tqdm import tqdm
 from depass_lens.adapter import ModelAdapter
 from depass_lens.adjoint import AdjointPass, linearised_forward, target_scalar
 from depass_lens.circuits.graph import Graph
+from depass_lens.circuits.receivers import (
+    head_gradient_hook,
+    head_gradients,
+    head_input_stats,
+    neuron_gradients,
+    projects_heads,
+    receiver_hooks,
+)
 from depass_lens.circuits.spec import (
     HEAD_SIDES,
     Edge,
@@ -37,8 +46,6 @@ from depass_lens.circuits.spec import (
     GraphSpec,
     build_spec,
     check_contrast_alignment,
-    neuron_gradients,
-    receiver_hooks,
     sender_hooks,
     sender_outputs,
     target_read_hook,
@@ -114,11 +121,18 @@ def receiver_input_hook(adapter: ModelAdapter, spec: GraphSpec, node: int) -> st
 
 @dataclass
 class SlotBlock:
-    """Receiving inputs that read the same stream, their gradients side by side (``None``: all
-    zero, e.g. queries and keys with frozen patterns). ``slots`` index the slot list."""
+    """Receiving inputs that read the same stream; ``gradients()`` forms their gradients side by
+    side (``[batch, pos, k, d_model]``) when called, ``None`` where all are zero (e.g. queries and
+    keys with frozen patterns). ``slots`` index the slot list. Formed on demand, one block's
+    gradients exist at a time while a graph is contracted."""
 
     slots: list[int]
-    grads: Float[Tensor, "batch pos k d_model"] | None
+    gradients: Callable[[], Float[Tensor, "batch pos k d_model"] | None]
+
+    @classmethod
+    def holding(cls, slots: list[int], grads: Tensor | None) -> SlotBlock:
+        """A block whose gradients are already formed."""
+        return cls(slots, partial(_given, grads))
 
 
 def slot_blocks(
@@ -128,34 +142,52 @@ def slot_blocks(
     grads: Mapping[str, Tensor | None],
     acts: Mapping[str, Tensor],
     reference: Mapping[str, Tensor] | None = None,
+    *,
+    projected: bool = True,
+    exact: bool = False,
 ) -> list[SlotBlock]:
     """Every receiving input's gradient in the stream's space, grouped by what it reads: a
-    layer's heads per side (one ``[batch, pos, head, d_model]`` tensor, no copy), an MLP or its
-    neuron groups, the target. ``reference``: the corrupted run's activations, under the
-    difference linearisation (neuron groups read their input through the norm's secant)."""
+    layer's heads per side, an MLP or its neuron groups, the target.
+
+    ``projected``: heads' gradients come from their projections (:mod:`.receivers`), else from
+    per-head copies of the stream (``blocks.L.hook_q_input``, ...). ``reference``: the corrupted
+    run's activations, under the difference linearisation (norms are pulled back through their
+    secants); ``exact``: the real model's norms (gradient baselines)."""
     index = {(s.receiver, s.kind): i for i, s in enumerate(the_slots)}
     blocks = []
     for layer in range(adapter.n_layers):
         heads = [i for i, n in enumerate(spec.nodes) if n.kind == "head" and n.layer == layer]
         for side in HEAD_SIDES if heads else ():
-            grad = grads.get(f"blocks.{layer}.hook_{side}_input")
-            blocks.append(SlotBlock([index[(h, side)] for h in heads], grad))
+            members = [index[(h, side)] for h in heads]
+            if projected:
+                load = partial(head_gradients, adapter, layer, side, grads, acts, reference, exact)
+            else:
+                load = partial(grads.get, head_gradient_hook(layer, side, projected=False))
+            blocks.append(SlotBlock(members, load))
         members = [
             i for i, n in enumerate(spec.nodes) if n.layer == layer and n.kind in ("mlp", "neurons")
         ]
         if not members:
             continue
         if len(members) == 1:
-            grad = grads.get(f"blocks.{layer}.hook_mlp_in")
-            blocks.append(SlotBlock([index[(members[0], "mlp")]], _unsqueeze(grad)))
+            grad = _unsqueeze(grads.get(f"blocks.{layer}.hook_mlp_in"))
+            blocks.append(SlotBlock.holding([index[(members[0], "mlp")]], grad))
         else:
             neurons = [spec.nodes[i].neurons for i in members]
-            stacked = neuron_gradients(adapter, layer, neurons, grads, acts, reference)
-            side_by_side = None if stacked is None else stacked.permute(1, 2, 0, 3)
-            blocks.append(SlotBlock([index[(i, "mlp")] for i in members], side_by_side))
-    grad = grads.get(target_read_hook(adapter, spec.target_hook))
-    blocks.append(SlotBlock([index[(spec.target, "direct")]], _unsqueeze(grad)))
+            load = partial(_neuron_block, adapter, layer, neurons, grads, acts, reference)
+            blocks.append(SlotBlock([index[(i, "mlp")] for i in members], load))
+    grad = _unsqueeze(grads.get(target_read_hook(adapter, spec.target_hook)))
+    blocks.append(SlotBlock.holding([index[(spec.target, "direct")]], grad))
     return blocks
+
+
+def _given(grad: Tensor | None) -> Tensor | None:
+    return grad
+
+
+def _neuron_block(*args) -> Tensor | None:
+    stacked = neuron_gradients(*args)
+    return None if stacked is None else stacked.permute(1, 2, 0, 3)
 
 
 def _unsqueeze(grad: Tensor | None) -> Tensor | None:
@@ -171,19 +203,42 @@ def contract(
 ) -> Tensor:
     """Edge scores ``sum_pos <out_A, g_B>`` for every edge: ``[batch, edge]`` (or ``[batch, edge,
     pos]``), one batched contraction per block (its inputs share their senders)."""
+    return edges_and_inputs(None, spec, the_slots, blocks, outputs, None, by_position)[0]
+
+
+def edges_and_inputs(
+    adapter: ModelAdapter | None,
+    spec: GraphSpec,
+    the_slots: Sequence[Slot],
+    blocks: Sequence[SlotBlock],
+    outputs: Float[Tensor, "sender batch pos d_model"],
+    stream: Mapping[str, Tensor] | None,
+    by_position: bool = False,
+) -> tuple[Tensor, Float[Tensor, "batch node"]]:
+    """Edge scores (:func:`contract`) and, given the ``stream`` each receiver reads (or its
+    change, in a contrast), every receiver's input score ``<in_B, g_B>``; each block's gradients
+    are formed once and dropped before the next block's."""
     batch, n_pos = outputs.shape[1], outputs.shape[2]
     shape = (batch, len(spec.edges), n_pos) if by_position else (batch, len(spec.edges))
     scores = outputs.new_zeros(shape)
+    inputs = outputs.new_zeros(batch, len(spec.nodes))
     pattern = "b p k d, a b p d -> b k a p" if by_position else "b p k d, a b p d -> b k a"
     for block in blocks:
-        if block.grads is None:
+        grads = block.gradients()
+        if grads is None:
             continue
         count = the_slots[block.slots[0]].n_senders
-        part = einops.einsum(block.grads, outputs[:count].to(block.grads.dtype), pattern)
+        part = einops.einsum(grads, outputs[:count].to(grads.dtype), pattern)
         for j, slot in enumerate(block.slots):
             first = the_slots[slot].first_edge
             scores[:, first : first + count] = part[:, j]
-    return scores
+        if stream is not None:
+            assert adapter is not None
+            receivers = [the_slots[i].receiver for i in block.slots]
+            read = stream[receiver_input_hook(adapter, spec, receivers[0])].to(grads.dtype)
+            values = einops.einsum(read, grads, "b p d, b p k d -> b k").to(inputs.dtype)
+            inputs.index_add_(1, torch.tensor(receivers, device=inputs.device), values)
+    return scores, inputs
 
 
 @dataclass
@@ -198,24 +253,19 @@ class NodeQuantities:
 def node_quantities(
     adapter: ModelAdapter,
     spec: GraphSpec,
-    the_slots: Sequence[Slot],
-    blocks: Sequence[SlotBlock],
     outputs: Tensor,
+    inputs: Float[Tensor, "batch node"],
     sender_grads: Mapping[str, Tensor],
-    stream: Mapping[str, Tensor],
     ledger: ConstantLedger | None,
     constants: Sequence[Tensor],
     target_value: Tensor,
     target_constant: Tensor,
 ) -> NodeQuantities:
-    """Scores of senders, input scores of receivers, and own constants (``ledger=None``: none).
-
-    ``stream`` holds the residual stream each receiver reads (or its change, in a contrast).
-    """
+    """Scores of senders, the receivers' input scores (:func:`edges_and_inputs`), and own
+    constants (``ledger=None``: none)."""
     batch = outputs.shape[1]
     n = len(spec.nodes)
     score = outputs.new_zeros(batch, n)
-    inputs = outputs.new_zeros(batch, n)
     own = outputs.new_zeros(batch, n)
     by_hook: dict[str, list[int]] = {}
     for row, node in enumerate(spec.senders):
@@ -224,13 +274,6 @@ def node_quantities(
     for hook, rows in by_hook.items():
         values = einops.einsum(outputs[rows], sender_grads[hook], "a b p d, b p d -> b a")
         score[:, senders[rows]] = values.to(score.dtype)
-    for block in blocks:
-        if block.grads is None:
-            continue
-        receivers = [the_slots[i].receiver for i in block.slots]
-        read = stream[receiver_input_hook(adapter, spec, receivers[0])].to(block.grads.dtype)
-        values = einops.einsum(read, block.grads, "b p d, b p k d -> b k").to(inputs.dtype)
-        inputs.index_add_(1, torch.tensor(receivers), values)
     score[:, spec.target] = target_value
     if ledger is not None:
         own = own_constants(spec, ledger, constants, own)
@@ -295,9 +338,15 @@ def graph_pass(
     linearise: bool = True,
     embed_override: Tensor | None = None,
     reference: Mapping[str, Tensor] | None = None,
+    projected: bool = True,
 ) -> AdjointPass:
-    """One (linearised) forward on split inputs keeping everything a graph needs."""
-    store = set(receiver_hooks(adapter, spec, spec.target_hook)) | set(post_norm_stats(adapter))
+    """One (linearised) forward on split inputs keeping everything a graph needs: the MLPs'
+    own inputs, and per-head copies of the stream unless heads are ``projected``
+    (:func:`~depass_lens.circuits.receivers.projects_heads`)."""
+    store = set(receiver_hooks(adapter, spec, spec.target_hook, projected))
+    store |= set(post_norm_stats(adapter))
+    if projected:
+        store |= set(head_input_stats(adapter, spec))
     store |= set(sender_hooks(adapter, spec))
     store |= {sender_score_hook(adapter, spec, i) for i in spec.senders}
     store |= {receiver_input_hook(adapter, spec, i) for i in spec.receivers}
@@ -312,6 +361,7 @@ def graph_pass(
         store,
         split=split,
         split_inputs=True,
+        per_head=not projected,
         linearise=linearise,
         embed_override=embed_override,
         reference=reference,
@@ -344,12 +394,13 @@ def backward_jobs(
     attention_mask: Tensor | None,
     targets: Sequence[Target],
     progress: bool = False,
+    projected: bool = True,
 ):
     """For each scalar target: ``(value, constant, grads, constants)`` from one backward pass."""
     tctx = TargetContext(adapter, tokens, attention_mask, activations=passed.activations)
     functionals = {id(t): t.functional(tctx) for t in targets}
     hooks = sorted(
-        set(receiver_hooks(adapter, spec, spec.target_hook))
+        set(receiver_hooks(adapter, spec, spec.target_hook, projected))
         | {sender_score_hook(adapter, spec, i) for i in spec.senders}
     )
     jobs = target_jobs(adapter, targets)
@@ -374,15 +425,16 @@ def plain_activations(
     targets: Sequence[Target],
     extra: Sequence[str] = (),
     split_inputs: bool = False,
+    per_head: bool = True,
 ) -> dict[str, Tensor]:
     """A plain forward (e.g. on the corrupted input), caching what senders and targets read
-    (and ``extra``), on split per-node inputs if asked."""
+    (and ``extra``), on split per-node inputs if asked (``per_head``: per-head copies too)."""
     names = set(sender_hooks(adapter, spec)) | set(extra) | set(post_norm_stats(adapter))
     names |= {receiver_input_hook(adapter, spec, i) for i in spec.receivers}
     for t in targets:
         names.add(t.read_hook(adapter))
         names |= set(t.needed_hooks(adapter))
-    context = adapter.split_inputs() if split_inputs else nullcontext()
+    context = adapter.split_inputs(per_head) if split_inputs else nullcontext()
     with context:
         cache = run_frozen_cache(adapter, tokens, attention_mask, names)
     return {name: cache[name] for name in cache.cache_dict}
@@ -400,7 +452,7 @@ def difference_sender_outputs(
     its change before the norm sent through the norm's secant, so the changes of a layer's heads
     add up to its attention output's change and output biases change nothing.
     """
-    outputs = sender_outputs(adapter, spec, clean) - sender_outputs(adapter, spec, corrupt)
+    outputs = sender_outputs(adapter, spec, clean, minus=corrupt)
     for row, node_index in enumerate(spec.senders):
         node = spec.nodes[node_index]
         which = "attn" if node.kind in ("head", "bias") else "mlp"
@@ -443,6 +495,7 @@ __all__ = [
     "Slot",
     "backward_jobs",
     "contract",
+    "edges_and_inputs",
     "plain_activations",
     "depass_graph",
     "graph_pass",
@@ -485,6 +538,7 @@ def depass_graph(
         raise DePassInputError(f"a graph's targets must read one hook; these read {sorted(hooks)}")
     spec = build_spec(adapter, options, tokens.shape[1], hooks.pop())
     difference = contrast is not None and linearisation == "difference"
+    projected = projects_heads(adapter, split, linearise=True)
     corrupt = None
     if contrast is not None:
         if contrast.shape != tokens.shape:
@@ -504,6 +558,7 @@ def depass_graph(
             targets,
             extra,
             split_inputs=difference,
+            per_head=not projected,
         )
     passed = graph_pass(
         adapter,
@@ -514,29 +569,36 @@ def depass_graph(
         rule=rule,
         split=split,
         reference=corrupt if difference else None,
+        projected=projected,
     )
     with torch.no_grad():
         acts = passed.activations
-        outputs = sender_outputs(adapter, spec, acts)
         reads = {receiver_input_hook(adapter, spec, i) for i in spec.receivers}
         stream = {h: acts[h] for h in reads}
-        if corrupt is not None:
+        if corrupt is None:
+            outputs = sender_outputs(adapter, spec, acts)
+        else:
             if difference:
                 outputs = difference_sender_outputs(adapter, spec, acts, corrupt)
             else:
-                outputs = outputs - sender_outputs(adapter, spec, corrupt).to(outputs.dtype)
+                outputs = sender_outputs(adapter, spec, acts, minus=corrupt)
             stream = {h: v - corrupt[h].to(v.dtype) for h, v in stream.items()}
         the_slots = slots(spec)
         edge_rows, by_pos_rows, nodes, values = [], [], [], []
         tctx = TargetContext(adapter, tokens, attention_mask)
         functionals = {id(t): t.functional(tctx) for t in targets}
         jobs = target_jobs(adapter, targets)
-        results = backward_jobs(adapter, spec, passed, tokens, attention_mask, targets, progress)
+        results = backward_jobs(
+            adapter, spec, passed, tokens, attention_mask, targets, progress, projected
+        )
+        reference = corrupt if difference else None
         for (t, k), (value, constant, grads, sites) in zip(jobs, results):
             blocks = slot_blocks(
-                adapter, spec, the_slots, grads, acts, corrupt if difference else None
+                adapter, spec, the_slots, grads, acts, reference, projected=projected
             )
-            scores = contract(spec, the_slots, blocks, outputs, by_position)
+            scores, inputs = edges_and_inputs(
+                adapter, spec, the_slots, blocks, outputs, stream, by_position
+            )
             if by_position:
                 by_pos_rows.append(scores)
                 scores = scores.sum(-1)
@@ -549,11 +611,9 @@ def depass_graph(
             quantities = node_quantities(
                 adapter,
                 spec,
-                the_slots,
-                blocks,
                 outputs,
+                inputs,
                 grads,
-                stream,
                 passed.ledger if corrupt is None or difference else None,
                 sites,
                 node_value,

@@ -20,15 +20,13 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from depass_lens.adapter import ModelAdapter, NormWeights
+from depass_lens.adapter import ModelAdapter
 from depass_lens.constants import output_constant
-from depass_lens.difference import secant_norm_transpose
 from depass_lens.errors import DePassInputError
 from depass_lens.frozen import Activations
 from depass_lens.norms import (
     frozen_scale,
     norm_map,
-    norm_map_transpose,
     post_norm_scale_hooks,
     post_sublayer_norms,
 )
@@ -374,87 +372,11 @@ def check_contrast_alignment(
 
 
 # ---------------------------------------------------------------------------- reading the stream
-def receiver_hooks(adapter: ModelAdapter, spec: GraphSpec, target_hook: str) -> list[str]:
-    """Hooks whose gradients give every receiver's input gradient (split-input mode)."""
-    names: set[str] = set()
-    for node in spec.nodes:
-        if node.kind == "head":
-            names |= {f"blocks.{node.layer}.hook_{side}_input" for side in HEAD_SIDES}
-        elif node.kind == "mlp":
-            names.add(f"blocks.{node.layer}.hook_mlp_in")
-        elif node.kind == "neurons":
-            names |= {f"blocks.{node.layer}.hook_mlp_in", f"blocks.{node.layer}.mlp.hook_pre"}
-            if adapter.mlp(node.layer).gated:
-                names.add(f"blocks.{node.layer}.mlp.hook_pre_linear")
-    names.add(target_read_hook(adapter, target_hook))
-    return sorted(names)
-
-
 def target_read_hook(adapter: ModelAdapter, target_hook: str) -> str:
     """The residual hook whose gradient is the target's direct read (the final norm's input)."""
     if target_hook == FINAL:
         return f"blocks.{adapter.n_layers - 1}.hook_resid_post"
     return target_hook
-
-
-def neuron_gradients(
-    adapter: ModelAdapter,
-    layer: int,
-    groups: Sequence[tuple[int, ...] | None],
-    grads: Mapping[str, Tensor | None],
-    acts: Activations,
-    reference: Activations | None = None,
-) -> Float[Tensor, "group batch pos d_model"] | None:
-    """Each neuron group's input gradient: its neurons' pre-activation gradients pulled back
-    through their input weights and the input norm's linear map. A ``None`` group is the rest of
-    the layer; ``None`` comes back where the target does not depend on the layer's MLP.
-
-    The norm's map is the one the backward pass went through: the frozen norm, or, with the
-    corrupted run's activations as ``reference`` (the difference linearisation), the norm's
-    secant between the two runs. The groups' gradients then add up to the MLP input's."""
-    mlp = adapter.mlp(layer)
-    prefix = f"blocks.{layer}.mlp"
-    chosen = {n for group in groups if group is not None for n in group}
-    rest = tuple(n for n in range(adapter.d_mlp) if n not in chosen)
-    norms = adapter.block_norms(layer)
-    ln2 = None if adapter.post_norm else norms["ln2"]
-    out = []
-    gate, up = grads.get(f"{prefix}.hook_pre"), grads.get(f"{prefix}.hook_pre_linear")
-    like = gate if gate is not None else up
-    if like is None:
-        return None
-    for group in groups:
-        neurons = list(rest if group is None else group)
-        pulled = like.new_zeros(*like.shape[:-1], adapter.d_model)
-        if gate is not None:  # the gate side reads W_gate (gated MLPs), else W_in
-            W = mlp.W_gate if mlp.W_gate is not None else mlp.W_in
-            pulled = pulled + gate[..., neurons] @ W[:, neurons].T
-        if up is not None and mlp.W_gate is not None:
-            pulled = pulled + up[..., neurons] @ mlp.W_in[:, neurons].T
-        out.append(_pull_through_norm(pulled, ln2, acts, reference))
-    return torch.stack(out)
-
-
-def _pull_through_norm(
-    grad: Float[Tensor, "batch pos d_model"],
-    norm: NormWeights | None,
-    acts: Activations,
-    reference: Activations | None,
-) -> Float[Tensor, "batch pos d_model"]:
-    """A gradient at a norm's output pulled back to its input: through the frozen norm, or
-    (``reference``: the corrupted run) through its secant between the runs."""
-    if reference is None or norm is None or norm.kind == "none" or norm.scale_hook is None:
-        return norm_map_transpose(grad, norm, frozen_scale(acts, norm))
-    base = norm.scale_hook.removesuffix(".hook_scale")
-    normalized = f"{base}.hook_normalized"
-    return secant_norm_transpose(
-        grad,
-        acts[normalized].to(grad.dtype),
-        acts[norm.scale_hook].to(grad.dtype),
-        reference[normalized].to(grad.dtype),
-        reference[norm.scale_hook].to(grad.dtype),
-        norm,
-    )
 
 
 def sender_hooks(adapter: ModelAdapter, spec: GraphSpec) -> list[str]:
@@ -479,37 +401,64 @@ def sender_hooks(adapter: ModelAdapter, spec: GraphSpec) -> list[str]:
 
 
 def sender_outputs(
-    adapter: ModelAdapter, spec: GraphSpec, acts: Activations
+    adapter: ModelAdapter, spec: GraphSpec, acts: Activations, minus: Activations | None = None
 ) -> Float[Tensor, "sender batch pos d_model"]:
-    """What every sender writes into the stream, in the order of ``spec.senders``."""
+    """What every sender writes into the stream, in the order of ``spec.senders``; with
+    ``minus`` (another run's activations), its change from that run. Written into one tensor,
+    layer by layer: no second copy of all senders' outputs exists at any time."""
+    embed = _embedding(adapter, acts, minus)
+    out = embed.new_empty(len(spec.senders), *embed.shape)
+    heads: dict[int, Tensor] = {}
+    mlps: dict[int, list[Tensor]] = {}
+    for row, i in enumerate(spec.senders):
+        node = spec.nodes[i]
+        if node.kind == "embed":
+            out[row] = embed
+        elif node.kind == "token":
+            out[row] = 0.0
+            out[row, :, node.index] = embed[:, node.index]
+        elif node.kind == "head":
+            if node.layer not in heads:
+                heads.clear()  # one layer's heads at a time
+                heads[node.layer] = _difference(_head_outputs, adapter, node.layer, acts, minus)
+            out[row] = heads[node.layer][:, node.index]
+        elif node.kind == "bias":
+            out[row] = _difference(_bias_output, adapter, node.layer, acts, minus)
+        elif node.kind in ("mlp", "neurons"):
+            if node.layer not in mlps:
+                mlps.clear()
+                parts = _mlp_outputs(adapter, spec, node.layer, acts)
+                if minus is not None:
+                    others = _mlp_outputs(adapter, spec, node.layer, minus)
+                    parts = [x - y.to(x.dtype) for x, y in zip(parts, others)]
+                mlps[node.layer] = parts
+            out[row] = mlps[node.layer].pop(0)
+    return out
+
+
+def _embedding(adapter: ModelAdapter, acts: Activations, minus: Activations | None) -> Tensor:
+    """The embedding's output (token plus learned position), or its change from ``minus``."""
     embed = acts["hook_embed"]
     if adapter.positional == "standard":
         embed = embed + acts["hook_pos_embed"]
-    outputs: list[Tensor] = []
-    heads: dict[int, Tensor] = {}
-    mlps: dict[int, list[Tensor]] = {}
-    for i in spec.senders:
-        node = spec.nodes[i]
-        if node.kind == "embed":
-            outputs.append(embed)
-        elif node.kind == "token":
-            only = torch.zeros_like(embed)
-            only[:, node.index] = embed[:, node.index]
-            outputs.append(only)
-        elif node.kind == "head":
-            if node.layer not in heads:
-                heads[node.layer] = _head_outputs(adapter, node.layer, acts)
-            outputs.append(heads[node.layer][:, node.index])
-        elif node.kind == "bias":
-            z = acts[f"blocks.{node.layer}.attn.hook_z"]
-            b_O = adapter.attention(node.layer).b_O.expand(z.shape[0], z.shape[1], -1)
-            outputs.append(output_constant(adapter, node.layer, "attn", acts, b_O))
-        elif node.kind in ("mlp", "neurons"):
-            if node.layer not in mlps:
-                mlps[node.layer] = _mlp_outputs(adapter, spec, node.layer, acts)
-            parts = mlps[node.layer]
-            outputs.append(parts.pop(0))
-    return torch.stack(outputs)
+    if minus is None:
+        return embed
+    return embed - _embedding(adapter, minus, None).to(embed.dtype)
+
+
+def _difference(output, adapter: ModelAdapter, layer: int, acts: Activations, minus) -> Tensor:
+    """``output(adapter, layer, acts)``, less its value on ``minus`` if given."""
+    value = output(adapter, layer, acts)
+    return value if minus is None else value - output(adapter, layer, minus).to(value.dtype)
+
+
+def _bias_output(
+    adapter: ModelAdapter, layer: int, acts: Activations
+) -> Float[Tensor, "batch pos d_model"]:
+    """A layer's ``b_O`` as it joins the stream (through any post-attention norm)."""
+    z = acts[f"blocks.{layer}.attn.hook_z"]
+    b_O = adapter.attention(layer).b_O.expand(z.shape[0], z.shape[1], -1)
+    return output_constant(adapter, layer, "attn", acts, b_O)
 
 
 def _head_outputs(

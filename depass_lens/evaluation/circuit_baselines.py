@@ -36,6 +36,7 @@ from depass_lens.circuits.build import (
 from depass_lens.circuits.extract import patchable
 from depass_lens.circuits.graph import Graph
 from depass_lens.circuits.patching import EdgePatcher
+from depass_lens.circuits.receivers import projects_heads
 from depass_lens.circuits.spec import GraphSpec, sender_outputs
 from depass_lens.errors import DePassInputError
 from depass_lens.targets import Target
@@ -67,6 +68,7 @@ def eap_graph(
     clean = plain_activations(adapter, spec, tokens, attention_mask, targets)
     corrupt = plain_activations(adapter, spec, corrupted, attention_mask, targets)
     the_slots = slots(spec)
+    projected = projects_heads(adapter, None, linearise=False)
     alphas: list[float | None] = [None]
     if steps is not None:  # midpoints of ``steps`` equal intervals of [0, 1]
         alphas = [(k + 0.5) / steps for k in range(steps)]
@@ -88,13 +90,18 @@ def eap_graph(
             split=None,
             linearise=False,
             embed_override=override,
+            projected=projected,
         )
         per_target = []
         for value, _, grads, _ in backward_jobs(
-            adapter, spec, passed, tokens, attention_mask, targets
+            adapter, spec, passed, tokens, attention_mask, targets, projected=projected
         ):
             with torch.no_grad():
-                per_target.append(slot_blocks(adapter, spec, the_slots, grads, passed.activations))
+                acts = passed.activations
+                blocks = slot_blocks(
+                    adapter, spec, the_slots, grads, acts, projected=projected, exact=True
+                )
+                per_target.append([SlotBlock.holding(b.slots, b.gradients()) for b in blocks])
             if alpha is None:
                 values.append(value)
         sums = (
@@ -104,7 +111,7 @@ def eap_graph(
         )
     assert sums is not None
     with torch.no_grad():
-        outputs = sender_outputs(adapter, spec, clean) - sender_outputs(adapter, spec, corrupt)
+        outputs = sender_outputs(adapter, spec, clean, minus=corrupt)
         edge_scores = torch.stack(
             [contract(spec, the_slots, blocks, outputs) / len(alphas) for blocks in sums], 1
         )
@@ -125,10 +132,11 @@ def eap_graph(
 
 
 def _add(a: SlotBlock, b: SlotBlock) -> SlotBlock:
-    """Two gradient blocks of the same inputs, summed (``None`` is zero)."""
-    if a.grads is None or b.grads is None:
-        return a if b.grads is None else b
-    return SlotBlock(a.slots, a.grads + b.grads)
+    """Two formed gradient blocks of the same inputs, summed (``None`` is zero)."""
+    first, second = a.gradients(), b.gradients()
+    if first is None or second is None:
+        return a if second is None else b
+    return SlotBlock.holding(a.slots, first + second)
 
 
 @dataclass

@@ -1,0 +1,72 @@
+"""Circuit graphs in bounded memory give the numbers of the direct computation.
+
+Heads' input gradients are read at their projections (``attn.hook_q``/``hook_k``/``hook_v``)
+and pulled back through the input norm when a layer's edges are contracted
+(:mod:`depass_lens.circuits.receivers`), instead of being carried on per-head copies of the
+stream through the whole pass. Both are the same linear algebra in another association order, so
+every score agrees to :data:`~tests.conftest.AGREEMENT` (fp64) on every family, in every mode.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import depass_lens as dp
+from depass_lens.adapters import make_adapter
+from depass_lens.circuits import build
+from depass_lens.circuits.spec import GraphNodes, build_spec
+from depass_lens.errors import UnsupportedModelError
+from depass_lens.evaluation import circuit_baselines
+from depass_lens.evaluation.circuit_baselines import eap_graph
+from tests.conftest import AGREEMENT, FAMILIES, graph_model, random_tokens
+
+pytestmark = pytest.mark.numerics
+
+TARGETS = [dp.Logit(3), dp.LogitDiff(5, 7, pos=-2)]
+MODES = ["value", "symmetric", "difference", "clean", "eap-ig"]
+#: Families whose MLPs cannot be split into neuron groups (none, experts, SoLU's norm).
+WHOLE_MLPS = ("attn_only", "moe", "solu_ln")
+
+
+def _graph(model, mode: str, clean, corrupt, nodes):
+    if mode == "eap-ig":
+        adapter = make_adapter(model)
+        spec = build_spec(adapter, GraphNodes(), clean.shape[1], "unembed.hook_in")
+        return eap_graph(adapter, spec, clean, corrupt, TARGETS, ["a", "b"], steps=2)
+    if mode in ("value", "symmetric"):
+        return dp.DePass(model, attention=mode).graph(clean, TARGETS, nodes=nodes)
+    return dp.DePass(model).graph(
+        clean, TARGETS, contrast=corrupt, linearisation=mode, nodes=nodes
+    )
+
+
+def _copies(monkeypatch) -> None:
+    """Force the per-head copies of the stream (TransformerLens's split qkv inputs)."""
+    for module in (build, circuit_baselines):
+        monkeypatch.setattr(module, "projects_heads", lambda *args, **kwargs: False)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_projected_heads_equal_per_head_copies(family, mode, monkeypatch):
+    model = graph_model(family, torch.float64)
+    if family not in WHOLE_MLPS and mode != "eap-ig":
+        nodes = GraphNodes(neurons={0: [[0, 1, 2], [5]]})
+    else:
+        nodes = GraphNodes()
+    clean = random_tokens(model, batch=2, n_pos=7, seed=1)
+    corrupt = random_tokens(model, batch=2, n_pos=7, seed=2)
+    try:
+        projected = _graph(model, mode, clean, corrupt, nodes)
+    except UnsupportedModelError as error:  # e.g. no secant through a mixture of experts
+        pytest.skip(f"{family} refuses {mode}: {error}")
+    with monkeypatch.context() as patch:
+        _copies(patch)
+        copied = _graph(model, mode, clean, corrupt, nodes)
+    scale = max(float(copied.node_scores.abs().amax()), float(copied.edge_scores.abs().amax()))
+    for name in ("edge_scores", "node_scores", "node_inputs", "own_bias"):
+        got, want = getattr(projected, name), getattr(copied, name)
+        error = float((got - want).abs().amax()) / scale
+        assert error <= AGREEMENT[torch.float64], (name, error)
+    assert float(projected.edge_scores.abs().amax()) > 0
