@@ -36,9 +36,7 @@ def _graph(model, mode: str, clean, corrupt, nodes):
         return eap_graph(adapter, spec, clean, corrupt, TARGETS, ["a", "b"], steps=2)
     if mode in ("value", "symmetric"):
         return dp.DePass(model, attention=mode).graph(clean, TARGETS, nodes=nodes)
-    return dp.DePass(model).graph(
-        clean, TARGETS, contrast=corrupt, linearisation=mode, nodes=nodes
-    )
+    return dp.DePass(model).graph(clean, TARGETS, contrast=corrupt, linearisation=mode, nodes=nodes)
 
 
 def _copies(monkeypatch) -> None:
