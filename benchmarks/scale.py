@@ -11,9 +11,11 @@ one subprocess so that its peak memory is its own::
 
 Cases: one ``run_with_cache``; every head to one logit difference (adjoint mode); the circuit
 graph (every edge, symmetric split); the contrastive graph (difference linearisation). Each is
-timed once, first call included (at these sizes one call is the realistic use), under a time
-limit; a case that runs out of memory or time is reported as such. Peak memory is the whole
-process's (the model included): the CUDA allocator's peak on a GPU, the resident set on the CPU.
+timed once (at these sizes one call is the realistic use), under a time
+limit, after a warm-up call on 16 tokens (one-time setup is not the case's cost); a case that runs
+out of memory or time is reported as such. Peak memory is the whole process's during the call
+(the model included, building it not): the CUDA allocator's peak on a GPU, the resident set's
+(``VmHWM``, reset before the call) on the CPU.
 Results: JSON lines on stdout, a markdown table in ``benchmarks/results/scale[_cuda].md``.
 """
 
@@ -29,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.cases import peak_rss_bytes
+from benchmarks.cases import peak_rss_bytes, reset_peak_rss
 
 RESULTS = Path(__file__).parent / "results"
 LLAMA = dict(
@@ -93,20 +95,27 @@ def run_case(shape: str, case: str, n_pos: int, dtype: torch.dtype, device: str)
     gen = torch.Generator().manual_seed(1)
     vocab = model.cfg.d_vocab
     tokens = torch.randint(0, vocab, (1, n_pos), generator=gen).to(device)
-    corrupted = torch.roll(tokens, 1, dims=1)
     target = dp.LogitDiff(1, 2)
     depass = dp.DePass(model, progress=False)
-    calls = {
-        "run_with_cache": lambda: model.run_with_cache(tokens),
-        "heads": lambda: depass.attribute(tokens, target, dp.Heads(), mode="adjoint"),
-        "graph": lambda: depass.graph(tokens, target),
-        "contrastive graph": lambda: depass.graph(tokens, target, contrast=corrupted),
-    }
+
+    def call(tokens: torch.Tensor) -> None:
+        if case == "run_with_cache":
+            model.run_with_cache(tokens)
+        elif case == "heads":
+            depass.attribute(tokens, target, dp.Heads(), mode="adjoint")
+        elif case == "graph":
+            depass.graph(tokens, target)
+        else:
+            depass.graph(tokens, target, contrast=torch.roll(tokens, 1, dims=1))
+
+    call(tokens[:, :16])  # warm-up on a short prompt: one-time setup is not the case's cost
     if cuda:
         torch.cuda.synchronize()
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+    reset_peak_rss()
     start = time.perf_counter()
-    calls[case]()
+    call(tokens)
     if cuda:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start

@@ -74,8 +74,10 @@ class DePass:
             convention; it refuses the QK-aware splits).
         chunk_size: components propagated at once in forward mode; ``None`` picks one from
             ``memory_budget``.
-        memory_budget: bytes forward mode may use for intermediates (default: a quarter of the free
-            memory of the model's device).
+        memory_budget: bytes forward mode may use for intermediates, and a circuit graph for its
+            senders' outputs (formed whole layers at a time to fit; see ``docs/limitations.md``
+            for what cannot be chunked). Default: a quarter of the free memory of the model's
+            device.
         check: verify losslessness against the real activations at every cached residual hook.
             A cache passed in is compared with the model whatever this says (a stale one is
             refused), and hooks left on the model are refused by every call.
@@ -574,6 +576,11 @@ class DePass:
             str_tokens=prepared.str_tokens,
             contrast_attention_mask=contrast_mask,
             check=self.check,
+            memory_budget=(
+                self.memory_budget
+                if self.memory_budget is not None
+                else _free_memory(self.adapter.device) // 4
+            ),
         )
 
     def _validate_read_hooks(self, targets: Sequence[Target]) -> None:

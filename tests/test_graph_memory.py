@@ -68,3 +68,32 @@ def test_projected_heads_equal_per_head_copies(family, mode, monkeypatch):
         error = float((got - want).abs().amax()) / scale
         assert error <= AGREEMENT[torch.float64], (name, error)
     assert float(projected.edge_scores.abs().amax()) > 0
+
+
+@pytest.mark.parametrize("mode", ["symmetric", "difference", "clean"])
+@pytest.mark.parametrize("family", ["gpt2", "llama", "gemma", "neox"])
+def test_a_small_memory_budget_gives_the_same_graph(family, mode):
+    """A budget of one byte forms the senders' outputs one layer at a time (the chunked
+    contraction); every score, token-resolved ones included, equals the one-chunk graph's."""
+    model = graph_model(family, torch.float64)
+    nodes = GraphNodes(neurons={1: [[0, 1, 2], [5]]})
+    clean = random_tokens(model, batch=2, n_pos=7, seed=1)
+    corrupt = random_tokens(model, batch=2, n_pos=7, seed=2)
+    adapter = make_adapter(model)
+    spec = build_spec(adapter, nodes, clean.shape[1], "unembed.hook_in")
+    assert len(build.sender_chunks(adapter, spec, clean.shape, 1)) == model.cfg.n_layers + 1
+    graphs = []
+    for budget in (1, 2**40):
+        depass = dp.DePass(model, memory_budget=budget)
+        options = dict(nodes=nodes, by_position=True)
+        if mode == "symmetric":
+            graphs.append(depass.graph(clean, TARGETS, attention=mode, **options))
+        else:
+            graphs.append(
+                depass.graph(clean, TARGETS, contrast=corrupt, linearisation=mode, **options)
+            )
+    chunked, whole = graphs
+    scale = float(whole.node_scores.abs().amax())
+    for name in ("edge_scores", "edge_scores_by_pos", "node_scores", "node_inputs", "own_bias"):
+        error = float((getattr(chunked, name) - getattr(whole, name)).abs().amax()) / scale
+        assert error <= AGREEMENT[torch.float64], (name, error)

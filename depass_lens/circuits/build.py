@@ -15,6 +15,7 @@ a corrupted prompt, gives the gradients of edge attribution patching and EAP-IG
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -47,11 +48,12 @@ from depass_lens.circuits.spec import (
     build_spec,
     check_contrast_alignment,
     sender_hooks,
+    sender_layers,
     sender_outputs,
     target_read_hook,
 )
 from depass_lens.constants import ConstantLedger, per_prompt
-from depass_lens.decomposition import tolerance
+from depass_lens.decomposition import compute_dtype, tolerance
 from depass_lens.difference import (
     check_difference_supported,
     difference_outputs,
@@ -214,24 +216,30 @@ def edges_and_inputs(
     outputs: Float[Tensor, "sender batch pos d_model"],
     stream: Mapping[str, Tensor] | None,
     by_position: bool = False,
+    rows: slice | None = None,
 ) -> tuple[Tensor, Float[Tensor, "batch node"]]:
     """Edge scores (:func:`contract`) and, given the ``stream`` each receiver reads (or its
     change, in a contrast), every receiver's input score ``<in_B, g_B>``; each block's gradients
-    are formed once and dropped before the next block's."""
+    are formed once and dropped before the next block's. ``rows``: ``outputs`` holds the senders
+    ``spec.senders[rows]`` only, and only their edges are scored (the others stay 0)."""
     batch, n_pos = outputs.shape[1], outputs.shape[2]
     shape = (batch, len(spec.edges), n_pos) if by_position else (batch, len(spec.edges))
     scores = outputs.new_zeros(shape)
     inputs = outputs.new_zeros(batch, len(spec.nodes))
     pattern = "b p k d, a b p d -> b k a p" if by_position else "b p k d, a b p d -> b k a"
+    start = 0 if rows is None else rows.start
     for block in blocks:
+        stop = min(the_slots[block.slots[0]].n_senders, start + outputs.shape[0])
+        if stop <= start and stream is None:
+            continue  # none of these senders is written before this block reads
         grads = block.gradients()
         if grads is None:
             continue
-        count = the_slots[block.slots[0]].n_senders
-        part = einops.einsum(grads, outputs[:count].to(grads.dtype), pattern)
-        for j, slot in enumerate(block.slots):
-            first = the_slots[slot].first_edge
-            scores[:, first : first + count] = part[:, j]
+        if stop > start:
+            part = einops.einsum(grads, outputs[: stop - start].to(grads.dtype), pattern)
+            for j, slot in enumerate(block.slots):
+                first = the_slots[slot].first_edge
+                scores[:, first + start : first + stop] = part[:, j]
         if stream is not None:
             assert adapter is not None
             receivers = [the_slots[i].receiver for i in block.slots]
@@ -250,30 +258,40 @@ class NodeQuantities:
     own: Float[Tensor, "batch node"]
 
 
-def node_quantities(
+def sender_scores(
     adapter: ModelAdapter,
     spec: GraphSpec,
-    outputs: Tensor,
-    inputs: Float[Tensor, "batch node"],
+    outputs: Float[Tensor, "sender batch pos d_model"],
     sender_grads: Mapping[str, Tensor],
+    rows: slice | None = None,
+) -> Float[Tensor, "batch node"]:
+    """Each sender's score ``<out_A, h_A>`` (of the senders ``spec.senders[rows]`` that
+    ``outputs`` holds; the other nodes 0), ``h_A`` the gradient where its output joins."""
+    score = outputs.new_zeros(outputs.shape[1], len(spec.nodes))
+    senders = spec.senders[rows or slice(None)]
+    by_hook: dict[str, list[int]] = {}
+    for row, node in enumerate(senders):
+        by_hook.setdefault(sender_score_hook(adapter, spec, node), []).append(row)
+    for hook, members in by_hook.items():
+        values = einops.einsum(outputs[members], sender_grads[hook], "a b p d, b p d -> b a")
+        score[:, [senders[r] for r in members]] = values.to(score.dtype)
+    return score
+
+
+def node_quantities(
+    spec: GraphSpec,
+    score: Float[Tensor, "batch node"],
+    inputs: Float[Tensor, "batch node"],
     ledger: ConstantLedger | None,
     constants: Sequence[Tensor],
     target_value: Tensor,
     target_constant: Tensor,
 ) -> NodeQuantities:
-    """Scores of senders, the receivers' input scores (:func:`edges_and_inputs`), and own
-    constants (``ledger=None``: none)."""
-    batch = outputs.shape[1]
-    n = len(spec.nodes)
-    score = outputs.new_zeros(batch, n)
-    own = outputs.new_zeros(batch, n)
-    by_hook: dict[str, list[int]] = {}
-    for row, node in enumerate(spec.senders):
-        by_hook.setdefault(sender_score_hook(adapter, spec, node), []).append(row)
-    senders = torch.tensor(spec.senders)
-    for hook, rows in by_hook.items():
-        values = einops.einsum(outputs[rows], sender_grads[hook], "a b p d, b p d -> b a")
-        score[:, senders[rows]] = values.to(score.dtype)
+    """The senders' scores (:func:`sender_scores`) and receivers' input scores
+    (:func:`edges_and_inputs`) with the target's value and the own constants (``ledger=None``:
+    none)."""
+    own = torch.zeros_like(score)
+    score = score.clone()
     score[:, spec.target] = target_value
     if ledger is not None:
         own = own_constants(spec, ledger, constants, own)
@@ -445,15 +463,18 @@ def difference_sender_outputs(
     spec: GraphSpec,
     clean: Mapping[str, Tensor],
     corrupt: Mapping[str, Tensor],
+    rows: slice | None = None,
 ) -> Float[Tensor, "sender batch pos d_model"]:
-    """Each sender's change clean - corrupt, exact under the difference linearisation.
+    """Each sender's change clean - corrupt (of ``spec.senders[rows]``, whole layers), exact
+    under the difference linearisation.
 
     Where a post-sublayer norm follows (Gemma, OLMo), a head's (or neuron group's) change is
     its change before the norm sent through the norm's secant, so the changes of a layer's heads
     add up to its attention output's change and output biases change nothing.
     """
-    outputs = sender_outputs(adapter, spec, clean, minus=corrupt)
-    for row, node_index in enumerate(spec.senders):
+    senders = spec.senders[rows or slice(None)]
+    outputs = sender_outputs(adapter, spec, clean, minus=corrupt, rows=rows)
+    for row, node_index in enumerate(senders):
         node = spec.nodes[node_index]
         which = "attn" if node.kind in ("head", "bias") else "mlp"
         if node.kind not in ("head", "bias", "neurons") or not post_sublayer_norms(
@@ -474,15 +495,15 @@ def difference_sender_outputs(
             hook = f"blocks.{node.layer}.mlp.hook_post"
             before = (clean[hook][..., neurons] - corrupt[hook][..., neurons]) @ mlp.W_out[neurons]
         outputs[row] = difference_outputs(adapter, clean, corrupt, node.layer, which, before)
-    groups = [i for i in spec.senders if spec.nodes[i].kind == "neurons"]
+    groups = [i for i in senders if spec.nodes[i].kind == "neurons"]
     for layer in {spec.nodes[i].layer for i in groups}:  # the rest: what the groups leave
-        rows = [
+        members = [
             r
-            for r, i in enumerate(spec.senders)
+            for r, i in enumerate(senders)
             if spec.nodes[i].layer == layer and spec.nodes[i].kind in ("neurons", "mlp")
         ]
         hook = f"blocks.{layer}.hook_mlp_out"
-        outputs[rows[-1]] = (clean[hook] - corrupt[hook]) - outputs[rows[:-1]].sum(0)
+        outputs[members[-1]] = (clean[hook] - corrupt[hook]) - outputs[members[:-1]].sum(0)
     return outputs
 
 
@@ -524,6 +545,7 @@ def depass_graph(
     str_tokens: list[list[str]] | None = None,
     contrast_attention_mask: Tensor | None = None,
     check: bool = False,
+    memory_budget: int | None = None,
 ) -> Graph:
     """The DePass graph: absolute, or relative to a corrupted input (``contrast``), with the
     difference (secant) linearisation or the clean run's frozen one.
@@ -531,7 +553,9 @@ def depass_graph(
     ``contrast_attention_mask`` is the contrast's own mask (default: ``attention_mask``); it must
     mark the same real positions (:func:`check_contrast_alignment`). ``check``: raise
     :class:`~depass_lens.errors.LosslessnessError` if the finished graph breaks its
-    conservation laws (:func:`check_conservation`)."""
+    conservation laws (:func:`check_conservation`). ``memory_budget``: bytes the senders'
+    outputs and one block of receivers' gradients may take at once (:func:`sender_chunks`;
+    ``None``: all senders at once)."""
     check_graph_supported(adapter, contrast is not None, linearisation)
     hooks = {t.read_hook(adapter) for t in targets}
     if len(hooks) != 1:
@@ -575,14 +599,18 @@ def depass_graph(
         acts = passed.activations
         reads = {receiver_input_hook(adapter, spec, i) for i in spec.receivers}
         stream = {h: acts[h] for h in reads}
-        if corrupt is None:
-            outputs = sender_outputs(adapter, spec, acts)
-        else:
-            if difference:
-                outputs = difference_sender_outputs(adapter, spec, acts, corrupt)
-            else:
-                outputs = sender_outputs(adapter, spec, acts, minus=corrupt)
+        if corrupt is not None:
             stream = {h: v - corrupt[h].to(v.dtype) for h, v in stream.items()}
+
+        def outputs_of(rows: slice) -> Tensor:
+            if corrupt is None:
+                return sender_outputs(adapter, spec, acts, rows=rows)
+            if difference:
+                return difference_sender_outputs(adapter, spec, acts, corrupt, rows)
+            return sender_outputs(adapter, spec, acts, minus=corrupt, rows=rows)
+
+        chunks = sender_chunks(adapter, spec, tokens.shape, memory_budget)
+        kept = outputs_of(chunks[0]) if len(chunks) == 1 else None  # one chunk: form it once
         the_slots = slots(spec)
         edge_rows, by_pos_rows, nodes, values = [], [], [], []
         tctx = TargetContext(adapter, tokens, attention_mask)
@@ -596,9 +624,19 @@ def depass_graph(
             blocks = slot_blocks(
                 adapter, spec, the_slots, grads, acts, reference, projected=projected
             )
-            scores, inputs = edges_and_inputs(
-                adapter, spec, the_slots, blocks, outputs, stream, by_position
-            )
+            scores = inputs = score = None
+            for rows in chunks:
+                outputs = kept if kept is not None else outputs_of(rows)
+                read = stream if rows.start == 0 else None  # receivers' inputs: once
+                part, part_inputs = edges_and_inputs(
+                    adapter, spec, the_slots, blocks, outputs, read, by_position, rows
+                )
+                part_score = sender_scores(adapter, spec, outputs, grads, rows)
+                scores = part if scores is None else scores + part
+                inputs = part_inputs if inputs is None else inputs
+                score = part_score if score is None else score + part_score
+                del outputs
+            assert scores is not None and inputs is not None and score is not None
             if by_position:
                 by_pos_rows.append(scores)
                 scores = scores.sum(-1)
@@ -609,11 +647,9 @@ def depass_graph(
                 state = corrupt[t.read_hook(adapter)].to(value.dtype)
                 node_value = value - target_scalar(state, weights[:, k].to(value.dtype), constant)
             quantities = node_quantities(
-                adapter,
                 spec,
-                outputs,
+                score,
                 inputs,
-                grads,
                 passed.ledger if corrupt is None or difference else None,
                 sites,
                 node_value,
@@ -640,6 +676,29 @@ def depass_graph(
     if check:
         check_conservation(graph, adapter.precision(graph.edge_scores.dtype))
     return graph
+
+
+def sender_chunks(
+    adapter: ModelAdapter, spec: GraphSpec, shape: tuple[int, ...], budget: int | None
+) -> list[slice]:
+    """Runs of whole layers of ``spec.senders`` whose outputs fit ``budget`` bytes beside one
+    block of receivers' gradients (a layer's heads, ``[batch, pos, head, d_model]``); every
+    sender at once without a budget. A layer's senders are never split: at least one layer's
+    outputs are formed at a time, whatever the budget."""
+    layers = sender_layers(spec)
+    if budget is None:
+        return [slice(0, len(spec.senders))]
+    itemsize = compute_dtype(adapter.dtype).itemsize
+    row = math.prod(shape) * adapter.d_model * itemsize  # one sender's output
+    room = budget // row - adapter.n_heads
+    chunks: list[slice] = []
+    for layer in layers:
+        last = chunks[-1] if chunks else None
+        if last is not None and layer.stop - last.start <= room:
+            chunks[-1] = slice(last.start, layer.stop)
+        else:
+            chunks.append(layer)
+    return chunks
 
 
 def check_graph_supported(

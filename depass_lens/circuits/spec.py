@@ -401,16 +401,21 @@ def sender_hooks(adapter: ModelAdapter, spec: GraphSpec) -> list[str]:
 
 
 def sender_outputs(
-    adapter: ModelAdapter, spec: GraphSpec, acts: Activations, minus: Activations | None = None
+    adapter: ModelAdapter,
+    spec: GraphSpec,
+    acts: Activations,
+    minus: Activations | None = None,
+    rows: slice | None = None,
 ) -> Float[Tensor, "sender batch pos d_model"]:
-    """What every sender writes into the stream, in the order of ``spec.senders``; with
-    ``minus`` (another run's activations), its change from that run. Written into one tensor,
-    layer by layer: no second copy of all senders' outputs exists at any time."""
+    """What every sender (or the senders ``spec.senders[rows]``, whole layers) writes into the
+    stream, in the order of ``spec.senders``; with ``minus`` (another run's activations), its
+    change from that run. Written into one tensor, layer by layer: no second copy exists."""
+    senders = spec.senders[rows or slice(None)]
     embed = _embedding(adapter, acts, minus)
-    out = embed.new_empty(len(spec.senders), *embed.shape)
+    out = embed.new_empty(len(senders), *embed.shape)
     heads: dict[int, Tensor] = {}
     mlps: dict[int, list[Tensor]] = {}
-    for row, i in enumerate(spec.senders):
+    for row, i in enumerate(senders):
         node = spec.nodes[i]
         if node.kind == "embed":
             out[row] = embed
@@ -434,6 +439,13 @@ def sender_outputs(
                 mlps[node.layer] = parts
             out[row] = mlps[node.layer].pop(0)
     return out
+
+
+def sender_layers(spec: GraphSpec) -> list[slice]:
+    """``spec.senders`` cut into runs of one layer each (the embeddings' run first)."""
+    layers = [spec.nodes[i].layer for i in spec.senders]
+    cuts = [0] + [r for r in range(1, len(layers)) if layers[r] != layers[r - 1]]
+    return [slice(a, b) for a, b in zip(cuts, [*cuts[1:], len(layers)])]
 
 
 def _embedding(adapter: ModelAdapter, acts: Activations, minus: Activations | None) -> Tensor:
