@@ -86,12 +86,15 @@ def test_a_small_memory_budget_gives_the_same_graph(family, mode):
     for budget in (1, 2**40):
         depass = dp.DePass(model, memory_budget=budget)
         options = dict(nodes=nodes, by_position=True)
-        if mode == "symmetric":
-            graphs.append(depass.graph(clean, TARGETS, attention=mode, **options))
-        else:
-            graphs.append(
-                depass.graph(clean, TARGETS, contrast=corrupt, linearisation=mode, **options)
-            )
+        try:
+            if mode == "symmetric":
+                graphs.append(depass.graph(clean, TARGETS, attention=mode, **options))
+            else:
+                graphs.append(
+                    depass.graph(clean, TARGETS, contrast=corrupt, linearisation=mode, **options)
+                )
+        except UnsupportedModelError as error:  # a bridge's rotary attention: no secant
+            pytest.skip(f"{family} refuses {mode}: {error}")
     chunked, whole = graphs
     scale = float(whole.node_scores.abs().amax())
     for name in ("edge_scores", "edge_scores_by_pos", "node_scores", "node_inputs", "own_bias"):
