@@ -156,10 +156,9 @@ class IntegratedSoftmax:
         if start is not None and exact:
             raise ValueError("a path from start scores is gradient-only: pass exact=False")
         self.allowed = allowed
-        self._start = None
-        if start is not None:  # integrate on the straight path start -> scores
-            self._start = torch.where(allowed, start, 0.0)
-            scores = torch.where(allowed, scores, 0.0) - self._start
+        # The straight path start -> scores reads both where it is used, chunk by chunk: no
+        # ``query x key`` copy of either, or of their difference, is made.
+        self._start = start
         self._raw = scores
         self._shape = torch.broadcast_shapes(scores.shape, allowed.shape)
         self._budget = CHUNK_ELEMENTS["cpu" if scores.device.type == "cpu" else "other"]
@@ -167,7 +166,7 @@ class IntegratedSoftmax:
         self._uniform: Tensor | None = None
         self._remainder: Tensor | None = None
         self._keep_bytes = KEEP_PATTERNS_BYTES if exact else 0  # adjoint mode applies M once
-        self._stats = _row_stats(scores, allowed, self._budget)
+        self._stats = _row_stats(scores, allowed, self._budget, start)
         # computed in float32 at least (half-precision inputs get their own dtype back)
         self._work = torch.promote_types(scores.dtype, torch.float32)
         spread, keys = self._stats.spread, self._stats.keys
@@ -239,7 +238,8 @@ class IntegratedSoftmax:
     def scores(self) -> Float[Tensor, "batch head query key"]:
         """The scores with zeros where masked."""
         if self._scores is None:
-            self._scores = torch.where(self.allowed, self._raw, 0.0).expand(self._shape)
+            raw = self._raw if self._start is None else self._raw - self._start
+            self._scores = torch.where(self.allowed, raw, 0.0).expand(self._shape)
         return self._scores
 
     @property
@@ -363,6 +363,8 @@ class IntegratedSoftmax:
         keys = slice(chunk.lo, chunk.hi)
         allowed = self.allowed.expand(self._shape)[chunk.b, chunk.h, chunk.q, keys]
         x = self._raw.expand(self._shape)[chunk.b, chunk.h, chunk.q, keys].to(self._work)
+        if self._start is not None:  # undefined where masked (-inf - -inf): callers mask it
+            x = x - self._start.expand(self._shape)[chunk.b, chunk.h, chunk.q, keys].to(x.dtype)
         high = self._stats.high[chunk.b, chunk.h, chunk.q].to(self._work)
         return x - high.unsqueeze(-1), allowed
 
@@ -460,7 +462,11 @@ class _RowStats:
     top: Tensor  # [batch, head, query] int64: its key (0 on rows without keys)
 
 
-def _row_stats(scores: Tensor, allowed: Tensor, budget: int) -> _RowStats:
+def _row_stats(
+    scores: Tensor, allowed: Tensor, budget: int, origin: Tensor | None = None
+) -> _RowStats:
+    """Per-row statistics of ``scores`` (less ``origin`` if given) over the unmasked keys,
+    formed ``budget`` elements at a time."""
     shape = torch.broadcast_shapes(scores.shape, allowed.shape)
     n_batch, n_head, n_query, n_key = shape
     seen = allowed.expand(shape).flatten(0, 1).any(0)  # [query, key]
@@ -473,6 +479,7 @@ def _row_stats(scores: Tensor, allowed: Tensor, budget: int) -> _RowStats:
     keys = torch.zeros(n_batch, n_head, n_query, dtype=torch.int64, device=scores.device)
     top = torch.zeros_like(keys)
     s, a = scores.expand(shape), allowed.expand(shape)
+    begin = None if origin is None else origin.expand(shape)
     step = max(1, budget // max(1, n_batch * n_head * n_key))
     for start in range(0, n_query, step):
         stop = min(n_query, start + step)
@@ -480,6 +487,8 @@ def _row_stats(scores: Tensor, allowed: Tensor, budget: int) -> _RowStats:
         if k1 <= k0:
             continue
         x, m = s[:, :, start:stop, k0:k1], a[:, :, start:stop, k0:k1]
+        if begin is not None:
+            x = x - begin[:, :, start:stop, k0:k1]
         high, arg = torch.where(m, x, -torch.inf).max(-1)
         low = torch.where(m, x, torch.inf).amin(-1)
         count = m.sum(-1)
