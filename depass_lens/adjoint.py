@@ -52,6 +52,7 @@ from depass_lens.qk import (
 )
 from depass_lens.recorders import HookFn, store
 from depass_lens.rules import NeuronValues, TaylorRule
+from depass_lens.saved_weights import weights_by_reference
 
 
 @dataclass
@@ -572,7 +573,7 @@ def linearised_forward(
     fwd_hooks += [(name, keep) for name in wanted if name not in ("hook_embed", "hook_pos_embed")]
     n_layers = adapter.n_layers if stop_at_layer is None else stop_at_layer
     context = adapter.split_inputs(per_head) if split_inputs else nullcontext()
-    with torch.enable_grad(), context, adapter.hooks(fwd_hooks):
+    with torch.enable_grad(), weights_by_reference(), context, adapter.hooks(fwd_hooks):
         resid = adapter.stream(tokens, attention_mask, n_layers)
         if stop_at_layer is None and "unembed.hook_in" in wanted:
             final = adapter.apply_final_norm(resid)

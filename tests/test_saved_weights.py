@@ -1,0 +1,129 @@
+"""Autograd keeps parameters, not their layout copies: the recipes rebuild them exactly, a
+linearised forward stores TransformerLens 3's weight copies as recipes, and the scores do not
+change."""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import einops
+import pytest
+import torch
+
+import depass_lens as dp
+from depass_lens import adjoint, saved_weights
+from depass_lens.saved_weights import MIN_ELEMENTS, recipe_for
+from tests.conftest import AGREEMENT, TL, graph_model, make_model, random_tokens
+
+TARGETS = [dp.Logit(3), dp.LogitDiff(5, 7, pos=-2)]
+
+
+def _parameter(*shape: int) -> torch.nn.Parameter:
+    gen = torch.Generator().manual_seed(0)
+    return torch.nn.Parameter(torch.randn(*shape, generator=gen))
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda w: w.mT.contiguous(),  # TransformerLens 3's gated MLPs (``W.T``: 2-d)
+        lambda w: einops.rearrange(w, "h m e -> (h e) m"),  # its attention projections
+        lambda w: w.to(torch.float64).transpose(0, 2).contiguous(),  # a cast as DePass uses it
+        lambda w: w.permute(2, 0, 1).reshape(w.shape[2], -1).contiguous(),
+    ],
+)
+def test_a_layout_copy_is_rebuilt_exactly(make):
+    weight = _parameter(8, 48, 64)
+    copy = make(weight)
+    recipe = recipe_for(copy)
+    assert recipe is not None and recipe.parameter is weight
+    rebuilt = recipe.rebuild()
+    # data movement only: the same numbers in the same places, so equality is exact
+    assert rebuilt.shape == copy.shape and rebuilt.dtype == copy.dtype
+    assert torch.equal(rebuilt, copy.detach())
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda w: w * 2,  # arithmetic
+        lambda w: w.T,  # a view of the parameter itself: nothing to save
+        lambda w: (w + 0).T.contiguous(),  # from a computed tensor, not a parameter
+        lambda w: w.detach().T.contiguous(),  # no autograd history
+    ],
+)
+def test_anything_else_is_kept_as_it_is(make):
+    assert recipe_for(make(_parameter(8, 48, 64))) is None
+
+
+def test_small_tensors_are_kept_as_they_are():
+    weight = _parameter(4, MIN_ELEMENTS // 8)
+    assert recipe_for(weight.T.contiguous()) is None
+
+
+@pytest.mark.skipif(TL >= 4, reason="TransformerLens 4's bridge multiplies by the parameters")
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_a_linearised_forward_keeps_no_weight_copy(family, monkeypatch):
+    """Every attention and MLP weight TransformerLens 3 copies for a matmul is stored as a
+    recipe: the recipes cover each block weight's bytes."""
+    model = make_model(family, torch.float32, d_model=128, d_mlp=512, d_head=32, n_heads=4)
+    covered: dict[int, int] = {}
+
+    def counting(saved):
+        stored = saved_weights.recipe_for(saved)
+        if stored is not None:
+            covered[id(stored.parameter)] = stored.parameter.numel()
+        return stored or saved
+
+    monkeypatch.setattr(saved_weights, "_pack", counting)
+    dp.DePass(model).attribute(random_tokens(model), TARGETS, dp.Heads(), mode="adjoint")
+    # TransformerLens 3 multiplies by layout copies in every attention and in gated MLPs (its
+    # plain MLP multiplies by the parameters themselves, which autograd keeps at no cost)
+    copied = (".attn.W_",) if family == "gpt2" else (".attn.W_", ".mlp.W_")
+    block_weights = [
+        p
+        for name, p in model.named_parameters()
+        if any(part in name for part in copied) and p.numel() >= MIN_ELEMENTS
+    ]
+    assert block_weights
+    missing = [p.shape for p in block_weights if id(p) not in covered]
+    assert not missing, missing
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "neox"])
+@pytest.mark.parametrize("mode", ["heads", "graph", "contrastive"])
+def test_scores_do_not_change(family, mode, monkeypatch):
+    model = graph_model(family, torch.float64, d_model=128, d_mlp=512, d_head=32, n_heads=4)
+    clean = random_tokens(model, batch=2, n_pos=7, seed=1)
+    corrupt = random_tokens(model, batch=2, n_pos=7, seed=2)
+
+    def scores():
+        depass = dp.DePass(model)
+        if mode == "heads":
+            return depass.attribute(clean, TARGETS, dp.Heads(), mode="adjoint").scores
+        contrast = corrupt if mode == "contrastive" else None
+        linearisation = "difference" if TL < 4 or family != "neox" else "clean"
+        graph = depass.graph(clean, TARGETS, contrast=contrast, linearisation=linearisation)
+        return torch.cat([graph.edge_scores.flatten(), graph.node_scores.flatten()])
+
+    by_reference = scores()
+    monkeypatch.setattr(adjoint, "weights_by_reference", nullcontext)
+    kept = scores()
+    scale = float(kept.abs().max())
+    assert scale > 0
+    assert float((by_reference - kept).abs().max()) / scale <= AGREEMENT[torch.float64]
+
+
+def test_a_parameter_changed_before_the_backward_pass_is_refused():
+    weight = _parameter(8, 48, 64)
+    recipe = recipe_for(weight.mT.contiguous())
+    assert recipe is not None
+    with torch.no_grad():
+        weight.mul_(2)
+    with pytest.raises(RuntimeError, match="modified in place"):
+        recipe.rebuild()
+
+
+def test_a_copy_of_an_input_leaf_is_kept_as_it_is():
+    leaf = torch.randn(8, 48, 64).requires_grad_(True)
+    assert recipe_for(leaf.mT.contiguous()) is None
