@@ -9,6 +9,7 @@ import torch
 import depass_lens as dp
 from depass_lens.errors import DePassInputError
 from depass_lens.sae import SAELatent, SAELatents, SimpleSAE, load_sae_dir, save_sae_dir
+from depass_lens.sae import source as sae_source
 from tests.conftest import AGREEMENT, make_model, random_tokens
 from tests.sae_helpers import KINDS, PlainSAE, make_sae
 
@@ -100,6 +101,24 @@ def test_adjoint_equals_forward(family, kind, by_position):
     assert [str(x) for x in forward.labels] == [str(x) for x in adjoint.labels]
     assert _rel(adjoint.scores, forward.scores) <= AGREEMENT[torch.float32]
     assert forward.completeness_error() <= 1e-5 and adjoint.completeness_error() <= 1e-5
+
+
+@pytest.mark.parametrize("by_position", [False, True])
+def test_latent_scores_in_blocks_equal_one_block(by_position, monkeypatch):
+    """Adjoint latent scores formed one latent (or pair) at a time equal the one-block scores
+    and forward mode's: the blocking only changes which products are formed together."""
+    model = make_model(CASES[0][0], torch.float64)
+    tokens = random_tokens(model, batch=2)
+    depass = dp.DePass(model)
+    source = SAELatents(make_sae(model, CASES[0][1]), by_position=by_position)
+    targets = [dp.Logit(5), dp.LogitDiff(7, 11, pos=-2)]
+    whole = depass.attribute(tokens, targets, source, mode="adjoint")
+    monkeypatch.setattr(sae_source, "SCORE_CHUNK_ELEMENTS", 1)
+    blocked = depass.attribute(tokens, targets, source, mode="adjoint")
+    forward = depass.attribute(tokens, targets, source, mode="forward")
+    assert whole.scores.shape[-1] > 10  # many latents, so many blocks
+    assert _rel(blocked.scores, whole.scores) <= AGREEMENT[torch.float64]
+    assert _rel(blocked.scores, forward.scores) <= AGREEMENT[torch.float64]
 
 
 def _frozen_linear_gradient(model, tokens, hook, token):

@@ -228,13 +228,9 @@ class SAELatents(Source):
         grad = grads[self.gradient_hooks(adapter)[0]]
         split = self._split(ctx)
         g_out = placement.pull_back(adapter, cast(Activations, ctx.cache), grad)
-        along = einops.einsum(g_out, split.W_dec[split.latents], "b p d, n d -> b p n")
-        per_pos = split.acts[:, :, split.latents] * along  # [b p n]
-        if split.positions is None:
-            latent_scores = per_pos.sum(1)
-        else:
-            index = torch.arange(len(split.latents), device=per_pos.device)
-            latent_scores = per_pos[:, split.positions, index]
+        latent_scores = latent_gradient_scores(
+            split.acts, split.W_dec, g_out, split.latents, split.positions
+        )
         tail = [t for t in (split.others, split.error, split.skip) if t is not None]
         parts = [latent_scores] + [(t * g_out).sum((-1, -2))[:, None] for t in tail]
         if split.rest is not None:
@@ -243,4 +239,40 @@ class SAELatents(Source):
         return [torch.cat(parts, dim=-1)]
 
 
-__all__ = ["LatentLabel", "SAELatents"]
+#: Elements of the largest ``[batch, pos, latent]`` or ``[batch, pair, d]`` temporary
+#: :func:`latent_gradient_scores` forms at once (256 MiB in float32).
+SCORE_CHUNK_ELEMENTS = 2**26
+
+
+def latent_gradient_scores(
+    acts: Float[Tensor, "batch pos d_sae"],
+    W_dec: Float[Tensor, "d_sae d"],
+    grad: Float[Tensor, "batch pos d"],
+    latents: Int[Tensor, " n"],
+    positions: Int[Tensor, " n"] | None = None,
+) -> Float[Tensor, "batch n"]:
+    """``sum_p a_i(p) <W_dec[i], g(p)>`` per chosen latent ``i`` (summed over positions), or
+    ``a_i(p) <W_dec[i], g(p)>`` per chosen ``(latent, position)`` pair.
+
+    Formed a block of latents (or pairs) at a time, so memory stays at
+    :data:`SCORE_CHUNK_ELEMENTS` whatever the dictionary's width, the prompt's length or the
+    number of pairs; a pair reads only its own position (no ``pos x pair`` tensor).
+    """
+    batch, n_pos, d = grad.shape
+    per_item = batch * (d if positions is not None else n_pos)
+    step = max(1, SCORE_CHUNK_ELEMENTS // max(per_item, 1))
+    out = grad.new_empty(batch, len(latents))
+    for start in range(0, len(latents), step):
+        part = slice(start, start + step)
+        rows = W_dec[latents[part]]  # [n d]
+        if positions is None:
+            along = einops.einsum(grad, rows, "b p d, n d -> b p n")
+            out[:, part] = (acts[:, :, latents[part]] * along).sum(1)
+        else:
+            pos, lat = positions[part], latents[part]
+            along = einops.einsum(grad[:, pos], rows, "b n d, n d -> b n")
+            out[:, part] = acts[:, pos, lat] * along
+    return out
+
+
+__all__ = ["LatentLabel", "SAELatents", "latent_gradient_scores"]
