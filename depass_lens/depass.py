@@ -33,6 +33,7 @@ from depass_lens.decomposition import ComponentLabel, check_lossless, compute_dt
 from depass_lens.errors import CacheMismatchError, DePassInputError, LosslessnessError
 from depass_lens.frozen import FrozenActivations, run_frozen_cache
 from depass_lens.generation import Generation, generate_and_cite
+from depass_lens.memory import free_memory
 from depass_lens.propagate import DecomposedTransformer, PropagationContext
 from depass_lens.qk import AttentionSplit, get_attention_split
 from depass_lens.readout import Prepared, Readout, read_target
@@ -76,8 +77,9 @@ class DePass:
             ``memory_budget``.
         memory_budget: bytes forward mode may use for intermediates, and a circuit graph for its
             senders' outputs (formed whole layers at a time to fit; see ``docs/limitations.md``
-            for what cannot be chunked). Default: a quarter of the free memory of the model's
-            device.
+            for what cannot be chunked). Default: half the free memory of the model's device
+            left beside the streams in forward mode, a quarter of what is free once a graph's
+            forward passes are done.
         check: verify losslessness against the real activations at every cached residual hook.
             A cache passed in is compared with the model whatever this says (a stale one is
             refused), and hooks left on the model are refused by every call.
@@ -290,7 +292,7 @@ class DePass:
         stream = batch * n_comp * n_pos * self.adapter.d_model * itemsize
         budget = self.memory_budget
         if budget is None:
-            budget = max((_free_memory(self.adapter.device) - 4 * stream) // 2, 2**28)
+            budget = max((free_memory(self.adapter.device) - 4 * stream) // 2, 2**28)
         width = max(self.adapter.d_model, self.adapter.d_mlp, 1)
         per_comp = batch * n_pos * width * itemsize * 8
         if split is not None and split.uses_pattern:
@@ -576,11 +578,7 @@ class DePass:
             str_tokens=prepared.str_tokens,
             contrast_attention_mask=contrast_mask,
             check=self.check,
-            memory_budget=(
-                self.memory_budget
-                if self.memory_budget is not None
-                else _free_memory(self.adapter.device) // 4
-            ),
+            memory_budget=self.memory_budget,
         )
 
     def _validate_read_hooks(self, targets: Sequence[Target]) -> None:
@@ -751,21 +749,6 @@ def _progress(items: Sequence, enabled: bool, desc: str):
     if not enabled or len(items) <= 1:
         return items
     return tqdm(items, desc=desc, leave=False, mininterval=2.0, delay=2.0)
-
-
-def _free_memory(device: torch.device) -> int:
-    """Free bytes on the device (GPU: CUDA's count; CPU: MemAvailable)."""
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(free)
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 4 * 1024**3
 
 
 def _validate_tokens(tokens: Tensor, adapter: ModelAdapter) -> Int[Tensor, "batch pos"]:

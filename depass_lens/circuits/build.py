@@ -61,6 +61,7 @@ from depass_lens.difference import (
 )
 from depass_lens.errors import DePassInputError, LosslessnessError
 from depass_lens.frozen import run_frozen_cache
+from depass_lens.memory import free_memory
 from depass_lens.norms import post_sublayer_norms
 from depass_lens.qk import AttentionSplit
 from depass_lens.rules import TaylorRule
@@ -555,7 +556,8 @@ def depass_graph(
     :class:`~depass_lens.errors.LosslessnessError` if the finished graph breaks its
     conservation laws (:func:`check_conservation`). ``memory_budget``: bytes the senders'
     outputs and one block of receivers' gradients may take at once (:func:`sender_chunks`;
-    ``None``: all senders at once)."""
+    ``None``: a quarter of the device's free memory once both forward passes are done, so that
+    what they keep is not counted twice)."""
     check_graph_supported(adapter, contrast is not None, linearisation)
     hooks = {t.read_hook(adapter) for t in targets}
     if len(hooks) != 1:
@@ -609,6 +611,8 @@ def depass_graph(
                 return difference_sender_outputs(adapter, spec, acts, corrupt, rows)
             return sender_outputs(adapter, spec, acts, minus=corrupt, rows=rows)
 
+        if memory_budget is None:
+            memory_budget = free_memory(tokens.device) // 4
         chunks = sender_chunks(adapter, spec, tokens.shape, memory_budget)
         kept = outputs_of(chunks[0]) if len(chunks) == 1 else None  # one chunk: form it once
         the_slots = slots(spec)
