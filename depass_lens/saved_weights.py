@@ -7,10 +7,10 @@ forward, which autograd keeps for the backward pass. Over a linearised forward t
 copy of every weight for the whole pass (5.6 GiB for a 1.5B-parameter model in float32).
 
 Inside :func:`weights_by_reference`, a saved tensor made from one parameter by data movement only
-(transpose, permute, reshape, clone, dtype or device cast) is stored as that parameter and the
-steps that made it, and rebuilt when the backward pass reads it: one weight's copy at a time,
-for as long as its layer's backward needs it. Each recipe is checked to rebuild its tensor bit for
-bit when it is stored; a tensor it does not reproduce is kept as it is.
+(transpose, permute, reshape, expand, clone, dtype or device cast) is stored as that parameter
+and the steps that made it, and rebuilt when the backward pass reads it: one weight's copy at a
+time, for as long as its layer's backward needs it. Each recipe is checked to rebuild its tensor
+bit for bit when it is stored; a tensor it does not reproduce is kept as it is.
 """
 
 from __future__ import annotations
@@ -28,7 +28,15 @@ MIN_ELEMENTS = 1 << 14
 #: Autograd nodes that only move or cast data, by name, and how each changes the shape.
 _RESHAPES = ("ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0")
 _SAME_SHAPE = ("CloneBackward0", "ToCopyBackward0", "AliasBackward0")
-_MOVES = (*_RESHAPES, *_SAME_SHAPE, "PermuteBackward0", "TransposeBackward0", "TBackward0")
+_MOVES = (
+    *_RESHAPES,
+    *_SAME_SHAPE,
+    "PermuteBackward0",
+    "TransposeBackward0",
+    "TBackward0",
+    "UnsqueezeBackward0",
+    "ExpandBackward0",  # with unsqueeze: repeat_interleave (grouped keys' weights per head)
+)
 
 
 @dataclass(frozen=True)
@@ -55,6 +63,8 @@ class ParameterRecipe:
                     x = x.permute(args)
                 elif op == "transpose":
                     x = x.transpose(*args)
+                elif op == "expand":
+                    x = x.expand(args)
                 else:
                     x = x.reshape(args)
             x = x.to(device=self.device, dtype=self.dtype)
@@ -82,6 +92,13 @@ def recipe_for(saved: Tensor) -> ParameterRecipe | None:
             return None
         if name in _RESHAPES:
             steps.append(("reshape", shape))
+            shape = tuple(fn._saved_self_sym_sizes)
+        elif name == "UnsqueezeBackward0":
+            steps.append(("reshape", shape))
+            dim = _dim(fn._saved_dim, len(shape))
+            shape = shape[:dim] + shape[dim + 1 :]
+        elif name == "ExpandBackward0":
+            steps.append(("expand", shape))
             shape = tuple(fn._saved_self_sym_sizes)
         elif name == "PermuteBackward0":
             dims = tuple(_dim(d, len(shape)) for d in fn._saved_dims)

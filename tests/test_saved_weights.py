@@ -30,6 +30,8 @@ def _parameter(*shape: int) -> torch.nn.Parameter:
         lambda w: einops.rearrange(w, "h m e -> (h e) m"),  # its attention projections
         lambda w: w.to(torch.float64).transpose(0, 2).contiguous(),  # a cast as DePass uses it
         lambda w: w.permute(2, 0, 1).reshape(w.shape[2], -1).contiguous(),
+        # a grouped-query attention's keys per query head, as its projection
+        lambda w: einops.rearrange(torch.repeat_interleave(w, 3, dim=0), "h m e -> (h e) m").T,
     ],
 )
 def test_a_layout_copy_is_rebuilt_exactly(make):
@@ -79,13 +81,16 @@ def test_a_linearised_forward_keeps_no_weight_copy(family, monkeypatch):
     dp.DePass(model).attribute(random_tokens(model), TARGETS, dp.Heads(), mode="adjoint")
     # TransformerLens 3 multiplies by layout copies in every attention and in gated MLPs (its
     # plain MLP multiplies by the parameters themselves, which autograd keeps at no cost)
-    copied = (".attn.W_",) if family == "gpt2" else (".attn.W_", ".mlp.W_")
+    # (a grouped-query attention's ``_W_K``/``_W_V`` are repeated per query head first)
+    copied = (".attn.W_",) if family == "gpt2" else (".attn.W_", ".attn._W_", ".mlp.W_")
     block_weights = [
         p
         for name, p in model.named_parameters()
         if any(part in name for part in copied) and p.numel() >= MIN_ELEMENTS
     ]
     assert block_weights
+    if family == "llama":
+        assert any("._W_K" in name for name, _ in model.named_parameters())
     missing = [p.shape for p in block_weights if id(p) not in covered]
     assert not missing, missing
 
