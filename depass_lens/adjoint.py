@@ -50,9 +50,9 @@ from depass_lens.qk import (
     project,
     project_constant,
 )
-from depass_lens.recorders import HookFn, store
+from depass_lens.recorders import HookFn, store, store_frozen_pattern
 from depass_lens.rules import NeuronValues, TaylorRule
-from depass_lens.saved_weights import weights_by_reference
+from depass_lens.saved_tensors import lean_saved_tensors
 
 
 @dataclass
@@ -137,7 +137,8 @@ class Linearisation:
     # ------------------------------------------------------------------ helpers
     def _freeze(self, value: Tensor, hook) -> Tensor:
         frozen = value.detach()
-        self.frozen[hook.name] = frozen
+        if hook.name.endswith("hook_scale"):  # what output constants read; patterns are not kept
+            self.frozen[hook.name] = frozen
         return frozen
 
     def _site(
@@ -204,7 +205,7 @@ class Linearisation:
         def steer(z: Tensor, hook) -> Tensor:
             scores = seen[f"{prefix}.hook_attn_scores"]
             allowed = unmasked(scores)  # -inf or an additive finfo.min mask
-            pattern = seen[f"{prefix}.hook_pattern"].to(scores.dtype)
+            pattern = seen.pop(f"{prefix}.hook_pattern").to(scores.dtype)  # autograd may rebuild it
             integrated = IntegratedSoftmax(scores, allowed, pattern, split.nodes, exact=False)
             v = seen[f"{prefix}.hook_v"]
             kv_repeat = adapter.attention(layer).kv_repeat
@@ -263,8 +264,12 @@ class Linearisation:
             hooks.append((ln1.scale_hook, remember(ln1.scale_hook, frozen=True)))
         if final is not None:
             hooks += [(final[0], remember("q")), (final[1], remember("k"))]
+        scores_of = f"{prefix}.hook_attn_scores"
         hooks += [
-            (f"{prefix}.hook_pattern", remember(f"{prefix}.hook_pattern", frozen=True)),
+            (
+                f"{prefix}.hook_pattern",
+                store_frozen_pattern(seen, f"{prefix}.hook_pattern", scores_of),
+            ),
             (f"{prefix}.hook_z", steer),
         ]
         return hooks
@@ -497,6 +502,7 @@ class Linearisation:
             axis = None if rows is not None else -1  # per neuron, except routed expert rows
             name = f"{hook.name}.remainder"
             self.ledger.add(ConstantSite(name, hook.name, "mlp", layer, out, remainder, axis, rows))
+            live.clear()  # the pre-activations are not needed past this layer
             return out
 
         hooks: list[tuple[str, HookFn]] = [(gate_hook, store(live, "gate"))]
@@ -573,7 +579,7 @@ def linearised_forward(
     fwd_hooks += [(name, keep) for name in wanted if name not in ("hook_embed", "hook_pos_embed")]
     n_layers = adapter.n_layers if stop_at_layer is None else stop_at_layer
     context = adapter.split_inputs(per_head) if split_inputs else nullcontext()
-    with torch.enable_grad(), weights_by_reference(), context, adapter.hooks(fwd_hooks):
+    with torch.enable_grad(), lean_saved_tensors(), context, adapter.hooks(fwd_hooks):
         resid = adapter.stream(tokens, attention_mask, n_layers)
         if stop_at_layer is None and "unembed.hook_in" in wanted:
             final = adapter.apply_final_norm(resid)

@@ -37,7 +37,7 @@ from depass_lens.errors import UnsupportedModelError
 from depass_lens.integrated_softmax import IntegratedSoftmax
 from depass_lens.norms import post_sublayer_norms
 from depass_lens.pattern_gradient import PatternTerm
-from depass_lens.recorders import HookFn, store
+from depass_lens.recorders import HookFn, store, store_frozen_pattern
 
 
 def check_difference_supported(adapter: ModelAdapter) -> None:
@@ -233,8 +233,9 @@ class DifferenceLinearisation:
                 up = live["up"]
                 up_x, up_y = up.detach(), self._ref(f"{prefix}.hook_pre_linear", up)
                 act_mean = (mlp.act_fn(gate_x) + mlp.act_fn(gate_y)) / 2
-                linear = slope * gate * (up_x + up_y) / 2 + act_mean * up
-                change = slope * (gate_x - gate_y) * (up_x + up_y) / 2 + act_mean * (up_x - up_y)
+                along_gate = slope * (up_x + up_y) / 2  # one coefficient kept for the backward
+                linear = along_gate * gate + act_mean * up
+                change = along_gate * (gate_x - gate_y) + act_mean * (up_x - up_y)
             else:
                 linear = slope * gate
                 change = slope * (gate_x - gate_y)
@@ -242,6 +243,7 @@ class DifferenceLinearisation:
             real = value.detach() - self._ref(hook.name, value)
             name = f"{hook.name}.secant_remainder"
             self.ledger.add(ConstantSite(name, hook.name, "mlp", layer, out, real - change, -1))
+            live.clear()  # the pre-activations are not needed past this layer
             return out
 
         hooks: list[tuple[str, HookFn]] = [(f"{prefix}.hook_pre", store(live, "gate"))]
@@ -306,6 +308,7 @@ class DifferenceLinearisation:
                 on_constants=holder.append,
             )
             correction = correction + term.apply(q, k)
+            seen.clear()  # what autograd needs it keeps (the pattern as a recipe, if it can)
             return z + (correction - correction.detach())
 
         return [
@@ -313,7 +316,7 @@ class DifferenceLinearisation:
             (k_hook, store(seen, "k")),
             (f"{prefix}.hook_v", store(seen, "v")),
             (f"{prefix}.hook_attn_scores", store(seen, "scores", frozen=True)),
-            (f"{prefix}.hook_pattern", store(seen, "pattern", frozen=True)),
+            (f"{prefix}.hook_pattern", store_frozen_pattern(seen, "pattern", "scores")),
             (f"{prefix}.hook_z", steer),
         ]
 

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 
+import torch
+from jaxtyping import Float
 from torch import Tensor
+
+from depass_lens.saved_tensors import recompute_when_saved
 
 HookFn = Callable[..., Tensor | None]
 
@@ -16,5 +21,30 @@ def store(seen: dict[str, Tensor], key: str, frozen: bool = False) -> HookFn:
     def fn(value: Tensor, hook) -> Tensor:
         seen[key] = value.detach() if frozen else value
         return seen[key]
+
+    return fn
+
+
+def pattern_of(
+    scores: Float[Tensor, "batch head query key"],
+) -> Float[Tensor, "batch head query key"]:
+    """The attention pattern TransformerLens computes from (masked) scores: a softmax over the
+    keys, with rows that see no key (all ``-inf``) set to zero instead of NaN."""
+    pattern = torch.softmax(scores, dim=-1)
+    return torch.where(torch.isnan(pattern), torch.zeros_like(pattern), pattern)
+
+
+def store_frozen_pattern(seen: dict[str, Tensor], key: str, scores_key: str) -> HookFn:
+    """:func:`store` for ``hook_pattern`` (frozen), where ``seen[scores_key]`` holds the frozen
+    scores it was computed from: autograd may then rebuild the pattern from them layer by layer in
+    the backward pass instead of keeping it
+    (:func:`~depass_lens.saved_tensors.recompute_when_saved`; checked bit for bit, kept where
+    the model computes it otherwise)."""
+
+    def fn(value: Tensor, hook) -> Tensor:
+        pattern = value.detach()
+        scores = seen[scores_key]
+        seen[key] = recompute_when_saved(pattern, partial(pattern_of, scores))
+        return pattern
 
     return fn

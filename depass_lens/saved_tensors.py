@@ -1,21 +1,29 @@
-"""Autograd keeps the parameters, not the layout copies TransformerLens makes of them.
+"""What autograd keeps of a linearised forward: parameters and recomputable activations are
+stored as recipes, not as copies.
 
 TransformerLens 3's components multiply by rearranged copies of their weights
 (``F.linear(x, W_in.T.contiguous())``, ``einops.rearrange(W_Q, "h m e -> (h e) m")``), and a
 half-precision model's weights are cast as DePass uses them: a fresh tensor per weight and
 forward, which autograd keeps for the backward pass. Over a linearised forward that is a second
-copy of every weight for the whole pass (5.6 GiB for a 1.5B-parameter model in float32).
-
-Inside :func:`weights_by_reference`, a saved tensor made from one parameter by data movement only
+copy of every weight for the whole pass (5.6 GiB for a 1.5B-parameter model in float32). Inside
+:func:`lean_saved_tensors`, a saved tensor made from one parameter by data movement only
 (transpose, permute, reshape, expand, clone, dtype or device cast) is stored as that parameter
 and the steps that made it, and rebuilt when the backward pass reads it: one weight's copy at a
-time, for as long as its layer's backward needs it. Each recipe is checked to rebuild its tensor
-bit for bit when it is stored; a tensor it does not reproduce is kept as it is.
+time, for as long as its layer's backward needs it.
+
+Activations work the same way when their maker says how to rebuild them
+(:func:`recompute_when_saved`): a frozen attention pattern is ``softmax`` of the frozen scores
+that the QK-aware splits keep anyway, so the ``query x key`` pattern TransformerLens's ``pattern
+@ v`` saves is rebuilt layer by layer in the backward pass instead of kept for all layers.
+
+Every recipe is checked to rebuild its tensor bit for bit when it is stored; a tensor it does not
+reproduce is kept as it is.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import weakref
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -140,19 +148,83 @@ def recipe_for(saved: Tensor) -> ParameterRecipe | None:
     return recipe
 
 
-def _pack(saved: Tensor) -> Tensor | ParameterRecipe:
-    return recipe_for(saved) or saved
+@dataclass(frozen=True)
+class ActivationRecipe:
+    """A saved tensor as a view (``size``, ``stride``, ``offset``) of what ``make`` rebuilds."""
+
+    make: Callable[[], Tensor]
+    size: tuple[int, ...]
+    stride: tuple[int, ...]
+    offset: int
+
+    def rebuild(self) -> Tensor:
+        with torch.no_grad():
+            return self.make().as_strided(self.size, self.stride, self.offset)
 
 
-def _unpack(stored: Tensor | ParameterRecipe) -> Tensor:
-    return stored.rebuild() if isinstance(stored, ParameterRecipe) else stored
+#: Storage address -> (the registered tensor, weakly; how to rebuild it), inside the context.
+_recomputable: dict[int, tuple[weakref.ref, Callable[[], Tensor]]] | None = None
+
+
+def recompute_when_saved(tensor: Tensor, make: Callable[[], Tensor]) -> Tensor:
+    """Let autograd store ``tensor`` (contiguous, not requiring grad), or any view of it, as
+    ``make`` (which rebuilds it bit for bit from what the caller keeps anyway) while
+    :func:`lean_saved_tensors` is active; a no-op outside it. Returns ``tensor``."""
+    if _recomputable is not None and tensor.is_contiguous() and tensor.storage_offset() == 0:
+        _recomputable[tensor.untyped_storage().data_ptr()] = (weakref.ref(tensor), make)
+    return tensor
+
+
+def _activation_recipe(saved: Tensor) -> ActivationRecipe | None:
+    if _recomputable is None or saved.numel() < MIN_ELEMENTS:
+        return None
+    address = saved.untyped_storage().data_ptr()
+    entry = _recomputable.get(address)
+    if entry is None:
+        return None
+    base = entry[0]()
+    if base is None or base.untyped_storage().data_ptr() != address:
+        del _recomputable[address]  # freed, and its memory reused
+        return None
+    recipe = ActivationRecipe(
+        entry[1], tuple(saved.size()), saved.stride(), int(saved.storage_offset())
+    )
+    rebuilt = recipe.rebuild()
+    if rebuilt.dtype != saved.dtype or not torch.equal(rebuilt, saved.detach()):
+        return None
+    return recipe
+
+
+Recipe = ParameterRecipe | ActivationRecipe
+
+
+def _pack(saved: Tensor) -> Tensor | Recipe:
+    return recipe_for(saved) or _activation_recipe(saved) or saved
+
+
+def _unpack(stored: Tensor | Recipe) -> Tensor:
+    return stored if isinstance(stored, Tensor) else stored.rebuild()
 
 
 @contextmanager
-def weights_by_reference() -> Iterator[None]:
-    """Within: autograd stores parameter copies as recipes (see the module docstring)."""
-    with torch.autograd.graph.saved_tensors_hooks(_pack, _unpack):
-        yield
+def lean_saved_tensors() -> Iterator[None]:
+    """Within: autograd stores parameter copies and registered activations as recipes (see the
+    module docstring)."""
+    global _recomputable
+    outer = _recomputable
+    _recomputable = {}
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(_pack, _unpack):
+            yield
+    finally:
+        _recomputable = outer
 
 
-__all__ = ["MIN_ELEMENTS", "ParameterRecipe", "recipe_for", "weights_by_reference"]
+__all__ = [
+    "MIN_ELEMENTS",
+    "ActivationRecipe",
+    "ParameterRecipe",
+    "lean_saved_tensors",
+    "recipe_for",
+    "recompute_when_saved",
+]

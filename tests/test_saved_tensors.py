@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import depass_lens as dp
-from depass_lens import adjoint, saved_weights
-from depass_lens.saved_weights import MIN_ELEMENTS, recipe_for
+from depass_lens import adjoint, saved_tensors
+from depass_lens.saved_tensors import MIN_ELEMENTS, recipe_for
 from tests.conftest import AGREEMENT, TL, graph_model, make_model, random_tokens
 
 TARGETS = [dp.Logit(3), dp.LogitDiff(5, 7, pos=-2)]
@@ -72,12 +72,12 @@ def test_a_linearised_forward_keeps_no_weight_copy(family, monkeypatch):
     covered: dict[int, int] = {}
 
     def counting(saved):
-        stored = saved_weights.recipe_for(saved)
+        stored = saved_tensors.recipe_for(saved)
         if stored is not None:
             covered[id(stored.parameter)] = stored.parameter.numel()
         return stored or saved
 
-    monkeypatch.setattr(saved_weights, "_pack", counting)
+    monkeypatch.setattr(saved_tensors, "_pack", counting)
     dp.DePass(model).attribute(random_tokens(model), TARGETS, dp.Heads(), mode="adjoint")
     # TransformerLens 3 multiplies by layout copies in every attention and in gated MLPs (its
     # plain MLP multiplies by the parameters themselves, which autograd keeps at no cost)
@@ -112,7 +112,7 @@ def test_scores_do_not_change(family, mode, monkeypatch):
         return torch.cat([graph.edge_scores.flatten(), graph.node_scores.flatten()])
 
     by_reference = scores()
-    monkeypatch.setattr(adjoint, "weights_by_reference", nullcontext)
+    monkeypatch.setattr(adjoint, "lean_saved_tensors", nullcontext)
     kept = scores()
     scale = float(kept.abs().max())
     assert scale > 0
@@ -132,3 +132,43 @@ def test_a_parameter_changed_before_the_backward_pass_is_refused():
 def test_a_copy_of_an_input_leaf_is_kept_as_it_is():
     leaf = torch.randn(8, 48, 64).requires_grad_(True)
     assert recipe_for(leaf.mT.contiguous()) is None
+
+
+@pytest.mark.skipif(TL >= 4, reason="a bridge's native attention forms its pattern its own way")
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("mode", ["heads", "contrastive"])
+def test_frozen_patterns_are_rebuilt_from_the_scores(family, mode, monkeypatch):
+    """The QK-aware split and the difference linearisation keep the scores; every layer's
+    pattern that TransformerLens's ``pattern @ v`` saves is stored as a recipe on them."""
+    model = make_model(family, torch.float32, d_model=64, d_head=16, n_heads=4, n_ctx=72)
+    clean = random_tokens(model, batch=2, n_pos=72, seed=1)  # 4 x 72^2 >= MIN_ELEMENTS
+    kinds: list[str] = []
+
+    def counting(saved):
+        stored = saved_tensors._activation_recipe(saved)
+        if stored is not None:
+            kinds.append(tuple(saved.shape))
+        return saved_tensors.recipe_for(saved) or stored or saved
+
+    monkeypatch.setattr(saved_tensors, "_pack", counting)
+    depass = dp.DePass(model, attention="symmetric")
+    if mode == "heads":
+        depass.attribute(clean, TARGETS, dp.Heads(), mode="adjoint")
+    else:
+        corrupt = random_tokens(model, batch=2, n_pos=72, seed=2)
+        depass.graph(clean, TARGETS, contrast=corrupt)
+    assert len(kinds) >= model.cfg.n_layers, kinds
+
+
+def test_a_recipe_that_does_not_rebuild_its_tensor_is_not_used():
+    scores = torch.randn(2, 4, 128, 128)
+    pattern = scores.softmax(-1)
+    weight = torch.randn(2, 4, 128, 8, requires_grad=True)
+    with saved_tensors.lean_saved_tensors():
+        saved_tensors.recompute_when_saved(pattern, lambda: (scores * 1.001).softmax(-1))
+        assert saved_tensors._activation_recipe(pattern) is None
+        saved_tensors.recompute_when_saved(pattern, lambda: scores.softmax(-1))
+        assert saved_tensors._activation_recipe(pattern) is not None
+        out = (pattern @ weight).sum()
+    (grad,) = torch.autograd.grad(out, weight)
+    torch.testing.assert_close(grad, pattern.sum(-2, keepdim=True).mT.expand_as(weight))
