@@ -24,6 +24,7 @@ L(live).detach()``, so only gradients follow the secant map.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from functools import partial
 
 import einops
 import torch
@@ -37,7 +38,8 @@ from depass_lens.errors import UnsupportedModelError
 from depass_lens.integrated_softmax import IntegratedSoftmax
 from depass_lens.norms import post_sublayer_norms
 from depass_lens.pattern_gradient import PatternTerm
-from depass_lens.recorders import HookFn, store, store_frozen_pattern
+from depass_lens.recorders import HookFn, pattern_of, store, store_frozen_pattern
+from depass_lens.saved_tensors import recompute_when_saved
 
 
 def check_difference_supported(adapter: ModelAdapter) -> None:
@@ -163,6 +165,19 @@ def secant_norm_transpose(
     return out
 
 
+def drop_rebuildable_patterns(adapter: ModelAdapter, reference: dict[str, Tensor]) -> None:
+    """Remove from a corrupted run's activations every layer's pattern that is ``softmax`` of its
+    scores bit for bit (:func:`~depass_lens.recorders.pattern_of`): the difference
+    linearisation rebuilds it from the scores it keeps anyway, one layer at a time, so the run
+    holds one ``query x key`` tensor per layer instead of two."""
+    for layer in range(adapter.n_layers):
+        pattern = f"blocks.{layer}.attn.hook_pattern"
+        scores = reference.get(f"blocks.{layer}.attn.hook_attn_scores")
+        if pattern in reference and scores is not None:
+            if torch.equal(pattern_of(scores), reference[pattern]):
+                del reference[pattern]
+
+
 class DifferenceLinearisation:
     """TransformerLens hooks making the model (run on the clean input) the exact secant map of
     changes from a reference run (``reference``: its activations, recorded on split inputs when
@@ -195,7 +210,12 @@ class DifferenceLinearisation:
         return hooks
 
     def _ref(self, name: str, like: Tensor) -> Tensor:
-        """A reference activation, broadcast over a per-head axis the clean run may add."""
+        """A reference activation, broadcast over a per-head axis the clean run may add (a
+        pattern :func:`drop_rebuildable_patterns` dropped is rebuilt from its scores)."""
+        if name not in self.reference and name.endswith(".attn.hook_pattern"):
+            scores = self.reference[name.removesuffix("hook_pattern") + "hook_attn_scores"]
+            rebuild = partial(pattern_of, scores)
+            return recompute_when_saved(rebuild(), rebuild).to(like.dtype)
         value = self.reference[name].to(like.dtype)
         if value.shape != like.shape and value.ndim == like.ndim - 1:
             value = value.unsqueeze(2).expand_as(like)

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import depass_lens as dp
-from depass_lens import adjoint, saved_tensors
+from depass_lens import adjoint, difference, saved_tensors
+from depass_lens.circuits import build
 from depass_lens.saved_tensors import MIN_ELEMENTS, recipe_for
 from tests.conftest import AGREEMENT, TL, graph_model, make_model, random_tokens
 
@@ -172,3 +173,29 @@ def test_a_recipe_that_does_not_rebuild_its_tensor_is_not_used():
         out = (pattern @ weight).sum()
     (grad,) = torch.autograd.grad(out, weight)
     torch.testing.assert_close(grad, pattern.sum(-2, keepdim=True).mT.expand_as(weight))
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_a_corrupted_run_keeps_scores_not_patterns(family, monkeypatch):
+    """The difference linearisation rebuilds the corrupted run's patterns from its scores: every
+    layer's is dropped where it is softmax of its scores bit for bit, and the graph is the one
+    built on the stored patterns."""
+    model = graph_model(family, torch.float64)
+    clean = random_tokens(model, batch=2, n_pos=7, seed=1)
+    corrupt = random_tokens(model, batch=2, n_pos=7, seed=2)
+    dropped: list[int] = []
+
+    def recording(adapter, reference):
+        before = len(reference)
+        difference.drop_rebuildable_patterns(adapter, reference)
+        dropped.append(before - len(reference))
+
+    monkeypatch.setattr(build, "drop_rebuildable_patterns", recording)
+    graph = dp.DePass(model).graph(clean, TARGETS, contrast=corrupt)
+    if TL < 4:  # TransformerLens 3's pattern is exactly softmax of hook_attn_scores
+        assert dropped == [model.cfg.n_layers]
+    monkeypatch.setattr(build, "drop_rebuildable_patterns", lambda adapter, reference: None)
+    stored = dp.DePass(model).graph(clean, TARGETS, contrast=corrupt)
+    scale = float(stored.edge_scores.abs().max())
+    error = float((graph.edge_scores - stored.edge_scores).abs().max()) / scale
+    assert error <= AGREEMENT[torch.float64]

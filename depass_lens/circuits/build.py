@@ -57,6 +57,7 @@ from depass_lens.decomposition import compute_dtype, tolerance
 from depass_lens.difference import (
     check_difference_supported,
     difference_outputs,
+    drop_rebuildable_patterns,
     reference_hooks,
 )
 from depass_lens.errors import DePassInputError, LosslessnessError
@@ -586,6 +587,8 @@ def depass_graph(
             split_inputs=difference,
             per_head=not projected,
         )
+        if difference:
+            drop_rebuildable_patterns(adapter, corrupt)
     passed = graph_pass(
         adapter,
         spec,
