@@ -199,7 +199,9 @@ Recipe = ParameterRecipe | ActivationRecipe
 
 
 def _pack(saved: Tensor) -> Tensor | Recipe:
-    return recipe_for(saved) or _activation_recipe(saved) or saved
+    # Anything else is kept detached: handing autograd back the tensor itself ties a saved
+    # output to its own grad_fn, a reference cycle no collector sees (the graph leaks).
+    return recipe_for(saved) or _activation_recipe(saved) or saved.detach()
 
 
 def _unpack(stored: Tensor | Recipe) -> Tensor:

@@ -4,6 +4,8 @@ change."""
 
 from __future__ import annotations
 
+import gc
+import weakref
 from contextlib import nullcontext
 
 import einops
@@ -199,3 +201,31 @@ def test_a_corrupted_run_keeps_scores_not_patterns(family, monkeypatch):
     scale = float(stored.edge_scores.abs().max())
     error = float((graph.edge_scores - stored.edge_scores).abs().max()) / scale
     assert error <= AGREEMENT[torch.float64]
+
+
+@pytest.mark.parametrize("mode", ["heads", "contrastive"])
+def test_the_linearised_pass_is_freed_after_the_call(mode, monkeypatch):
+    """Nothing autograd saved outlives the call: a pack hook that handed autograd back a saved
+    output itself would tie it to its own grad_fn (a cycle no collector sees), and every call
+    would leak its whole pass."""
+    model = graph_model("gpt2", torch.float32)
+    clean = random_tokens(model, batch=2, n_pos=7, seed=1)
+    corrupt = random_tokens(model, batch=2, n_pos=7, seed=2)
+    original = saved_tensors._pack
+    refs: list[weakref.ref] = []
+
+    def recording(saved):
+        if saved.grad_fn is not None:  # activations, not parameters or inputs
+            refs.append(weakref.ref(saved))
+        return original(saved)
+
+    monkeypatch.setattr(saved_tensors, "_pack", recording)
+    depass = dp.DePass(model)
+    if mode == "heads":
+        depass.attribute(clean, TARGETS, dp.Heads(), mode="adjoint")
+    else:
+        depass.graph(clean, TARGETS, contrast=corrupt)
+    gc.collect()
+    assert refs
+    alive = [r for r in refs if r() is not None]
+    assert not alive, f"{len(alive)} of {len(refs)} saved activations outlived the call"
