@@ -9,14 +9,19 @@ one subprocess so that its peak memory is its own::
         --n-pos 256 512 1024 2048                                             # memory vs length
     python -m benchmarks.scale --cpu-smoke                                    # tiny, on the CPU
 
-Cases: one ``run_with_cache``; every head to one logit difference (adjoint mode); the circuit
-graph (every edge, symmetric split); the contrastive graph (difference linearisation). Each is
-timed once (at these sizes one call is the realistic use), under a time
-limit, after a warm-up call on 16 tokens (one-time setup is not the case's cost); a case that runs
-out of memory or time is reported as such. Peak memory is the whole process's during the call
-(the model included, building it not): the CUDA allocator's peak on a GPU, the resident set's
-(``VmHWM``, reset before the call) on the CPU.
-Results: JSON lines on stdout, a markdown table in ``benchmarks/results/scale[_cuda].md``.
+Cases: one ``run_with_cache`` (the ratios' base, called as TransformerLens's docs do, so autograd
+keeps what a backward pass would need), and one under ``torch.no_grad()``; every head to one logit
+difference (adjoint mode); the circuit graph (every edge, symmetric split); the contrastive graph
+(difference linearisation). Each is timed under a time limit after a warm-up call on 16 tokens
+(one-time setup is not the case's cost): once by default (at billion-parameter sizes one call is
+the realistic use), or the fastest of ``--repeat`` calls (single calls of a few seconds vary by up
+to 1.6x between runs on a shared CPU); a case that runs out of memory or time is reported as such.
+Peak memory is the whole process's during the timed calls (the model included, building it not):
+the CUDA allocator's peak on a GPU, the resident set's (``VmHWM``, reset before the first call) on
+the CPU.
+Results: JSON lines on stdout and in ``benchmarks/results/scale[_cuda].jsonl`` (beside ``--out``),
+a markdown table in ``benchmarks/results/scale[_cuda].md``; ``docs/make_figures.py --only scale``
+plots peak memory against length from the GPT-2-small rows.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.cases import peak_rss_bytes, reset_peak_rss
+from benchmarks.run import machine
 
 RESULTS = Path(__file__).parent / "results"
 LLAMA = dict(
@@ -64,7 +70,7 @@ SHAPES = {
         d_vocab=1000,
     ),
 }  # fmt: skip
-CASES = ("run_with_cache", "heads", "graph", "contrastive graph")
+CASES = ("run_with_cache", "heads", "graph", "contrastive graph", "run_with_cache, no grad")
 
 
 def build(shape: str, n_pos: int, dtype: torch.dtype, device: str):
@@ -82,8 +88,11 @@ def build(shape: str, n_pos: int, dtype: torch.dtype, device: str):
         return random_model(config, device, dtype=dtype)
 
 
-def run_case(shape: str, case: str, n_pos: int, dtype: torch.dtype, device: str) -> dict:
-    """One case in this process: seconds of one call and peak memory (model included)."""
+def run_case(
+    shape: str, case: str, n_pos: int, dtype: torch.dtype, device: str, repeat: int = 1
+) -> dict:
+    """One case in this process: seconds of the fastest of ``repeat`` calls and the peak memory
+    over all of them (model included)."""
     import depass_lens as dp
 
     warnings.filterwarnings("ignore")
@@ -99,8 +108,11 @@ def run_case(shape: str, case: str, n_pos: int, dtype: torch.dtype, device: str)
     depass = dp.DePass(model, progress=False)
 
     def call(tokens: torch.Tensor) -> None:
-        if case == "run_with_cache":
+        if case == "run_with_cache":  # as TransformerLens's docs call it: autograd on
             model.run_with_cache(tokens)
+        elif case == "run_with_cache, no grad":  # the forward's own peak, without autograd
+            with torch.no_grad():
+                model.run_with_cache(tokens)
         elif case == "heads":
             depass.attribute(tokens, target, dp.Heads(), mode="adjoint")
         elif case == "graph":
@@ -114,11 +126,13 @@ def run_case(shape: str, case: str, n_pos: int, dtype: torch.dtype, device: str)
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     reset_peak_rss()
-    start = time.perf_counter()
-    call(tokens)
-    if cuda:
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        call(tokens)
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
     peak = torch.cuda.max_memory_allocated() if cuda else peak_rss_bytes()
     return {
         "shape": shape,
@@ -126,17 +140,20 @@ def run_case(shape: str, case: str, n_pos: int, dtype: torch.dtype, device: str)
         "n_pos": n_pos,
         "dtype": str(dtype).removeprefix("torch."),
         "device": device,
-        "seconds": seconds,
+        "seconds": min(times),
+        "all_seconds": times,
         "build_seconds": built,
         "peak_bytes": peak,
         "model_bytes": model_bytes,
     }
 
 
-def spawn(shape: str, case: str, n_pos: int, dtype: str, device: str, timeout: float) -> dict:
+def spawn(
+    shape: str, case: str, n_pos: int, dtype: str, device: str, timeout: float, repeat: int = 1
+) -> dict:
     """:func:`run_case` in a fresh subprocess under ``timeout`` seconds."""
     cmd = [sys.executable, "-m", "benchmarks.scale", "--worker", shape, case]
-    cmd += ["--n-pos", str(n_pos), "--dtype", dtype, "--device", device]
+    cmd += ["--n-pos", str(n_pos), "--dtype", dtype, "--device", device, "--repeat", str(repeat)]
     row = {"shape": shape, "case": case, "n_pos": n_pos, "dtype": dtype, "device": device}
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
@@ -152,29 +169,27 @@ def spawn(shape: str, case: str, n_pos: int, dtype: str, device: str, timeout: f
 
 
 def markdown(rows: list[dict]) -> str:
+    """One row per case; seconds and peak memory also as ratios to ``run_with_cache``'s."""
     lines = [
-        "| model | dtype | tokens | case | seconds | x run_with_cache | peak GiB | model GiB |",
-        "|---|---|---|---|---|---|---|---|",
+        "| model | dtype | tokens | case | seconds | x run_with_cache | peak GiB "
+        "| peak x run_with_cache | model GiB |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     base = {
-        (r["shape"], r["n_pos"]): r["seconds"]
+        (r["shape"], r["n_pos"]): r
         for r in rows
         if r["case"] == "run_with_cache" and "seconds" in r
     }
     for r in rows:
+        head = f"| {r['shape']} | {r['dtype']} | {r['n_pos']} | {r['case']} |"
         if "seconds" not in r:
-            lines.append(
-                f"| {r['shape']} | {r['dtype']} | {r['n_pos']} | {r['case']} | {r['error']} | | | |"
-            )
+            lines.append(f"{head} {r['error']} | | | | |")
             continue
-        ratio = (
-            r["seconds"] / base[(r["shape"], r["n_pos"])]
-            if (r["shape"], r["n_pos"]) in base
-            else None
-        )
+        ref = base.get((r["shape"], r["n_pos"]))
+        speed = f"{r['seconds'] / ref['seconds']:.1f}x" if ref else ""
+        memory = f"{r['peak_bytes'] / ref['peak_bytes']:.2f}x" if ref else ""
         lines.append(
-            f"| {r['shape']} | {r['dtype']} | {r['n_pos']} | {r['case']} | {r['seconds']:.2f} | "
-            f"{'' if ratio is None else f'{ratio:.1f}x'} | {r['peak_bytes'] / 2**30:.2f} | "
+            f"{head} {r['seconds']:.2f} | {speed} | {r['peak_bytes'] / 2**30:.2f} | {memory} | "
             f"{r['model_bytes'] / 2**30:.2f} |"
         )
     return "\n".join(lines) + "\n"
@@ -191,12 +206,16 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=150.0, help="seconds per case")
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny model, 128 tokens, CPU")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument(
+        "--repeat", type=int, default=1, help="timed calls per case; the fastest is reported"
+    )
     args = parser.parse_args()
     if args.worker:
         shape, case = args.worker
         dtype = getattr(torch, args.dtype)
         n_pos = args.n_pos[0]
-        print(json.dumps(run_case(shape, case, n_pos, dtype, args.device)), flush=True)
+        row = run_case(shape, case, n_pos, dtype, args.device, args.repeat)
+        print(json.dumps(row), flush=True)
         return
     if args.cpu_smoke:
         args.shapes, args.n_pos, args.device = ["smoke"], [128], "cpu"
@@ -204,12 +223,14 @@ def main() -> None:
     for shape in args.shapes:
         for n_pos in args.n_pos:
             for case in args.cases:
-                row = spawn(shape, case, n_pos, args.dtype, args.device, args.timeout)
+                row = spawn(shape, case, n_pos, args.dtype, args.device, args.timeout, args.repeat)
                 print(json.dumps(row), flush=True)
                 rows.append(row)
     suffix = "" if args.device == "cpu" else f"_{torch.device(args.device).type}"
     out = args.out or RESULTS / f"scale{suffix}.md"
-    out.write_text(markdown(rows))
+    command = "python -m benchmarks.scale " + " ".join(sys.argv[1:])
+    out.write_text(f"`{command}`\n\n{machine()}\n\n{markdown(rows)}")
+    out.with_suffix(".jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     print(markdown(rows))
 
 

@@ -1,6 +1,6 @@
 """Regenerate the screenshots of docs/figures.md from the zoo models.
 
-Usage: ``python docs/make_figures.py [--out docs/img] [--html build/figures]``
+Usage: ``python docs/make_figures.py [--out docs/img] [--html build/figures] [--only scale ...]``
 
 Every figure of the gallery is built from the shipped zoo models with fixed prompts and seeds,
 written as self-contained HTML (plotly.js embedded, so no network is needed) and, when Chromium is
@@ -11,6 +11,7 @@ installed, screenshotted with headless Chromium into ``--out`` as PNG. Without C
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import plotly.graph_objects as go
 import torch
 
@@ -197,11 +199,67 @@ def qk_figure() -> Figure:
     )
 
 
-BUILDERS: list[Callable[[], list[Figure]]] = [
-    ioi_figures,
-    lambda: [subspace_figure()],
-    lambda: [qk_figure()],
-]
+#: ``python -m benchmarks.scale --shapes gpt2-small --n-pos 256 512 1024 2048 --dtype float32
+#: --device cpu --out benchmarks/results/scale_cpu_gpt2_lengths.md`` writes it.
+SCALE_ROWS = ROOT / "benchmarks" / "results" / "scale_cpu_gpt2_lengths.jsonl"
+SCALE_SHAPE = dict(n_layers=12, n_heads=12)  # GPT-2 small, for the attention-pattern guide
+
+
+def quadratic_fit(tokens: np.ndarray, gib: np.ndarray) -> tuple[float, float, float]:
+    """Least-squares ``gib = a + b p + c p^2``: ``(a, b, c)``."""
+    design = np.stack([np.ones_like(tokens), tokens, tokens**2], axis=1)
+    coef, *_ = np.linalg.lstsq(design, gib, rcond=None)
+    return float(coef[0]), float(coef[1]), float(coef[2])
+
+
+def scale_figure() -> Figure:
+    """Peak memory against prompt length, per case, beside one copy of every layer's attention
+    pattern (the ``query x key`` size the model's own attention has)."""
+    rows = [json.loads(line) for line in SCALE_ROWS.read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if "peak_bytes" in r]
+    fig = go.Figure()
+    notes = []
+    pattern_gib = SCALE_SHAPE["n_layers"] * SCALE_SHAPE["n_heads"] * 4 / 2**30  # per token^2
+    for case in dict.fromkeys(r["case"] for r in rows):
+        points = sorted((r["n_pos"], r["peak_bytes"] / 2**30) for r in rows if r["case"] == case)
+        tokens, gib = (np.array(v, dtype=float) for v in zip(*points))
+        fig.add_trace(go.Scatter(x=tokens, y=gib, mode="lines+markers", name=case))
+        if len(points) >= 3:
+            a, b, c = quadratic_fit(tokens, gib)
+            notes.append(
+                f"{case}: {a:.2f} GiB + {b * 1024:.2f} GiB per 1k tokens + "
+                f"{c / pattern_gib:.1f} pattern copies"
+            )
+    tokens = np.array(sorted({r["n_pos"] for r in rows}), dtype=float)
+    fig.add_trace(
+        go.Scatter(
+            x=tokens,
+            y=pattern_gib * tokens**2,
+            mode="lines",
+            line=dict(dash="dot", color="grey"),
+            name="one copy of all layers' attention patterns",
+        )
+    )
+    fig.update_layout(
+        title="Peak memory against prompt length<br><sup>GPT-2-small-shaped random model, "
+        "float32, CPU (resident memory of the whole process, model included, peak over the timed "
+        "calls)</sup>",
+        xaxis=dict(
+            title="tokens", type="log", tickvals=tokens, ticktext=[f"{t:.0f}" for t in tokens]
+        ),
+        yaxis_title="peak memory (GiB)",
+        template="plotly_white",
+        legend=dict(x=0.01, y=0.99),
+    )
+    return Figure("scale_memory", fig, 480, "; ".join(notes))
+
+
+BUILDERS: dict[str, Callable[[], list[Figure]]] = {
+    "ioi": ioi_figures,
+    "subspace": lambda: [subspace_figure()],
+    "qk": lambda: [qk_figure()],
+    "scale": lambda: [scale_figure()],
+}
 
 
 def write_html(figure: Figure, folder: Path) -> Path:
@@ -252,6 +310,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "img", help="PNG folder")
     parser.add_argument("--html", type=Path, default=ROOT / "build" / "figures", help="HTML folder")
+    parser.add_argument(
+        "--only", nargs="+", choices=list(BUILDERS), default=list(BUILDERS), help="figure groups"
+    )
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     args.html.mkdir(parents=True, exist_ok=True)
@@ -261,8 +322,8 @@ def main(argv: list[str] | None = None) -> int:
             f"Chromium not found ({CHROMIUM}; install it with `apt-get install -y chromium`): "
             "writing HTML only, no PNG screenshots."
         )
-    for build in BUILDERS:
-        for figure in build():
+    for name in args.only:
+        for figure in BUILDERS[name]():
             html = write_html(figure, args.html)
             print(f"wrote {html}")
             if chromium is not None:
