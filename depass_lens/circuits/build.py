@@ -686,15 +686,13 @@ def depass_graph(
 
 
 def sender_chunks(
-    adapter: ModelAdapter, spec: GraphSpec, shape: tuple[int, ...], budget: int | None
+    adapter: ModelAdapter, spec: GraphSpec, shape: tuple[int, ...], budget: int
 ) -> list[slice]:
     """Runs of whole layers of ``spec.senders`` whose outputs fit ``budget`` bytes beside one
-    block of receivers' gradients (a layer's heads, ``[batch, pos, head, d_model]``); every
-    sender at once without a budget. A layer's senders are never split: at least one layer's
-    outputs are formed at a time, whatever the budget."""
+    block of receivers' gradients (a layer's heads, ``[batch, pos, head, d_model]``). A layer's
+    senders are never split: at least one layer's outputs are formed at a time, whatever the
+    budget."""
     layers = sender_layers(spec)
-    if budget is None:
-        return [slice(0, len(spec.senders))]
     itemsize = compute_dtype(adapter.dtype).itemsize
     row = math.prod(shape) * adapter.d_model * itemsize  # one sender's output
     room = budget // row - adapter.n_heads
