@@ -24,6 +24,7 @@ import torch
 import depass_lens as dp
 from depass_lens.adapters.base import TLModel
 from depass_lens.adapters.loading import random_model
+from depass_lens.memory import proc_bytes
 
 warnings.filterwarnings("ignore")
 
@@ -90,14 +91,10 @@ def reset_peak_rss() -> None:
 
 def peak_rss_bytes() -> int:
     """The resident-set peak since :func:`reset_peak_rss` (``VmHWM``), else since start."""
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = proc_bytes("/proc/self/status", "VmHWM")
+    if peak is None:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return peak
 
 
 def zero_hook(index: int, axis: int) -> Callable:
