@@ -15,6 +15,18 @@ second_math_configuration() {
     python -m pytest -q -m numerics
 }
 
+# The feature-graph explorer's tests (tests/test_explorer.py) drive a real headless Chromium through
+# Playwright (dev extra); its own browser download needs the network, so Debian's chromium is used.
+if ! command -v chromium >/dev/null 2>&1; then
+  echo "== installing Debian's chromium (for tests/test_explorer.py)"
+  SUDO=""
+  if [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null 2>&1; then SUDO="sudo -n"; fi
+  if ! { $SUDO apt-get update -qq && $SUDO env DEBIAN_FRONTEND=noninteractive \
+      apt-get install -y -qq chromium; } >/dev/null 2>&1; then
+    echo "warning: could not install chromium; the explorer's browser tests skip (fail if CI=true)"
+  fi
+fi
+
 . scripts/setup_env.sh "dev,docs,sae"  # SAELens (TL 3 only): the SAE tests run here
 ruff check depass_lens tests benchmarks notebooks docs/make_figures.py scripts
 ruff format --check depass_lens tests benchmarks notebooks docs/make_figures.py scripts
