@@ -18,7 +18,7 @@ of them is the gradient through that one node's input, which is what circuit edg
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
@@ -110,6 +110,8 @@ class Linearisation:
         ledger: ConstantLedger,
         n_pos: int,
         split_inputs: bool = False,
+        replaced_mlps: Collection[int] = (),
+        frozen_sides: Collection[str] = (),
     ):
         self.adapter = adapter
         self.n_pos = n_pos
@@ -118,6 +120,8 @@ class Linearisation:
         self.attention_mask = attention_mask
         self.ledger = ledger
         self.split_inputs = split_inputs
+        self.replaced_mlps = frozenset(replaced_mlps)
+        self.frozen_sides = frozenset(frozen_sides)
         self.frozen: dict[str, Tensor] = {}
 
     def hooks(self) -> list[tuple[str, HookFn]]:
@@ -130,7 +134,11 @@ class Linearisation:
             if self.split is not None and self.split.uses_pattern:
                 hooks += self._pattern_hooks(layer)
             hooks += self._attention_constant_hooks(layer)
-            if not adapter.attn_only:
+            if adapter.attn_only:
+                continue
+            if layer in self.replaced_mlps:
+                hooks += self._replaced_mlp_hooks(layer)
+            else:
                 hooks += self._mlp_hooks(layer)
         return hooks
 
@@ -243,6 +251,10 @@ class Linearisation:
                 key_offset=zero_k - k_real,
                 on_constants=holder.append,
             )
+            if "q" in self.frozen_sides:  # a path class without query-side pattern moves
+                queries = queries.detach()
+            if "k" in self.frozen_sides:
+                keys = keys.detach()
             correction = correction + term.apply(queries, keys)
             return z + (correction - correction.detach()).to(z.dtype)  # float32 terms: half z
 
@@ -383,6 +395,16 @@ class Linearisation:
         return queries, keys
 
     # ------------------------------------------------------------------ MLP
+    def _replaced_mlp_hooks(self, layer: int) -> list[tuple[str, HookFn]]:
+        """An MLP whose output a dictionary replaces (feature graphs): its pre-activations are cut
+        from the graph, so autograd keeps nothing of it; the replacement's hooks supply its output
+        and gradient path."""
+        if self.adapter.is_moe:
+            return []
+        mlp = self.adapter.mlp(layer)
+        names = ["hook_pre", "hook_pre_linear"] if mlp.gated else ["hook_pre"]
+        return [(f"blocks.{layer}.mlp.{name}", _cut) for name in names]
+
     def _mlp_hooks(self, layer: int) -> list[tuple[str, HookFn]]:
         """Linearising hooks for one layer's MLP (or each expert), with its constants."""
         adapter = self.adapter
@@ -512,6 +534,10 @@ class Linearisation:
         return hooks
 
 
+def _cut(value: Tensor, hook) -> Tensor:
+    return value.detach()
+
+
 def linearised_forward(
     adapter: ModelAdapter,
     tokens: Int[Tensor, "batch pos"],
@@ -526,6 +552,9 @@ def linearised_forward(
     linearise: bool = True,
     embed_override: Tensor | None = None,
     reference: Mapping[str, Tensor] | None = None,
+    replaced_mlps: Collection[int] = (),
+    frozen_sides: Collection[str] = (),
+    extra_hooks: Sequence[tuple[str, HookFn]] = (),
 ) -> AdjointPass:
     """Run the frozen-linearised model once, keeping the named activations (live and detached).
 
@@ -539,6 +568,11 @@ def linearised_forward(
     a path between two inputs, for integrated gradients). ``reference`` (a corrupted run's
     activations) swaps the frozen linearisation for the exact secant map of changes from that run
     (:class:`~depass_lens.difference.DifferenceLinearisation`).
+
+    Feature graphs: ``replaced_mlps`` are MLPs a dictionary replaces (not linearised, nothing of
+    them kept); ``frozen_sides`` (``"q"``, ``"k"``) cut a pattern split's query or key path, so
+    the gradient follows one class of paths; ``extra_hooks`` run right after the linearising
+    hooks (the replacement's own).
     """
     wanted = set(store)
     live: dict[str, Tensor] = {}
@@ -568,10 +602,13 @@ def linearised_forward(
             ledger,
             tokens.shape[1],
             split_inputs=split_inputs and per_head,
+            replaced_mlps=replaced_mlps,
+            frozen_sides=frozen_sides,
         )
     fwd_hooks: list[tuple[str | Callable, Callable]] = []
     if linearise:
         fwd_hooks += linearisation.hooks()
+    fwd_hooks += list(extra_hooks)
     fwd_hooks.append(("hook_embed", leaf))
     if adapter.positional in ("standard", "shortformer"):
         fwd_hooks.append(("hook_pos_embed", leaf))

@@ -31,6 +31,7 @@ from depass_lens.circuits.graph import Graph
 from depass_lens.circuits.spec import GraphNodes
 from depass_lens.decomposition import ComponentLabel, check_lossless, compute_dtype
 from depass_lens.errors import CacheMismatchError, DePassInputError, LosslessnessError
+from depass_lens.features.graph import FeatureGraph
 from depass_lens.frozen import FrozenActivations, run_frozen_cache
 from depass_lens.generation import Generation, generate_and_cite
 from depass_lens.memory import free_memory
@@ -580,6 +581,94 @@ class DePass:
             check=self.check,
             memory_budget=self.memory_budget,
         )
+
+    def feature_graph(
+        self,
+        input: InputLike,
+        target: Target | Sequence[Target],
+        *,
+        dictionaries: Any,
+        attention: str | AttentionSplit | None = None,
+        edge_kinds: bool = True,
+        zero_first_position: bool = False,
+        batch_size: int = 64,
+        max_feature_nodes: int | None = None,
+        rule: str | MLPRule | None = None,
+    ) -> FeatureGraph:
+        """The attribution graph of one prompt over dictionary latents (design.md section 13).
+
+        Nodes: token (and learned position) embeddings per position, every active latent
+        ``(site, pos, index)``, one reconstruction error per ``(site, pos)``, each constant
+        (``b_dec``, biases, frozen remainders) and the targets. An edge ``A -> B`` is A's output
+        pushed through the local replacement model (norm scales frozen, each dictionary's module
+        replaced by its latents with activations frozen, attention as ``attention`` says) to B's
+        pre-activation, never through another dictionary. Every latent's incoming edges plus its
+        own ``b_enc`` equal its real pre-activation, and the sources sum to each target
+        (:meth:`~depass_lens.features.FeatureGraph.check`; with ``check`` on, a gap raises).
+
+        Args:
+            input: one prompt (text or ``[1, pos]`` token ids).
+            target: a :class:`Target` read at the final stream (``Logit``, ``LogitDiff``,
+                ``Direction``, ``CenteredLogit``...) or several reading the same hook.
+            dictionaries: transcoders and SAEs (any object the SAE protocol reads, see
+                :func:`~depass_lens.sae.as_sae_view`), a list or ``{name: sae}``; at most one per
+                output hook.
+            attention: ``"value"`` (patterns frozen: circuit-tracer's semantics), ``"pattern"``
+                or ``"symmetric"`` (a latent also gets query and key edges for moving a head's
+                pattern). Default: the wrapper's.
+            edge_kinds: with a pattern split, split every edge into ``value``, ``query`` and
+                ``key`` parts (two more passes).
+            zero_first_position: circuit-tracer's convention: latents at position 0 are left
+                inactive (their output is part of that position's error).
+            batch_size: receivers per backward pass (copies of the prompt in the forward).
+            max_feature_nodes: compute incoming edges for at most this many latents, chosen by
+                influence on the targets as the graph grows (circuit-tracer's
+                ``max_feature_nodes``); the others keep outgoing edges only.
+            rule: MLP rule for MLPs no dictionary replaces; must be linear (``taylor``).
+        """
+        from depass_lens.features.build import build_feature_graph  # noqa: PLC0415
+        from depass_lens.features.sites import place_sites  # noqa: PLC0415
+
+        self.adapter.refuse_foreign_hooks()
+        self._refuse_engine_hooks("feature_graph()")
+        the_rule = get_rule(rule) if rule is not None else self.rule
+        if not isinstance(the_rule, TaylorRule):
+            raise DePassInputError(
+                f"a feature graph needs a linear MLP rule (taylor) for the MLPs no dictionary "
+                f"replaces: with {the_rule.name!r} the replacement model is not linear, so edges "
+                "do not add up to the pre-activations"
+            )
+        split = get_attention_split(attention) if attention is not None else self.attention
+        if split.uses_pattern:
+            self.adapter.check_qk_supported()
+        sites = place_sites(self.adapter, dictionaries)
+        targets = as_targets(target)
+        self._validate_read_hooks(targets)
+        prepared = self.prepare(input)
+        if prepared.tokens.shape[0] != 1:
+            raise DePassInputError(
+                f"a feature graph explains one prompt; got {prepared.tokens.shape[0]}. Build one "
+                "graph per prompt"
+            )
+        tctx = TargetContext(self.adapter, prepared.tokens, None)
+        graph = build_feature_graph(
+            self.adapter,
+            prepared.tokens,
+            prepared.str_tokens[0] if prepared.str_tokens else None,
+            targets,
+            _target_names(targets, tctx),
+            sites,
+            rule=the_rule,
+            split=split,
+            zero_first_position=zero_first_position,
+            edge_kinds=edge_kinds,
+            batch_size=batch_size,
+            max_feature_nodes=max_feature_nodes,
+            progress=self.progress,
+        )
+        if self.check:
+            graph.raise_if_inexact()
+        return graph
 
     def _validate_read_hooks(self, targets: Sequence[Target]) -> None:
         for t in targets:

@@ -1,0 +1,73 @@
+"""The nodes of a feature graph and the real quantities each one carries.
+
+Senders write into the replacement model: token and position embeddings (one node per position),
+active latents ``(site, pos, index)`` (decoder vector times activation), one reconstruction error
+per ``(site, pos)``, and constants (each site's ``b_dec``, each bias or frozen remainder the
+linearisation records, per layer). Receivers read it: active latents (their pre-activation) and
+the targets. Latents are both. Node order follows circuit-tracer's adjacency: latents, errors,
+embeddings, constants, targets.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+NodeKind = Literal["latent", "error", "token", "position", "constant", "target"]
+#: Kinds that send into the graph (all but targets).
+SENDER_KINDS: tuple[NodeKind, ...] = ("latent", "error", "token", "position", "constant")
+
+
+@dataclass(frozen=True)
+class FeatureNode:
+    """One node: ``name`` is unique (``L1.mlp[37]@4``, ``L1.mlp.error@4``, ``token@4``,
+    ``position@4``, ``L0.attn.b_O``, ``L1.mlp.b_dec``, or the target's name).
+
+    ``layer``: the site's layer (-1 for embeddings, ``n_layers`` for targets and the final
+    norm); ``pos``: the position (``None`` for constants); ``site``: the dictionary (latents,
+    errors, ``b_dec``); ``index``: the latent, or the target scalar's index.
+    """
+
+    name: str
+    kind: NodeKind
+    layer: int
+    pos: int | None = None
+    site: str | None = None
+    index: int | None = None
+
+    @property
+    def sends(self) -> bool:
+        return self.kind != "target"
+
+    @property
+    def receives(self) -> bool:
+        return self.kind in ("latent", "target")
+
+
+@dataclass
+class ActiveLatents:
+    """A site's active latents on the prompt, position-major: ``pos``, ``index``, activation."""
+
+    pos: Int[Tensor, " n"]
+    index: Int[Tensor, " n"]
+    activation: Float[Tensor, " n"]
+    pre_activation: Float[Tensor, " n"]
+
+    @classmethod
+    def of(cls, acts: Float[Tensor, "pos d_sae"], pre: Float[Tensor, "pos d_sae"]) -> ActiveLatents:
+        pos, index = torch.nonzero(acts, as_tuple=True)  # row-major: by position, then latent
+        return cls(pos, index, acts[pos, index], pre[pos, index])
+
+    def __len__(self) -> int:
+        return int(self.pos.numel())
+
+
+def latent_name(site: str, index: int, pos: int) -> str:
+    return f"{site}[{index}]@{pos}"
+
+
+__all__ = ["SENDER_KINDS", "ActiveLatents", "FeatureNode", "NodeKind", "latent_name"]
