@@ -27,14 +27,30 @@ from depass_lens.zoo.registry import ZOO_DIR
 from depass_lens.zoo.saes import SAE_DIR, SHIPPED
 
 
+def activations(
+    model: TLModel, hooks: list[str], n: int, split: str, seed: int, task: str
+) -> tuple[dict[str, Tensor], Int[Tensor, "batch pos"], Any]:
+    """The activations at each of ``hooks`` on ``n`` task prompts (one forward pass), with the
+    tokens and the batch."""
+    batch = zoo.task(task).batch(model, n, split, seed)
+    with torch.no_grad():
+        _, cache = model.run_with_cache(batch.tokens, names_filter=lambda name: name in hooks)
+    return {hook: cache[hook] for hook in hooks}, batch.tokens, batch
+
+
 def residuals(
     model: TLModel, hook: str, n: int, split: str, seed: int, task: str
 ) -> tuple[Float[Tensor, "batch pos d"], Int[Tensor, "batch pos"], Any]:
     """The activations at ``hook`` on ``n`` task prompts, with the tokens and the batch."""
-    batch = zoo.task(task).batch(model, n, split, seed)
-    with torch.no_grad():
-        _, cache = model.run_with_cache(batch.tokens, names_filter=hook)
-    return cache[hook], batch.tokens, batch
+    acts, tokens, batch = activations(model, [hook], n, split, seed, task)
+    return acts[hook], tokens, batch
+
+
+def warmup_decay(opt: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """The learning rate: 200 steps of linear warm-up, constant, linear decay over the last 20%."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / 200, 5 * (1 - s / steps))
+    )
 
 
 def train(
@@ -59,9 +75,7 @@ def train(
         sae.W_enc.copy_(sae.W_dec.T * 0.5)
         sae.b_dec.copy_(data.mean(0))
     opt = torch.optim.Adam(sae.parameters(), lr=lr)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / 200, 5 * (1 - s / steps))
-    )
+    schedule = warmup_decay(opt, steps)
     for step in range(steps):
         rows = data[torch.randint(0, len(data), (batch_size,), generator=gen)]
         acts = sae.encode(rows)
