@@ -293,7 +293,7 @@ def measured_table(records: list[dict[str, Any]], command: str, header: dict[str
         "",
         f"Seconds per prompt: mean {statistics.mean(secs):.2f}, median "
         f"{statistics.median(secs):.2f}, min {min(secs):.2f}, max {max(secs):.2f} "
-        f"(the first includes warm-up). Mean replacement score "
+        f"(prompt 0 includes the first call's warm-up). Mean replacement score "
         f"{statistics.mean(r['replacement_score'] for r in records):.4f}, mean completeness "
         f"{statistics.mean(r['completeness_score'] for r in records):.4f}.",
     ]
@@ -581,13 +581,17 @@ def main(argv: list[str] | None = None) -> None:
             "are not nodes)",
             "error_nodes": "hook_mlp_out - (sum_active a_i W_dec[i] + b_dec), per layer and "
             "position, zero at position 0",
-            "left_out": "b_dec, b_enc, attention b_V/b_O, LayerNorm biases, W_pos, b_U, and "
-            "the whole MLP output at position 0 (b_dec there)",
+            "left_out": "b_enc, every b_dec, attention b_V/b_O (b_Q/b_K act only through the "
+            "frozen patterns), ln1.b and ln_final.b, positional embeddings W_pos, b_U, and the "
+            "whole MLP output at position 0",
+            "hook_normalized": "TransformerLens fires LayerNorm's hook_normalized on (x - mean) "
+            "/ scale, before the weight and bias: a feature's readout has no ln2.w; the logit "
+            "readout is ln_final's full output, with ln_final.w",
             "logit_nodes": "AttributionTargets._from_salient: top max_n_logits tokens by "
             "softmax probability of the last-position logits, cut after the cumulative "
             "probability first reaches desired_logit_prob; each logit node's injected vector "
-            "is W_U[:, t] - W_U.mean(dim=1) (demeaned unembedding) at unembed.hook_pre of the "
-            "last position, ln_final's scale frozen",
+            "is W_U[:, t] - W_U.mean(dim=1) (demeaned unembedding) at ln_final(resid) of the "
+            "last position (the unembedding's input), ln_final's scale frozen",
             "edge": "A[target, source] = (source output vector) . d(target readout)/d(source "
             "output location) in the frozen model; source output = a_s W_dec[s] at "
             "hook_mlp_out of (layer_s, pos_s) | error vector at (layer, pos) | W_E[token] at "
