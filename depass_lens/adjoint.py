@@ -50,7 +50,7 @@ from depass_lens.qk import (
     project,
     project_constant,
 )
-from depass_lens.recorders import HookFn, store, store_frozen_pattern
+from depass_lens.recorders import HookFn, mlp_cut_hooks, store, store_frozen_pattern
 from depass_lens.rules import NeuronValues, TaylorRule
 from depass_lens.saved_tensors import lean_saved_tensors
 
@@ -396,14 +396,11 @@ class Linearisation:
 
     # ------------------------------------------------------------------ MLP
     def _replaced_mlp_hooks(self, layer: int) -> list[tuple[str, HookFn]]:
-        """An MLP whose output a dictionary replaces (feature graphs): its pre-activations are cut
-        from the graph, so autograd keeps nothing of it; the replacement's hooks supply its output
-        and gradient path."""
+        """An MLP a dictionary replaces (feature graphs): cut, so autograd keeps nothing of it;
+        the replacement's hooks supply its output and gradient path."""
         if self.adapter.is_moe:
             return []
-        mlp = self.adapter.mlp(layer)
-        names = ["hook_pre", "hook_pre_linear"] if mlp.gated else ["hook_pre"]
-        return [(f"blocks.{layer}.mlp.{name}", _cut) for name in names]
+        return mlp_cut_hooks(self.adapter.mlp(layer).gated, layer)
 
     def _mlp_hooks(self, layer: int) -> list[tuple[str, HookFn]]:
         """Linearising hooks for one layer's MLP (or each expert), with its constants."""
@@ -534,10 +531,6 @@ class Linearisation:
         return hooks
 
 
-def _cut(value: Tensor, hook) -> Tensor:
-    return value.detach()
-
-
 def linearised_forward(
     adapter: ModelAdapter,
     tokens: Int[Tensor, "batch pos"],
@@ -592,7 +585,9 @@ def linearised_forward(
     linearisation: Linearisation | DifferenceLinearisation
     if reference is not None:
         nodes = split.nodes if split is not None else None
-        linearisation = DifferenceLinearisation(adapter, reference, ledger, nodes)
+        linearisation = DifferenceLinearisation(
+            adapter, reference, ledger, nodes, replaced_mlps, frozen_sides
+        )
     else:
         linearisation = Linearisation(
             adapter,

@@ -589,6 +589,7 @@ class DePass:
         *,
         dictionaries: Any,
         attention: str | AttentionSplit | None = None,
+        contrast: InputLike | None = None,
         edge_kinds: bool = True,
         zero_first_position: bool = False,
         batch_size: int = 64,
@@ -616,8 +617,13 @@ class DePass:
             attention: ``"value"`` (patterns frozen: circuit-tracer's semantics), ``"pattern"``
                 or ``"symmetric"`` (a latent also gets query and key edges for moving a head's
                 pattern). Default: the wrapper's.
-            edge_kinds: with a pattern split, split every edge into ``value``, ``query`` and
-                ``key`` parts (two more passes).
+            contrast: a corrupted prompt of the same token length: the graph explains the change
+                clean - corrupted with the difference linearisation (every nonlinearity its
+                exact secant between the runs, :mod:`depass_lens.difference`). Latents active
+                in either run are nodes, scored by their change; each receiver's edges sum to
+                its pre-activation's change, the sources to the target's change.
+            edge_kinds: with a pattern split (or a contrast), split every edge into ``value``,
+                ``query`` and ``key`` parts (two more passes).
             zero_first_position: circuit-tracer's convention: latents at position 0 are left
                 inactive (their output is part of that position's error).
             batch_size: receivers per backward pass (copies of the prompt in the forward).
@@ -650,6 +656,14 @@ class DePass:
                 f"a feature graph explains one prompt; got {prepared.tokens.shape[0]}. Build one "
                 "graph per prompt"
             )
+        corrupted = None
+        if contrast is not None:
+            corrupted = self.prepare(contrast).tokens
+            if corrupted.shape != prepared.tokens.shape:
+                raise DePassInputError(
+                    f"the contrast has shape {tuple(corrupted.shape)} and the prompt "
+                    f"{tuple(prepared.tokens.shape)}: a contrast must match position by position"
+                )
         tctx = TargetContext(self.adapter, prepared.tokens, None)
         graph = build_feature_graph(
             self.adapter,
@@ -664,6 +678,7 @@ class DePass:
             edge_kinds=edge_kinds,
             batch_size=batch_size,
             max_feature_nodes=max_feature_nodes,
+            contrast=corrupted,
             progress=self.progress,
         )
         if self.check:

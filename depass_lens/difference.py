@@ -23,7 +23,7 @@ L(live).detach()``, so only gradients follow the secant map.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from functools import partial
 
 import einops
@@ -38,7 +38,7 @@ from depass_lens.errors import UnsupportedModelError
 from depass_lens.integrated_softmax import IntegratedSoftmax
 from depass_lens.norms import post_sublayer_norms
 from depass_lens.pattern_gradient import PatternTerm
-from depass_lens.recorders import HookFn, pattern_of, store, store_frozen_pattern
+from depass_lens.recorders import HookFn, mlp_cut_hooks, pattern_of, store, store_frozen_pattern
 from depass_lens.saved_tensors import recompute_when_saved
 
 
@@ -189,14 +189,19 @@ class DifferenceLinearisation:
         reference: Mapping[str, Tensor],
         ledger: ConstantLedger,
         nodes: int | None = None,
+        replaced_mlps: Collection[int] = (),
+        frozen_sides: Collection[str] = (),
     ):
         """``nodes`` forces a fixed quadrature on every row (default: per row, from the spread
-        of its score change)."""
+        of its score change). ``replaced_mlps`` and ``frozen_sides`` as for
+        :class:`~depass_lens.adjoint.Linearisation` (feature graphs)."""
         check_difference_supported(adapter)
         self.adapter = adapter
         self.reference = reference
         self.ledger = ledger
         self.nodes = nodes
+        self.replaced_mlps = frozenset(replaced_mlps)
+        self.frozen_sides = frozenset(frozen_sides)
         self.frozen: dict[str, Tensor] = {}
 
     def hooks(self) -> list[tuple[str, HookFn]]:
@@ -205,7 +210,11 @@ class DifferenceLinearisation:
             hooks += [(f"{name}.hook_scale", self._scale), (f"{name}.hook_normalized", self._norm)]
         for layer in range(self.adapter.n_layers):
             hooks += self._attention(layer)
-            if not self.adapter.attn_only:
+            if self.adapter.attn_only:
+                continue
+            if layer in self.replaced_mlps:
+                hooks += mlp_cut_hooks(self.adapter.mlp(layer).gated, layer)
+            else:
                 hooks += self._mlp(layer)
         return hooks
 
@@ -327,7 +336,9 @@ class DifferenceLinearisation:
                 key_offset=k_y - k_x,
                 on_constants=holder.append,
             )
-            correction = correction + term.apply(q, k)
+            live_q = q.detach() if "q" in self.frozen_sides else q  # one class of paths
+            live_k = k.detach() if "k" in self.frozen_sides else k
+            correction = correction + term.apply(live_q, live_k)
             seen.clear()  # what autograd needs it keeps (the pattern as a recipe, if it can)
             return z + (correction - correction.detach())
 

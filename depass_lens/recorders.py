@@ -25,6 +25,18 @@ def store(seen: dict[str, Tensor], key: str, frozen: bool = False) -> HookFn:
     return fn
 
 
+def cut(value: Tensor, hook) -> Tensor:
+    """A hook that passes its value on with no gradient path behind it."""
+    return value.detach()
+
+
+def mlp_cut_hooks(gated: bool, layer: int) -> list[tuple[str, HookFn]]:
+    """Hooks cutting a dense MLP's pre-activations: an MLP a dictionary replaces (feature
+    graphs) then leaves nothing of itself on the autograd graph."""
+    names = ["hook_pre", "hook_pre_linear"] if gated else ["hook_pre"]
+    return [(f"blocks.{layer}.mlp.{name}", cut) for name in names]
+
+
 def pattern_of(
     scores: Float[Tensor, "batch head query key"],
 ) -> Float[Tensor, "batch head query key"]:

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import depass_lens as dp
-from depass_lens.errors import DePassInputError, LosslessnessError
+from depass_lens.errors import DePassInputError, LosslessnessError, UnsupportedModelError
 from depass_lens.sae import SAELatent, SAELatents
 from tests.conftest import TL, make_model, random_tokens
 from tests.sae_helpers import make_sae
@@ -239,3 +239,31 @@ def test_clear_errors():
     ]:
         with pytest.raises(DePassInputError, match=message):
             graph.latent(site, index, pos)
+
+
+@pytest.mark.numerics
+@pytest.mark.parametrize("family", ["gpt2", "llama", "attn_only"])
+def test_contrastive_graph_explains_the_change_exactly(family):
+    model = make_model(family, torch.float64)
+    depass = dp.DePass(model, attention="value", progress=False)
+    clean, corrupt = prompt(model), random_tokens(model, batch=1, n_pos=7, seed=9)
+    if TL >= 4 and family == "llama":  # the bridge's rotary attention fires no post-rotary hook
+        with pytest.raises(UnsupportedModelError, match="difference linearisation"):
+            depass.feature_graph(
+                clean, dp.Logit(3), dictionaries=dictionaries(model), contrast=corrupt
+            )
+        return
+    graph = depass.feature_graph(
+        clean, dp.Logit(3), dictionaries=dictionaries(model), contrast=corrupt
+    )
+    assert graph.attention == "difference"
+    gaps = graph.check()
+    assert max(gaps.values()) < 1e-10, gaps
+    with torch.no_grad():
+        change = model(clean)[0, -1, 3] - model(corrupt)[0, -1, 3]
+    target = graph.targets[0]
+    assert float(graph.value[target]) == pytest.approx(float(change), abs=1e-10)
+    assert float(graph.target_scores().sum()) == pytest.approx(float(change), abs=1e-10)
+    constants = [i for i, n in enumerate(graph.nodes) if n.name.endswith("b_dec")]
+    assert float(graph.edges[:, constants].abs().max()) == 0.0  # equal in both runs
+    assert float(graph.kind_edges["key"].abs().max()) > 0  # the pattern moves between runs

@@ -19,7 +19,7 @@ path, and then both, cut.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +31,7 @@ from depass_lens.adapter import ModelAdapter
 from depass_lens.adjoint import AdjointPass, linearised_forward
 from depass_lens.constants import per_prompt
 from depass_lens.decomposition import compute_dtype
+from depass_lens.difference import check_difference_supported, reference_hooks
 from depass_lens.errors import DePassInputError
 from depass_lens.features.graph import FeatureGraph
 from depass_lens.features.influence import next_receivers
@@ -62,34 +63,60 @@ class SiteState:
     error: Float[Tensor, "pos d_out"]
 
 
+@dataclass
+class SiteRun:
+    """A site on one prompt: every latent's activation and pre-activation, and the error."""
+
+    acts: Float[Tensor, "pos d_sae"]
+    pre: Float[Tensor, "pos d_sae"]
+    error: Float[Tensor, "pos d_out"]
+
+
 @torch.no_grad()
-def site_states(
-    adapter: ModelAdapter,
-    tokens: Tensor,
-    sites: Sequence[Site],
-    dtype: torch.dtype,
-    zero_first_position: bool,
-) -> list[SiteState]:
-    """Each site's active latents (its own encoder on the real input), their real
-    pre-activations, and its error ``real output - reconstruction`` (``W_skip x`` included)."""
-    names = {name for s in sites for name in s.placement.needed_hooks(adapter)}
-    cache = run_frozen_cache(adapter, tokens, None, names)
-    acts = {name: cache[name] for name in names}
+def site_runs(
+    sites: Sequence[Site], acts: Mapping[str, Tensor], dtype: torch.dtype, zero_first: bool
+) -> list[SiteRun]:
+    """Each site's latents by its own encoder on the real input, their pre-activations, and its
+    error ``real output - reconstruction`` (``W_skip x`` included)."""
     out = []
     for site in sites:
         view, placement = site.view, site.placement
         a = encode(view, placement, acts, dtype)[0]
         x = placement.read(acts, site.hook_in)[0].to(dtype)
         pre = x @ view.W_enc.to(x.device, dtype) + site.pre_activation_constant(dtype, x.device)
-        if zero_first_position:
+        if zero_first:
             a = a.clone()
             a[0] = 0
         reconstruction = a @ view.W_dec.to(x.device, dtype) + view.b_dec.to(x.device, dtype)
         if view.W_skip is not None:
             reconstruction = reconstruction + x @ view.W_skip.to(x.device, dtype).T
         real = placement.read(acts, site.hook_out)[0].to(dtype)
-        out.append(SiteState(site, ActiveLatents.of(a, pre), real - reconstruction))
+        out.append(SiteRun(a, pre, real - reconstruction))
     return out
+
+
+def site_states(
+    sites: Sequence[Site], runs: Sequence[SiteRun], refs: Sequence[SiteRun] | None
+) -> list[SiteState]:
+    """Nodes per site: active latents and errors, or (``refs``: a corrupted run) their changes."""
+    if refs is None:
+        return [SiteState(s, ActiveLatents.of(r.acts, r.pre), r.error) for s, r in zip(sites, runs)]
+    return [
+        SiteState(s, ActiveLatents.changed(r.acts, r.pre, y.acts, y.pre), r.error - y.error)
+        for s, r, y in zip(sites, runs, refs)
+    ]
+
+
+def plain_run(
+    adapter: ModelAdapter, tokens: Tensor, sites: Sequence[Site], extra: Sequence[str] = ()
+) -> dict[str, Tensor]:
+    """A plain forward caching what the sites read and write (and ``extra``)."""
+    names = {name for s in sites for name in s.placement.needed_hooks(adapter)} | set(extra)
+    names.add("hook_embed")
+    if adapter.positional == "standard":
+        names.add("hook_pos_embed")
+    cache = run_frozen_cache(adapter, tokens, None, names)
+    return {name: cache[name] for name in cache.cache_dict}
 
 
 class ReplacementRun:
@@ -105,7 +132,10 @@ class ReplacementRun:
         rule: TaylorRule,
         split: AttentionSplit,
         frozen_sides: tuple[str, ...] = (),
+        reference: Mapping[str, Tensor] | None = None,
     ):
+        """``reference``: a corrupted run's activations (one prompt), for the difference
+        linearisation."""
         self.sites = list(sites)
         self.target_hook = target_hook
         self.replacement = Replacement(self.sites)
@@ -122,6 +152,9 @@ class ReplacementRun:
             replaced_mlps={s.layer for s in sites if s.replaces_mlp},
             frozen_sides=frozen_sides,
             extra_hooks=self.replacement.hooks(),
+            reference=None
+            if reference is None
+            else {k: v.expand(rows, *v.shape[1:]) for k, v in reference.items()},
         )
         self.embeddings = [n for n in ("hook_embed", "hook_pos_embed") if n in store]
         for site in self.sites:  # what every node at a site writes into
@@ -165,14 +198,15 @@ class ReplacementRun:
 def contract_latents(
     grad: Float[Tensor, "rows pos d"], active: ActiveLatents, W_dec: Float[Tensor, "d_sae d"]
 ) -> Float[Tensor, "rows n"]:
-    """``a_j <W_dec[i_j], grad[:, p_j]>`` for every active latent ``j``, in bounded blocks."""
+    """``c_j <W_dec[i_j], grad[:, p_j]>`` for every latent node ``j`` (``c``: its activation, or
+    its change), in bounded blocks."""
     rows, _, d = grad.shape
     n = len(active)
     out = grad.new_zeros(rows, n)
     block = max(1, CONTRACT_ELEMENTS // max(1, rows * d))
     for start in range(0, n, block):
         stop = min(n, start + block)
-        dec = W_dec[active.index[start:stop]] * active.activation[start:stop, None]
+        dec = W_dec[active.index[start:stop]] * active.coefficient[start:stop, None]
         out[:, start:stop] = torch.einsum("rnd,nd->rn", grad[:, active.pos[start:stop]], dec)
     return out
 
@@ -257,6 +291,7 @@ def edge_rows(
     embedded: dict[str, Tensor],
     dtype: torch.dtype,
     device: torch.device,
+    contrast: bool = False,
 ) -> Float[Tensor, "receivers nodes"]:
     """The incoming edges of ``receivers`` (node indices, at most ``rows``): one backward."""
     nodes = lay.nodes
@@ -279,7 +314,8 @@ def edge_rows(
         out[:, first : first + len(state.active)] = contract_latents(g, state.active, W_dec)
         first = lay.errors[site.name]
         out[:, first : first + g.shape[1]] = (g * state.error).sum(-1)
-        out[:, lay.b_dec[site.name]] = g.sum(1) @ site.view.b_dec.to(g.device, dtype)
+        if not contrast:  # b_dec is the same in both runs: its change is 0
+            out[:, lay.b_dec[site.name]] = g.sum(1) @ site.view.b_dec.to(g.device, dtype)
     for ledger_site, share in zip(run.passed.ledger.sites, constants):
         out[:, lay.constants[ledger_site.name]] += per_prompt(share[:n]).to(dtype)
     return out
@@ -303,9 +339,11 @@ def build_feature_graph(
     edge_kinds: bool = True,
     batch_size: int = 64,
     max_feature_nodes: int | None = None,
+    contrast: Int[Tensor, "1 pos"] | None = None,
     progress: bool = False,
 ) -> FeatureGraph:
-    """The feature graph of one prompt (see :meth:`depass_lens.DePass.feature_graph`)."""
+    """The feature graph of one prompt (see :meth:`depass_lens.DePass.feature_graph`);
+    ``contrast``: a corrupted prompt of the same length, for the difference linearisation."""
     if tokens.ndim != 2 or tokens.shape[0] != 1:
         raise DePassInputError(
             f"a feature graph explains one prompt; got tokens of shape {tuple(tokens.shape)}"
@@ -317,7 +355,19 @@ def build_feature_graph(
         raise DePassInputError(f"a graph's targets must read one hook; these read {sorted(hooks)}")
     target_hook = hooks.pop()
     dtype = compute_dtype(adapter.dtype)
-    states = site_states(adapter, tokens, sites, dtype, zero_first_position)
+    clean = plain_run(adapter, tokens, sites)
+    runs = site_runs(sites, clean, dtype, zero_first_position)
+    reference = refs = None
+    if contrast is not None:
+        if contrast.shape != tokens.shape:
+            raise DePassInputError(
+                f"the contrast prompt has {contrast.shape[-1]} tokens and the prompt "
+                f"{tokens.shape[-1]}: a contrast must match position by position"
+            )
+        check_difference_supported(adapter)
+        reference = plain_run(adapter, contrast, sites, reference_hooks(adapter))
+        refs = site_runs(sites, reference, dtype, zero_first_position)
+    states = site_states(sites, runs, refs)
     n_latents = sum(len(s.active) for s in states)
     tctx = TargetContext(adapter, tokens, None)
     weights: list[Tensor] = []
@@ -331,15 +381,20 @@ def build_feature_graph(
         raise DePassInputError(f"{len(target_names)} target names for {len(weights)} scalars")
     n_targets = len(weights)
     rows = min(batch_size, n_latents + n_targets)
-    main = ReplacementRun(adapter, tokens, sites, target_hook, rows, rule, split)
+    main = ReplacementRun(
+        adapter, tokens, sites, target_hook, rows, rule, split, reference=reference
+    )
     ledger_names = list(dict.fromkeys(s.name for s in main.passed.ledger.sites))
     lay = layout(adapter, states, tokens.shape[1], main.embeddings, ledger_names, target_names)
     embedded: dict[str, Tensor] = {h: main.passed.activations[h][0] for h in main.embeddings}
+    if reference is not None:
+        embedded = {h: v - reference[h][0].to(v.dtype) for h, v in embedded.items()}
     device = main.passed.activations[target_hook].device
     n_nodes = len(lay.nodes)
+    changes = contrast is not None
 
     def rows_of(run: ReplacementRun, receivers: Sequence[int]) -> Tensor:
-        return edge_rows(run, lay, states, receivers, weights, embedded, dtype, device)
+        return edge_rows(run, lay, states, receivers, weights, embedded, dtype, device, changes)
 
     # targets first, then latents: all in node order, or by influence up to max_feature_nodes
     target_nodes = list(range(lay.targets, n_nodes))
@@ -385,9 +440,9 @@ def build_feature_graph(
     bar.close()
     edges = torch.cat(blocks)
     kind_edges = {"value": edges}
-    if edge_kinds and split.uses_pattern:
+    if edge_kinds and (split.uses_pattern or changes):
         kind_edges = _split_by_kind(
-            adapter, tokens, sites, target_hook, rows, rule, split, order, edges, rows_of
+            adapter, tokens, sites, target_hook, rows, rule, split, order, edges, rows_of, reference
         )
     final = main.passed.activations[target_hook][0]
     del main
@@ -399,10 +454,16 @@ def build_feature_graph(
         span = slice(first, first + len(state.active))
         activation[span] = state.active.activation.to(device)
         value[span] = state.active.pre_activation.to(device)
-        own[span] = state.site.pre_activation_constant(dtype, device)[state.active.index]
+        constant = state.site.pre_activation_constant(dtype, device)[state.active.index]
+        own[span] = 0.0 if changes else constant  # constants cancel in a change
+    final_ref = None if contrast is None else _target_state(adapter, contrast, target_hook)
     for k, (w, c) in enumerate(zip(weights, own_constants)):
-        value[lay.targets + k] = (final.to(dtype) * w.to(device, dtype)).sum() + c.to(dtype)
+        w = w.to(device, dtype)
+        value[lay.targets + k] = (final.to(dtype) * w).sum() + c.to(dtype)
         own[lay.targets + k] = c.to(dtype)
+        if final_ref is not None:
+            value[lay.targets + k] -= (final_ref.to(dtype) * w).sum() + c.to(dtype)
+            own[lay.targets + k] = 0.0
     return FeatureGraph(
         nodes=lay.nodes,
         receivers=torch.tensor(order, device=device),
@@ -412,9 +473,10 @@ def build_feature_graph(
         value=value,
         own=own,
         tokens=list(str_tokens) if str_tokens is not None else [str(t) for t in tokens[0].tolist()],
-        attention=split.side,
+        attention="difference" if changes else split.side,
         settings={
             "zero_first_position": zero_first_position,
+            "contrast": None if contrast is None else contrast[0].tolist(),
             "batch_size": rows,
             "max_feature_nodes": max_feature_nodes,
             "dtype": str(dtype).removeprefix("torch."),
@@ -422,6 +484,12 @@ def build_feature_graph(
             "d_sae": {s.name: s.view.d_sae for s in sites},
         },
     )
+
+
+def _target_state(adapter: ModelAdapter, tokens: Tensor, hook: str) -> Tensor:
+    """The real state a target reads on one prompt (a plain forward)."""
+    passed = linearised_forward(adapter, tokens, None, TaylorRule(), {hook}, linearise=False)
+    return passed.activations[hook][0]
 
 
 def _split_by_kind(
@@ -435,12 +503,15 @@ def _split_by_kind(
     order: list[int],
     total: Tensor,
     rows_of: Callable[[ReplacementRun, Sequence[int]], Tensor],
+    reference: Mapping[str, Tensor] | None,
 ) -> dict[str, Tensor]:
     """Each edge's value / query / key parts: the same receivers with the key side, and then
     both sides, of every head's pattern move cut (cumulative classes, differenced)."""
     cumulative = {}
     for kind, frozen in KIND_RUNS[:-1]:
-        run = ReplacementRun(adapter, tokens, sites, target_hook, rows, rule, split, frozen)
+        run = ReplacementRun(
+            adapter, tokens, sites, target_hook, rows, rule, split, frozen, reference
+        )
         blocks = [rows_of(run, order[i : i + rows]) for i in range(0, len(order), rows)]
         cumulative[kind] = torch.cat(blocks)
         del run

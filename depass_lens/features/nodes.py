@@ -50,17 +50,35 @@ class FeatureNode:
 
 @dataclass
 class ActiveLatents:
-    """A site's active latents on the prompt, position-major: ``pos``, ``index``, activation."""
+    """A site's latents that are nodes, position-major: ``pos``, ``index``, ``activation`` (on
+    the prompt), ``coefficient`` (what multiplies the decoder vector in the graph: the activation,
+    or its change from a corrupted run) and ``pre_activation`` (the receiver's real value: the
+    pre-activation, or its change)."""
 
     pos: Int[Tensor, " n"]
     index: Int[Tensor, " n"]
     activation: Float[Tensor, " n"]
+    coefficient: Float[Tensor, " n"]
     pre_activation: Float[Tensor, " n"]
 
     @classmethod
     def of(cls, acts: Float[Tensor, "pos d_sae"], pre: Float[Tensor, "pos d_sae"]) -> ActiveLatents:
+        """The latents active on the prompt."""
         pos, index = torch.nonzero(acts, as_tuple=True)  # row-major: by position, then latent
-        return cls(pos, index, acts[pos, index], pre[pos, index])
+        return cls(pos, index, acts[pos, index], acts[pos, index], pre[pos, index])
+
+    @classmethod
+    def changed(
+        cls,
+        acts: Float[Tensor, "pos d_sae"],
+        pre: Float[Tensor, "pos d_sae"],
+        ref_acts: Float[Tensor, "pos d_sae"],
+        ref_pre: Float[Tensor, "pos d_sae"],
+    ) -> ActiveLatents:
+        """The latents active on either prompt, scored by their change (clean - corrupted)."""
+        pos, index = torch.nonzero((acts != 0) | (ref_acts != 0), as_tuple=True)
+        delta, pre_delta = acts - ref_acts, pre - ref_pre
+        return cls(pos, index, acts[pos, index], delta[pos, index], pre_delta[pos, index])
 
     def __len__(self) -> int:
         return int(self.pos.numel())
