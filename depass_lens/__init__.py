@@ -54,8 +54,18 @@ _EXPORTS: dict[str, str] = {
         "sources",
     ),
     **dict.fromkeys(
-        ["AttentionScore", "Direction", "HiddenState", "Logit", "LogitDiff", "Target"], "targets"
+        [
+            "AttentionScore",
+            "CenteredLogit",
+            "Direction",
+            "HiddenState",
+            "Logit",
+            "LogitDiff",
+            "Target",
+        ],
+        "targets",
     ),
+    "FeatureGraph": "features",
 }
 
 if TYPE_CHECKING:  # the same names, for type checkers and documentation tools
@@ -69,6 +79,7 @@ if TYPE_CHECKING:  # the same names, for type checkers and documentation tools
         LosslessnessError,
         UnsupportedModelError,
     )
+    from depass_lens.features import FeatureGraph
     from depass_lens.generation import Generation
     from depass_lens.qk import AttentionSplit
     from depass_lens.results import Attribution, DecomposedCache
@@ -95,6 +106,7 @@ if TYPE_CHECKING:  # the same names, for type checkers and documentation tools
     )
     from depass_lens.targets import (
         AttentionScore,
+        CenteredLogit,
         Direction,
         HiddenState,
         Logit,
@@ -115,7 +127,7 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__, "circuits", "evaluation", "zoo"})
+    return sorted({*globals(), *__all__, "circuits", "evaluation", "features", "zoo"})
 
 
 __all__ = [
@@ -123,6 +135,7 @@ __all__ = [
     "AttentionScore",
     "AttentionSplit",
     "Attribution",
+    "CenteredLogit",
     "Combined",
     "Generation",
     "CacheMismatchError",
@@ -134,6 +147,7 @@ __all__ = [
     "DecomposedCache",
     "Decomposition",
     "Direction",
+    "FeatureGraph",
     "Heads",
     "HiddenState",
     "LinearRule",

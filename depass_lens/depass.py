@@ -585,7 +585,7 @@ class DePass:
     def feature_graph(
         self,
         input: InputLike,
-        target: Target | Sequence[Target],
+        target: Target | Sequence[Target] | Literal["top_logits"],
         *,
         dictionaries: Any,
         attention: str | AttentionSplit | None = None,
@@ -610,7 +610,10 @@ class DePass:
         Args:
             input: one prompt (text or ``[1, pos]`` token ids).
             target: a :class:`Target` read at the final stream (``Logit``, ``LogitDiff``,
-                ``Direction``, ``CenteredLogit``...) or several reading the same hook.
+                ``Direction``, ``CenteredLogit``...) or several reading the same hook; or
+                ``"top_logits"``: circuit-tracer's salient logits (the most probable next tokens
+                up to 10 and 95% probability, each a ``CenteredLogit``; their probabilities are
+                in ``graph.settings["target_probabilities"]`` and weight influence).
             dictionaries: transcoders and SAEs (any object the SAE protocol reads, see
                 :func:`~depass_lens.sae.as_sae_view`), a list or ``{name: sae}``; at most one per
                 output hook.
@@ -633,6 +636,7 @@ class DePass:
             rule: MLP rule for MLPs no dictionary replaces; must be linear (``taylor``).
         """
         from depass_lens.features.build import build_feature_graph  # noqa: PLC0415
+        from depass_lens.features.logits import top_logit_targets  # noqa: PLC0415
         from depass_lens.features.sites import place_sites  # noqa: PLC0415
 
         self.adapter.refuse_foreign_hooks()
@@ -648,14 +652,19 @@ class DePass:
         if split.uses_pattern:
             self.adapter.check_qk_supported()
         sites = place_sites(self.adapter, dictionaries)
-        targets = as_targets(target)
-        self._validate_read_hooks(targets)
         prepared = self.prepare(input)
         if prepared.tokens.shape[0] != 1:
             raise DePassInputError(
                 f"a feature graph explains one prompt; got {prepared.tokens.shape[0]}. Build one "
                 "graph per prompt"
             )
+        probabilities = None
+        if isinstance(target, str):
+            if target != "top_logits":
+                raise DePassInputError(f"target must be a Target or 'top_logits', not {target!r}")
+            target, probabilities = top_logit_targets(self.adapter, prepared.tokens)
+        targets = as_targets(target)  # type: ignore[arg-type]
+        self._validate_read_hooks(targets)
         corrupted = None
         if contrast is not None:
             corrupted = self.prepare(contrast).tokens
@@ -681,6 +690,8 @@ class DePass:
             contrast=corrupted,
             progress=self.progress,
         )
+        if probabilities is not None:
+            graph.settings["target_probabilities"] = probabilities
         if self.check:
             graph.raise_if_inexact()
         return graph

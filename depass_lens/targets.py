@@ -220,6 +220,32 @@ class LogitDiff(Target):
         return [self.name or f"logit({correct}) - logit({wrong})"]
 
 
+class CenteredLogit(Target):
+    """The logit of ``token`` minus the mean logit over the vocabulary, at ``pos``: read with the
+    demeaned unembedding ``W_U[:, t] - mean_v W_U[:, v]`` (and ``b_U`` likewise centred). A
+    softmax does not see the mean, so this is what moves the probability; circuit-tracer's logit
+    nodes inject the same vector (without ``b_U``, a constant that adds no edge)."""
+
+    def __init__(self, token: TokenSpec, pos: int | Sequence[int] = -1, name: str | None = None):
+        self.token = token
+        self.pos = pos
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"CenteredLogit({self.token!r}, pos={self.pos})"
+
+    def functional(self, ctx):
+        ids = resolve_tokens(ctx.adapter, self.token, ctx.batch)
+        positions = resolve_positions(self.pos, ctx)
+        W_U, b_U = ctx.adapter.W_U, ctx.adapter.b_U
+        vectors = (W_U[:, ids] - W_U.mean(-1, keepdim=True)).T.unsqueeze(1)
+        constants = (b_U[ids] - b_U.mean()).unsqueeze(1)
+        return _place(vectors, positions, ctx.tokens.shape[1]), constants
+
+    def names(self, ctx):
+        return [self.name or f"centred logit({describe_tokens(self.token, 'target')})"]
+
+
 def _check_vector(vector: Tensor, d_model: int, what: str) -> Tensor:
     if vector.ndim not in (1, 2) or vector.shape[-1] != d_model:
         raise DePassInputError(
