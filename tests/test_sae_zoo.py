@@ -25,7 +25,7 @@ def test_shipped_files_small_and_in_saelens_layout():
     assert {p.name for p in path.iterdir()} >= {"cfg.json", "sae_weights.safetensors"}
     assert sum(p.stat().st_size for p in path.iterdir()) < 1_000_000
     with pytest.raises(KeyError, match="no shipped SAE"):
-        sae_path("induction")
+        sae_path("bilingual")
 
 
 def test_card_numbers_reproduce(ioi):

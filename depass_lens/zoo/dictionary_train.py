@@ -268,10 +268,14 @@ def write_card(model_name: str) -> str:
     sizes = [size_bytes(sae_path(model_name, key)) for key in keys]
     n = stats[0]["held_out_prompts"]
     batch = zoo.task(task).batch(model, n, HELD_OUT_SPLIT, HELD_OUT_SEED)
+    rows = batch.tokens[:, 1:].numel()
+    contexts = len(
+        {tuple(row[: p + 1]) for row in batch.tokens.tolist() for p in range(1, len(row))}
+    )
     clean = task_metrics(model, batch.tokens, batch)
     spliced = task_metrics(model, batch.tokens, batch, load_dictionaries(model_name))
     kind = stats[0]["kind"]
-    rows = "\n".join(
+    table = "\n".join(
         f"| `{sae_path(model_name, key).name}` | `{s['hook_in']}` | `{s['hook_out']}` "
         f"| {s['d_in']} -> {s['d_sae']} -> {s['d_out']} | {s['k']} "
         f"| {s['explained_variance']:.4f} | {s['L0']:.2f} (max {s['L0_max']}) "
@@ -285,27 +289,30 @@ def write_card(model_name: str) -> str:
     )
     commands = "\n".join(f"- `{s['training']['command']}`" for s in stats)
     what = (
-        "a TopK **transcoder** per MLP: it reads the MLP's input `blocks.L.ln2.hook_normalized` "
-        "and is trained to predict the MLP's output `blocks.L.hook_mlp_out`"
+        "a TopK **transcoder**\nper MLP, which reads the MLP's input "
+        "`blocks.L.ln2.hook_normalized` and is trained to predict\nthe MLP's output "
+        "`blocks.L.hook_mlp_out`"
         if kind == "transcoder"
-        else "a TopK **SAE on the attention output before `W_O`**, `blocks.L.attn.hook_z`, with "
-        "the heads flattened (`d_in = n_heads * d_head`; cfg `reshape_activations: hook_z`)"
+        else "a TopK **SAE on the\nattention output before `W_O`**, `blocks.L.attn.hook_z`, with "
+        "the heads flattened (`d_in =\nn_heads * d_head`; cfg `reshape_activations: hook_z`)"
     )
     note = ""
     if model.cfg.normalization_type == "RMS":
         note = (
-            "\nTransformerLens's RMSNorm fires `ln2.hook_normalized` before its weight "
-            "(`x / rms(x)`), so the transcoder's input is the MLP's input divided elementwise by "
+            "\nTransformerLens's RMSNorm fires `ln2.hook_normalized` before its weight\n"
+            "(`x / rms(x)`), so the transcoder's input is the MLP's input divided elementwise by\n"
             "`ln2.w`; it is still a linear read-out of the stream with the norm scale frozen.\n"
         )
     first = stats[0]
+    output = "`hook_mlp_out`" if kind == "transcoder" else "the flattened `hook_z`"
+    bos = ", ".join(f"{s['bos_relative_error']:.3f}" for s in stats)
     return f"""# Sparse dictionaries for zoo model `{model_name}`
 
-The dictionaries that form `{model_name}`'s replacement model: {what}. One per layer, shipped in
-SAELens's on-disk format (`cfg.json` + `sae_weights.safetensors` + `stats.json`) under
-`depass_lens/zoo/saes/`. Load them with `depass_lens.zoo.saes.load_dictionaries("{model_name}")`
-(dependency-free `SimpleSAE`s, in layer order); `dictionary_stats("{model_name}")` gives the
-numbers below and `top_examples("{model_name}", "L0.{kind}")` each latent's top-activating
+The dictionaries that form `{model_name}`'s replacement model, one per layer: {what}. They are
+shipped in SAELens's on-disk format (`cfg.json` + `sae_weights.safetensors`, plus `stats.json`)
+under `depass_lens/zoo/saes/`. `depass_lens.zoo.saes.load_dictionaries("{model_name}")` loads
+them as dependency-free `SimpleSAE`s in layer order, `dictionary_stats("{model_name}")` gives the
+numbers below, and `top_examples("{model_name}", "L0.{kind}")` gives each latent's top-activating
 held-out prompts as `(prompt, position, token, activation)`.
 {note}
 ## Training
@@ -319,21 +326,22 @@ training prompts of the `{task}` task ({first["training"]["rows"]:,} rows), one 
 
 ## Held-out measurements
 
-{first["held_out_prompts"]} test prompts; explained variance, L0 and dead latents exclude
-position 0 (BOS). Explained variance is of the output the dictionary reconstructs (`hook_mlp_out`
-for a transcoder, the flattened `hook_z` for an SAE): `1 - sum |y - y_hat|^2 / sum |y - mean y|^2`
-over all non-BOS positions. *Dead*: latents never active on them. *Spliced*: last-position
+{first["held_out_prompts"]} test prompts ({rows:,} positions after BOS, {contexts:,} distinct
+contexts: a causal model's activation at a position depends only on the prompt up to it);
+explained variance, L0 and dead latents exclude position 0 (BOS). Explained variance is of the
+output the dictionary reconstructs ({output}): `1 - sum |y - y_hat|^2 / sum |y - mean y|^2` over
+all non-BOS positions. *Dead*: latents never active on them. *Spliced*: last-position
 accuracy / mean logit difference (answer - wrong) with the dictionary's output replacing the real
 one and no error term; clean model: {clean["accuracy"]:.3f} / {clean["logit_diff"]:.2f}.
 
 {header}
-{rows}
+{table}
 
 With every dictionary spliced in at once (the replacement model without error terms):
 accuracy {spliced["accuracy"]:.3f}, logit difference {spliced["logit_diff"]:.2f}.
 At BOS (excluded above; it is the same activation on every prompt) the reconstruction's relative
-error is {", ".join(f"{s['bos_relative_error']:.3f}" for s in stats)} (layer by layer); DePass
-keeps every reconstruction error as its own component, so attributions stay exact anyway.
+error is {bos} (layer by layer). DePass keeps every reconstruction error as its own component,
+so attributions stay exact anyway.
 """
 
 

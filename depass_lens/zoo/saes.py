@@ -31,7 +31,12 @@ SHIPPED: dict[tuple[str, str], str] = {("ioi", "L1.resid_post"): "ioi-L1-resid_p
 #: The kinds of dictionary that replace a layer's module (the short name's suffix)
 DICTIONARY_KINDS = ("transcoder", "z")
 #: (model, kind, layers) of the shipped dictionaries, in directories ``<model>-L<layer>-<kind>``
-DICTIONARIES: tuple[tuple[str, str, tuple[int, ...]], ...] = (("ioi", "transcoder", (0, 1, 2)),)
+DICTIONARIES: tuple[tuple[str, str, tuple[int, ...]], ...] = (
+    ("ioi", "transcoder", (0, 1, 2)),
+    ("recall", "transcoder", (0, 1)),
+    ("induction", "z", (0, 1)),
+    ("binding", "z", (0, 1, 2)),
+)
 SHIPPED.update(
     {
         (model, f"L{layer}.{kind}"): f"{model}-L{layer}-{kind}"
