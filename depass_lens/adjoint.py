@@ -50,7 +50,13 @@ from depass_lens.qk import (
     project,
     project_constant,
 )
-from depass_lens.recorders import HookFn, mlp_cut_hooks, store, store_frozen_pattern
+from depass_lens.recorders import (
+    HookFn,
+    mlp_cut_hooks,
+    one_row_shared,
+    store,
+    store_frozen_pattern,
+)
 from depass_lens.rules import NeuronValues, TaylorRule
 from depass_lens.saved_tensors import lean_saved_tensors
 
@@ -112,6 +118,7 @@ class Linearisation:
         split_inputs: bool = False,
         replaced_mlps: Collection[int] = (),
         frozen_sides: Collection[str] = (),
+        shared_rows: bool = False,
     ):
         self.adapter = adapter
         self.n_pos = n_pos
@@ -122,7 +129,13 @@ class Linearisation:
         self.split_inputs = split_inputs
         self.replaced_mlps = frozenset(replaced_mlps)
         self.frozen_sides = frozenset(frozen_sides)
+        self.shared_rows = shared_rows
         self.frozen: dict[str, Tensor] = {}
+
+    def _one_prompt(self, value: Tensor) -> Tensor:
+        """With ``shared_rows`` (every row a copy of one prompt), the first row: what the
+        pattern side freezes is then formed once, for all copies."""
+        return value[:1] if self.shared_rows and value.shape[0] > 1 else value
 
     def hooks(self) -> list[tuple[str, HookFn]]:
         adapter = self.adapter
@@ -145,6 +158,8 @@ class Linearisation:
     # ------------------------------------------------------------------ helpers
     def _freeze(self, value: Tensor, hook) -> Tensor:
         frozen = value.detach()
+        if self.shared_rows and hook.name.endswith("hook_pattern"):
+            return one_row_shared(frozen)
         if hook.name.endswith("hook_scale"):  # what output constants read; patterns are not kept
             self.frozen[hook.name] = frozen
         return frozen
@@ -214,7 +229,15 @@ class Linearisation:
             scores = seen[f"{prefix}.hook_attn_scores"]
             allowed = unmasked(scores)  # -inf or an additive finfo.min mask
             pattern = seen.pop(f"{prefix}.hook_pattern").to(scores.dtype)  # autograd may rebuild it
-            integrated = IntegratedSoftmax(scores, allowed, pattern, split.nodes, exact=False)
+            one = self._one_prompt
+            integrated = IntegratedSoftmax(
+                one(scores),
+                one(allowed),
+                one(pattern),
+                split.nodes,
+                exact=False,
+                keep_patterns=self.shared_rows,
+            )
             v = seen[f"{prefix}.hook_v"]
             kv_repeat = adapter.attention(layer).kv_repeat
             if kv_repeat > 1:
@@ -238,17 +261,17 @@ class Linearisation:
             w_query, w_key = SIDE_WEIGHTS["symmetric"]
             term = PatternTerm(
                 integrated=integrated,
-                values=v.detach(),
-                queries=q_real,
-                keys=k_real,
+                values=one(v.detach()),
+                queries=one(q_real),
+                keys=one(k_real),
                 weight_q=w_query,
                 weight_k=w_key,
                 scale=adapter.qk(layer).attn_scale,
                 weight=weight,
-                ratio=self._cap_ratio(layer, q_real, k_real),
-                moved_values=z.detach() - uniform_v.detach(),  # (A - U) v_real
-                query_offset=zero_q - q_real,
-                key_offset=zero_k - k_real,
+                ratio=self._cap_ratio(layer, one(q_real), one(k_real)),
+                moved_values=one(z.detach() - uniform_v.detach()),  # (A - U) v_real
+                query_offset=one(zero_q - q_real),
+                key_offset=one(zero_k - k_real),
                 on_constants=holder.append,
             )
             if "q" in self.frozen_sides:  # a path class without query-side pattern moves
@@ -280,7 +303,9 @@ class Linearisation:
         hooks += [
             (
                 f"{prefix}.hook_pattern",
-                store_frozen_pattern(seen, f"{prefix}.hook_pattern", scores_of),
+                store_frozen_pattern(
+                    seen, f"{prefix}.hook_pattern", scores_of, shared_rows=self.shared_rows
+                ),
             ),
             (f"{prefix}.hook_z", steer),
         ]
@@ -295,6 +320,7 @@ class Linearisation:
             counts = torch.arange(1, v.shape[1] + 1, device=v.device, dtype=v.dtype)
             return v.cumsum(1) / counts.view(1, -1, 1, 1)
         uniform = integrated.uniform.to(v.dtype)
+        uniform = uniform.expand(v.shape[0], *uniform.shape[1:])  # one prompt, shared rows
         return einops.einsum(uniform, v, "b h q k, b k h d -> b q h d")
 
     def _cap_ratio(self, layer: int, queries: Tensor, keys: Tensor) -> Tensor | None:
@@ -548,6 +574,7 @@ def linearised_forward(
     replaced_mlps: Collection[int] = (),
     frozen_sides: Collection[str] = (),
     extra_hooks: Sequence[tuple[str, HookFn]] = (),
+    shared_rows: bool = False,
 ) -> AdjointPass:
     """Run the frozen-linearised model once, keeping the named activations (live and detached).
 
@@ -565,7 +592,8 @@ def linearised_forward(
     Feature graphs: ``replaced_mlps`` are MLPs a dictionary replaces (not linearised, nothing of
     them kept); ``frozen_sides`` (``"q"``, ``"k"``) cut a pattern split's query or key path, so
     the gradient follows one class of paths; ``extra_hooks`` run right after the linearising
-    hooks (the replacement's own).
+    hooks (the replacement's own); ``shared_rows``: every row of ``tokens`` is the same prompt
+    (one receiver per row), so the pattern side's frozen quantities are formed once.
     """
     wanted = set(store)
     live: dict[str, Tensor] = {}
@@ -586,7 +614,7 @@ def linearised_forward(
     if reference is not None:
         nodes = split.nodes if split is not None else None
         linearisation = DifferenceLinearisation(
-            adapter, reference, ledger, nodes, replaced_mlps, frozen_sides
+            adapter, reference, ledger, nodes, replaced_mlps, frozen_sides, shared_rows
         )
     else:
         linearisation = Linearisation(
@@ -599,6 +627,7 @@ def linearised_forward(
             split_inputs=split_inputs and per_head,
             replaced_mlps=replaced_mlps,
             frozen_sides=frozen_sides,
+            shared_rows=shared_rows,
         )
     fwd_hooks: list[tuple[str | Callable, Callable]] = []
     if linearise:

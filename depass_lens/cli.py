@@ -1,5 +1,6 @@
 """Command line: ``depass-lens demo`` (offline report on a zoo model), ``depass-lens graph`` (a
-circuit report) and ``depass-lens eval`` (faithfulness against baselines).
+circuit report), ``depass-lens feature-graph`` (a latent attribution graph in an explorer page)
+and ``depass-lens eval`` (faithfulness against baselines).
 
 Only argparse and the standard library load before a subcommand runs, so ``--help`` is instant;
 torch, TransformerLens and plotly are imported by the subcommand that needs them. A bad argument
@@ -220,6 +221,80 @@ def graph(args: argparse.Namespace) -> int:
     return 0
 
 
+def feature_graph(args: argparse.Namespace) -> int:
+    """A feature attribution graph of one prompt, as an explorer page (and JSON)."""
+    out = writable(args.out, "--out")
+    for extra in (args.json, args.neuronpedia):
+        if extra is not None:
+            writable(extra, "--json/--neuronpedia")
+    if not args.dictionaries and args.model not in zoo_names():
+        raise CommandError(
+            "give --dictionaries (SAELens or circuit-tracer folders) for a model outside the zoo"
+        )
+    model = load_model(args.model, args.device)
+    import depass_lens as dp  # noqa: PLC0415
+    from depass_lens.demo import make_target  # noqa: PLC0415
+    from depass_lens.features.report import run_feature_graph, zoo_examples  # noqa: PLC0415
+
+    if args.dictionaries:
+        dictionaries = [load_dictionary(path) for path in args.dictionaries]
+        examples = None
+    else:
+        from depass_lens.zoo.saes import dictionary_keys, load_dictionaries  # noqa: PLC0415
+
+        try:
+            dictionaries = load_dictionaries(args.model)
+        except KeyError as error:
+            raise CommandError(f"{_one_line(error)}; give --dictionaries") from None
+        layers = [int(k.split(".")[0].removeprefix("L")) for k in dictionary_keys(args.model)]
+        depass = dp.DePass(model, progress=False)
+        from depass_lens.features.sites import place_sites  # noqa: PLC0415
+
+        sites = place_sites(depass.adapter, dictionaries)
+        examples = zoo_examples(args.model, {s.layer: s.name for s in sites if s.layer in layers})
+    prompt, target_token, wrong = default_prompt(args.model)
+    if args.prompt is not None:
+        prompt, target_token, wrong = args.prompt, None, None
+    target_token = args.target if args.target is not None else target_token
+    wrong = args.wrong if args.wrong is not None else wrong
+    target: Any = (
+        "top_logits" if target_token is None else make_target(model, target_token, wrong, prompt)
+    )
+    report = run_feature_graph(
+        dp.DePass(model, progress=False),
+        prompt,
+        target,
+        dictionaries,
+        out,
+        attention=args.attention,
+        contrast=args.contrast,
+        model_name=args.model,
+        examples=examples,
+        node_threshold=args.node_threshold,
+        edge_threshold=args.edge_threshold,
+        json_out=args.json,
+        neuronpedia_out=args.neuronpedia,
+    )
+    print(report.summary())
+    return 0
+
+
+def load_dictionary(spec: str) -> Any:
+    """A SAELens-format folder, or a circuit-tracer transcoder folder (all its layers)."""
+    path = Path(spec)
+    if not path.is_dir():
+        raise CommandError(f"--dictionaries {spec!r} is not a directory")
+    if (path / "config.yaml").exists():
+        raise CommandError(
+            f"--dictionaries {spec!r} is a circuit-tracer transcoder set: load it with "
+            "depass_lens.sae.circuit_tracer_io.load_circuit_tracer_transcoders in Python "
+            "(it needs the model to fold the MLP input norm)"
+        )
+    from depass_lens.sae import load_sae_dir  # noqa: PLC0415
+
+    return load_sae_dir(path)
+
+
 def evaluate(args: argparse.Namespace) -> int:
     writable(args.out, "--out", directory=True)
     zoo_model(args.model, "eval")
@@ -269,6 +344,33 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     g.add_argument("--device", default="cpu")
     g.set_defaults(func=graph)
 
+    f = sub.add_parser(
+        "feature-graph", help="write an explorer page of a feature (latent) attribution graph"
+    )
+    f.add_argument("--model", default="ioi", help=model_help)
+    f.add_argument("--out", default="feature_graph.html", help="the explorer page")
+    f.add_argument("--prompt", default=None, help="default: the zoo task's example prompt")
+    f.add_argument("--target", default=None, help="target token; default: the salient logits")
+    f.add_argument("--wrong", default=None, help="with --target: explain target - wrong")
+    f.add_argument("--contrast", default=None, help="a corrupted prompt of the same length")
+    f.add_argument(
+        "--attention",
+        default="symmetric",
+        choices=["value", "pattern", "symmetric"],
+        help="value: patterns frozen (circuit-tracer); pattern/symmetric: query and key edges",
+    )
+    f.add_argument(
+        "--dictionaries", nargs="*", default=None, help="SAELens-format folders (default: zoo)"
+    )
+    f.add_argument("--node-threshold", type=float, default=0.8)
+    f.add_argument("--edge-threshold", type=float, default=0.98)
+    f.add_argument("--json", default=None, help="also write the graph JSON here")
+    f.add_argument(
+        "--neuronpedia", default=None, help="also write circuit-tracer/Neuronpedia graph JSON"
+    )
+    f.add_argument("--device", default="cpu")
+    f.set_defaults(func=feature_graph)
+
     e = sub.add_parser("eval", help="faithfulness evaluation against baselines")
     e.add_argument("--model", default="ioi", help="a zoo model")
     e.add_argument("--level", default="heads", choices=["tokens", "heads", "neurons", "subspace"])
@@ -276,7 +378,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     e.add_argument("--out", default="depass_eval", help="directory for the JSON and HTML")
     e.add_argument("--device", default="cpu")
     e.set_defaults(func=evaluate)
-    return parser, {"demo": p, "graph": g, "eval": e}
+    return parser, {"demo": p, "graph": g, "feature-graph": f, "eval": e}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

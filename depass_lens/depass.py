@@ -688,10 +688,9 @@ class DePass:
             batch_size=batch_size,
             max_feature_nodes=max_feature_nodes,
             contrast=corrupted,
+            target_probabilities=probabilities,
             progress=self.progress,
         )
-        if probabilities is not None:
-            graph.settings["target_probabilities"] = probabilities
         if self.check:
             graph.raise_if_inexact()
         return graph

@@ -191,6 +191,7 @@ class DifferenceLinearisation:
         nodes: int | None = None,
         replaced_mlps: Collection[int] = (),
         frozen_sides: Collection[str] = (),
+        shared_rows: bool = False,
     ):
         """``nodes`` forces a fixed quadrature on every row (default: per row, from the spread
         of its score change). ``replaced_mlps`` and ``frozen_sides`` as for
@@ -202,7 +203,12 @@ class DifferenceLinearisation:
         self.nodes = nodes
         self.replaced_mlps = frozenset(replaced_mlps)
         self.frozen_sides = frozenset(frozen_sides)
+        self.shared_rows = shared_rows
         self.frozen: dict[str, Tensor] = {}
+
+    def _one_prompt(self, value: Tensor) -> Tensor:
+        """With ``shared_rows`` (every row a copy of one prompt), its first row."""
+        return value[:1] if self.shared_rows and value.shape[0] > 1 else value
 
     def hooks(self) -> list[tuple[str, HookFn]]:
         hooks: list[tuple[str, HookFn]] = []
@@ -309,8 +315,15 @@ class DifferenceLinearisation:
             scores_x = seen["scores"]
             allowed = unmasked(scores_x)  # -inf or an additive finfo.min mask
             scores_y = self._ref(f"{prefix}.hook_attn_scores", scores_x)
+            one = self._one_prompt
             integrated = IntegratedSoftmax(
-                scores_x, allowed, seen["pattern"], self.nodes, exact=False, start=scores_y
+                one(scores_x),
+                one(allowed),
+                one(seen["pattern"]),
+                self.nodes,
+                exact=False,
+                start=one(scores_y),
+                keep_patterns=self.shared_rows,
             )
             pattern_x = seen["pattern"].to(v.dtype)
             pattern_y = self._ref(f"{prefix}.hook_pattern", pattern_x)
@@ -321,19 +334,19 @@ class DifferenceLinearisation:
             holder = self.ledger.computed(f"{prefix}.path_remainder", hook.name, "attn", layer)
             term = PatternTerm(
                 integrated=integrated,
-                values=v_mean,
-                queries=(q_x + q_y) / 2,
-                keys=(k_x + k_y) / 2,
+                values=one(v_mean),
+                queries=one((q_x + q_y) / 2),
+                keys=one((k_x + k_y) / 2),
                 weight_q=1.0,
                 weight_k=1.0,
                 scale=scale,
                 weight=1.0,
-                ratio=ratio,
+                ratio=None if ratio is None else one(ratio),
                 moved_values=einops.einsum(
-                    pattern_x - pattern_y, v_mean, "b h q k, b k h d -> b q h d"
+                    one(pattern_x - pattern_y), one(v_mean), "b h q k, b k h d -> b q h d"
                 ),
-                query_offset=q_y - q_x,
-                key_offset=k_y - k_x,
+                query_offset=one(q_y - q_x),
+                key_offset=one(k_y - k_x),
                 on_constants=holder.append,
             )
             live_q = q.detach() if "q" in self.frozen_sides else q  # one class of paths
@@ -347,7 +360,10 @@ class DifferenceLinearisation:
             (k_hook, store(seen, "k")),
             (f"{prefix}.hook_v", store(seen, "v")),
             (f"{prefix}.hook_attn_scores", store(seen, "scores", frozen=True)),
-            (f"{prefix}.hook_pattern", store_frozen_pattern(seen, "pattern", "scores")),
+            (
+                f"{prefix}.hook_pattern",
+                store_frozen_pattern(seen, "pattern", "scores", shared_rows=self.shared_rows),
+            ),
             (f"{prefix}.hook_z", steer),
         ]
 

@@ -22,7 +22,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import einops
 import torch
 from jaxtyping import Float
 from torch import Tensor
@@ -86,16 +85,15 @@ class _PatternTermFn(torch.autograd.Function):
             left, term.values.to(left.dtype), term.queries, term.keys, term.ratio
         )
         if term.on_constants is not None:
-            moved = einops.einsum(left, term.moved_values.to(left.dtype), "b q h e, b q h e -> b h")
+            # products broadcast: the fixed tensors may hold one prompt for many copies of it
+            moved = (left * term.moved_values.to(left.dtype)).sum((1, 3))
             shares = torch.zeros_like(moved)
             if term.query_offset is not None:
-                shares = shares + term.weight_q * einops.einsum(
-                    term.query_offset.to(out_q.dtype), out_q, "b q h e, b q h e -> b h"
-                )
+                offset = term.query_offset.to(out_q.dtype)
+                shares = shares + term.weight_q * (offset * out_q).sum((1, 3))
             if term.key_offset is not None:
-                shares = shares + term.weight_k * einops.einsum(
-                    term.key_offset.to(out_k.dtype), out_k, "b k h e, b k h e -> b h"
-                )
+                offset = term.key_offset.to(out_k.dtype)
+                shares = shares + term.weight_k * (offset * out_k).sum((1, 3))
             term.on_constants((moved + shares / term.scale).detach())
         grad_q = (term.weight_q / term.scale) * out_q
         grad_k = (term.weight_k / term.scale) * out_k

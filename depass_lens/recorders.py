@@ -46,17 +46,32 @@ def pattern_of(
     return torch.where(torch.isnan(pattern), torch.zeros_like(pattern), pattern)
 
 
-def store_frozen_pattern(seen: dict[str, Tensor], key: str, scores_key: str) -> HookFn:
+def store_frozen_pattern(
+    seen: dict[str, Tensor], key: str, scores_key: str, shared_rows: bool = False
+) -> HookFn:
     """:func:`store` for ``hook_pattern`` (frozen), where ``seen[scores_key]`` holds the frozen
     scores it was computed from: autograd may then rebuild the pattern from them layer by layer in
     the backward pass instead of keeping it
     (:func:`~depass_lens.saved_tensors.recompute_when_saved`; checked bit for bit, kept where
-    the model computes it otherwise)."""
+    the model computes it otherwise). ``shared_rows`` (every row a copy of one prompt): the first
+    row, expanded, flows on instead; nothing is rebuilt."""
 
     def fn(value: Tensor, hook) -> Tensor:
+        if shared_rows:
+            seen[key] = one_row_shared(value)
+            return seen[key]
         pattern = value.detach()
         scores = seen[scores_key]
         seen[key] = recompute_when_saved(pattern, partial(pattern_of, scores))
         return pattern
 
     return fn
+
+
+def one_row_shared(value: Tensor) -> Tensor:
+    """A frozen tensor whose rows are copies of one prompt's, as its first row expanded: what
+    autograd keeps of it (a pattern, for ``z = A v``) is then one row, not one per copy."""
+    value = value.detach()
+    if value.shape[0] <= 1 or value.stride(0) == 0:
+        return value
+    return value[:1].clone().expand_as(value)

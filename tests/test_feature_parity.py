@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 
 import depass_lens as dp
 from depass_lens import zoo
+from depass_lens.features.prune import graph_scores
 from depass_lens.zoo.saes import load_dictionaries
 
 FIXTURE = Path(__file__).parent / "fixtures" / "circuit_tracer_ioi"
@@ -138,3 +139,21 @@ def test_logit_rows_equal_circuit_tracer_and_the_rest_is_named(fixture, graphs):
                 n.kind for j, n in enumerate(graph.nodes) if j not in common and float(row[j])
             }
             assert {"position", "constant", "error"} <= left_out
+
+
+def test_scores_on_circuit_tracers_nodes_equal_its_scores(fixture, graphs):
+    """On the nodes circuit-tracer has (features, errors, tokens, logits), replacement and
+    completeness follow its formulas: equal to its scores to float32 rounding."""
+    meta, tensors = fixture
+    for i, graph in enumerate(graphs):
+        names = set(tracer_nodes(tensors, i, len(graph.tokens), 3))
+        keep = torch.tensor(
+            [
+                (n.name in names and not n.name.endswith("error@0")) or n.kind == "target"
+                for n in graph.nodes
+            ]
+        )
+        scores = graph_scores(graph.subgraph(keep))
+        expected = meta["prompts"][i]
+        assert scores["replacement"] == pytest.approx(expected["replacement_score"], abs=1e-5)
+        assert scores["completeness"] == pytest.approx(expected["completeness_score"], abs=1e-5)

@@ -152,6 +152,7 @@ class ReplacementRun:
             replaced_mlps={s.layer for s in sites if s.replaces_mlp},
             frozen_sides=frozen_sides,
             extra_hooks=self.replacement.hooks(),
+            shared_rows=True,
             reference=None
             if reference is None
             else {k: v.expand(rows, *v.shape[1:]) for k, v in reference.items()},
@@ -340,6 +341,7 @@ def build_feature_graph(
     batch_size: int = 64,
     max_feature_nodes: int | None = None,
     contrast: Int[Tensor, "1 pos"] | None = None,
+    target_probabilities: Sequence[float] | None = None,
     progress: bool = False,
 ) -> FeatureGraph:
     """The feature graph of one prompt (see :meth:`depass_lens.DePass.feature_graph`);
@@ -415,6 +417,8 @@ def build_feature_graph(
         order += batch
         bar.update()
     seed = torch.ones(n_targets, dtype=dtype, device=device)
+    if target_probabilities is not None:  # influence weighted as circuit-tracer weighs it
+        seed = torch.tensor(list(target_probabilities), dtype=dtype, device=device)
     if max_feature_nodes is None:
         chosen = latent_nodes
         for start in range(0, len(chosen), rows):
@@ -482,8 +486,20 @@ def build_feature_graph(
             "dtype": str(dtype).removeprefix("torch."),
             "sites": {s.name: (s.hook_in, s.hook_out) for s in sites},
             "d_sae": {s.name: s.view.d_sae for s in sites},
+            "n_layers": adapter.n_layers,
+            "token_ids": tokens[0].tolist(),
+            "target_tokens": _target_tokens(targets),
+            "target_probabilities": None
+            if target_probabilities is None
+            else list(target_probabilities),
         },
     )
+
+
+def _target_tokens(targets: Sequence[Target]) -> list[int] | None:
+    """The token id of each target, where every target is one token's (centred) logit."""
+    ids = [getattr(t, "token", None) for t in targets]
+    return [i for i in ids if isinstance(i, int)] if all(isinstance(i, int) for i in ids) else None
 
 
 def _target_state(adapter: ModelAdapter, tokens: Tensor, hook: str) -> Tensor:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from depass_lens.decomposition import tolerance
@@ -132,6 +132,25 @@ class FeatureGraph:
         full = self.edges.new_zeros(len(self.nodes), len(self.nodes))
         full[self.receivers] = self.edges
         return full
+
+    def subgraph(self, keep: Bool[Tensor, " nodes"]) -> FeatureGraph:
+        """The graph on the nodes ``keep`` marks: their rows and the edges among them (a
+        subgraph need not be exact: what dropped nodes carried is gone)."""
+        keep = keep.to(torch.bool)
+        new_index = torch.cumsum(keep.long(), 0) - 1
+        rows = keep[self.receivers]
+        return FeatureGraph(
+            nodes=[n for n, k in zip(self.nodes, keep.tolist()) if k],
+            receivers=new_index[self.receivers[rows]],
+            edges=self.edges[rows][:, keep],
+            kind_edges={k: v[rows][:, keep] for k, v in self.kind_edges.items()},
+            activation=self.activation[keep],
+            value=self.value[keep],
+            own=self.own[keep],
+            tokens=self.tokens,
+            attention=self.attention,
+            settings=dict(self.settings),
+        )
 
     # ------------------------------------------------------------------ scores
     def target_scores(self, target: int = 0) -> Float[Tensor, " nodes"]:

@@ -4,7 +4,8 @@ ranks and prunes nodes.
 Each receiver's incoming edges are made non-negative and divided by their sum: ``N[b, a]`` is the
 fraction of ``b``'s input that comes from ``a``. A node's influence is the target weight that
 reaches it along every path, ``w (N + N^2 + ...)``, a finite sum because the graph is acyclic
-(every edge goes forward in the model).
+(every edge goes forward in the model). Receivers' rows are enough: a node that receives
+nothing passes nothing on.
 """
 
 from __future__ import annotations
@@ -27,28 +28,20 @@ def influence(
     seed: Float[Tensor, " receivers"],
     max_steps: int = 1000,
 ) -> Float[Tensor, " nodes"]:
-    """``sum_k seed N^k`` restricted to the receivers' rows (``seed``: weight per receiver row,
-    e.g. each target's probability), plus the seed itself on the receivers' own nodes.
-
-    Sums until no weight is left to move (at most the graph's depth in steps)."""
-    n_nodes = edges.shape[1]
+    """``seed N + seed N^2 + ...`` with ``N = normalised(edges)`` acting from receiver rows to
+    node columns (``seed``: weight per receiver row, e.g. each target's probability); a node that
+    is itself a receiver passes what reaches it on through its own row. Not counting the seed
+    itself (circuit-tracer's node influence)."""
     N = normalised(edges)
-    # N acts from receiver rows to node columns; a node that is itself a receiver passes its
-    # weight on through its own row.
-    row_of = torch.full((n_nodes,), -1, dtype=torch.long, device=edges.device)
-    row_of[receivers] = torch.arange(len(receivers), device=edges.device)
-    total = edges.new_zeros(n_nodes)
-    total[receivers] += seed
+    total = edges.new_zeros(edges.shape[1])
     current = seed
     for _ in range(max_steps):
-        reached = current @ N  # weight on every node
-        if not bool((reached > 0).any()):
-            break
+        reached = current @ N
+        if not bool(reached.any()):
+            return total
         total += reached
-        has_row = row_of >= 0
-        current = edges.new_zeros(len(receivers))
-        current[row_of[has_row]] = reached[has_row]
-    return total
+        current = reached[receivers]
+    raise RuntimeError(f"influence did not settle in {max_steps} steps: the graph has a cycle")
 
 
 def next_receivers(
