@@ -70,6 +70,9 @@ class SiteRun:
     acts: Float[Tensor, "pos d_sae"]
     pre: Float[Tensor, "pos d_sae"]
     error: Float[Tensor, "pos d_out"]
+    size: Float[
+        Tensor, "pos d_sae"
+    ]  # sum |x_i W_enc[i, j]| + |b_j|: what pre's rounding scales with
 
 
 @torch.no_grad()
@@ -83,7 +86,12 @@ def site_runs(
         view, placement = site.view, site.placement
         a = encode(view, placement, acts, dtype)[0]
         x = placement.read(acts, site.hook_in)[0].to(dtype)
-        pre = x @ view.W_enc.to(x.device, dtype) + site.pre_activation_constant(dtype, x.device)
+        W_enc, constant = (
+            view.W_enc.to(x.device, dtype),
+            site.pre_activation_constant(dtype, x.device),
+        )
+        pre = x @ W_enc + constant
+        size = x.abs() @ W_enc.abs() + constant.abs()
         if zero_first:
             a = a.clone()
             a[0] = 0
@@ -91,7 +99,7 @@ def site_runs(
         if view.W_skip is not None:
             reconstruction = reconstruction + x @ view.W_skip.to(x.device, dtype).T
         real = placement.read(acts, site.hook_out)[0].to(dtype)
-        out.append(SiteRun(a, pre, real - reconstruction))
+        out.append(SiteRun(a, pre, real - reconstruction, size))
     return out
 
 
@@ -100,9 +108,16 @@ def site_states(
 ) -> list[SiteState]:
     """Nodes per site: active latents and errors, or (``refs``: a corrupted run) their changes."""
     if refs is None:
-        return [SiteState(s, ActiveLatents.of(r.acts, r.pre), r.error) for s, r in zip(sites, runs)]
+        return [
+            SiteState(s, ActiveLatents.of(r.acts, r.pre, r.size), r.error)
+            for s, r in zip(sites, runs)
+        ]
     return [
-        SiteState(s, ActiveLatents.changed(r.acts, r.pre, y.acts, y.pre), r.error - y.error)
+        SiteState(
+            s,
+            ActiveLatents.changed(r.acts, r.pre, y.acts, y.pre, r.size + y.size),
+            r.error - y.error,
+        )
         for s, r, y in zip(sites, runs, refs)
     ]
 
@@ -453,11 +468,13 @@ def build_feature_graph(
     activation = torch.full((n_nodes,), math.nan, dtype=dtype, device=device)
     value = torch.full_like(activation, math.nan)
     own = torch.full_like(activation, math.nan)
+    magnitude = torch.full_like(activation, math.nan)
     for state in states:
         first = lay.latents[state.site.name]
         span = slice(first, first + len(state.active))
         activation[span] = state.active.activation.to(device)
         value[span] = state.active.pre_activation.to(device)
+        magnitude[span] = state.active.magnitude.to(device)
         constant = state.site.pre_activation_constant(dtype, device)[state.active.index]
         own[span] = 0.0 if changes else constant  # constants cancel in a change
     final_ref = None if contrast is None else _target_state(adapter, contrast, target_hook)
@@ -465,8 +482,11 @@ def build_feature_graph(
         w = w.to(device, dtype)
         value[lay.targets + k] = (final.to(dtype) * w).sum() + c.to(dtype)
         own[lay.targets + k] = c.to(dtype)
+        magnitude[lay.targets + k] = (final.to(dtype) * w).abs().sum() + c.abs()
         if final_ref is not None:
-            value[lay.targets + k] -= (final_ref.to(dtype) * w).sum() + c.to(dtype)
+            reference_value = (final_ref.to(dtype) * w).sum() + c.to(dtype)
+            magnitude[lay.targets + k] += (final_ref.to(dtype) * w).abs().sum() + c.abs()
+            value[lay.targets + k] -= reference_value
             own[lay.targets + k] = 0.0
     return FeatureGraph(
         nodes=lay.nodes,
@@ -478,6 +498,7 @@ def build_feature_graph(
         own=own,
         tokens=list(str_tokens) if str_tokens is not None else [str(t) for t in tokens[0].tolist()],
         attention="difference" if changes else split.side,
+        magnitude=magnitude,
         settings={
             "zero_first_position": zero_first_position,
             "contrast": None if contrast is None else contrast[0].tolist(),

@@ -42,7 +42,8 @@ class FeatureGraph:
         tokens: the prompt's tokens as strings.
         attention: the attention split (``"value"``, ``"pattern"``, ``"symmetric"``).
         settings: how it was computed (conventions, dtype, batch size, ...).
-        lens: per latent node index, its decoder's top promoted tokens ``[(token, logit)]``.
+        magnitude: each receiver's size that its real value's rounding is relative to
+            (``|value|``, or the two runs' ``|values|`` summed for a change; NaN for others).
     """
 
     nodes: list[FeatureNode]
@@ -55,7 +56,7 @@ class FeatureGraph:
     tokens: list[str]
     attention: str
     settings: dict[str, Any] = field(default_factory=dict)
-    lens: dict[int, list[tuple[str, float]]] = field(default_factory=dict)
+    magnitude: Float[Tensor, " nodes"] | None = None
 
     # ------------------------------------------------------------------ lookup
     def __len__(self) -> int:
@@ -150,6 +151,7 @@ class FeatureGraph:
             tokens=self.tokens,
             attention=self.attention,
             settings=dict(self.settings),
+            magnitude=None if self.magnitude is None else self.magnitude[keep],
         )
 
     # ------------------------------------------------------------------ scores
@@ -168,13 +170,16 @@ class FeatureGraph:
     # ------------------------------------------------------------------ checks
     def check(self) -> dict[str, float]:
         """Largest relative gap ``|incoming + own - real| / scale`` over computed latents and
-        over targets; ``scale`` is the row's ``sum |edge| + |own| + |real|``, which bounds the
-        rounding of the sum."""
+        over targets; ``scale`` is the row's ``sum |edge| + |own| + |real|`` plus its
+        :attr:`magnitude` (a change from a corrupted run is the difference of two values, each
+        rounded to its own size), which bounds the rounding of both sides."""
         rows = self.edges.detach()
         real = self.value[self.receivers]
         own = self.own[self.receivers]
         gap = (rows.sum(-1) + own - real).abs()
         scale = rows.abs().sum(-1) + own.abs() + real.abs()
+        if self.magnitude is not None:
+            scale = scale + self.magnitude[self.receivers].nan_to_num()
         relative = gap / scale.clamp_min(torch.finfo(rows.dtype).tiny)
         is_target = torch.tensor(
             [self.nodes[int(i)].kind == "target" for i in self.receivers], device=rows.device

@@ -53,19 +53,27 @@ class ActiveLatents:
     """A site's latents that are nodes, position-major: ``pos``, ``index``, ``activation`` (on
     the prompt), ``coefficient`` (what multiplies the decoder vector in the graph: the activation,
     or its change from a corrupted run) and ``pre_activation`` (the receiver's real value: the
-    pre-activation, or its change)."""
+    pre-activation, or its change) with ``magnitude``: ``sum_i |x_i W_enc[i, j]| + |b_j|`` (of
+    both runs for a change), the size the rounding of the real value scales with."""
 
     pos: Int[Tensor, " n"]
     index: Int[Tensor, " n"]
     activation: Float[Tensor, " n"]
     coefficient: Float[Tensor, " n"]
     pre_activation: Float[Tensor, " n"]
+    magnitude: Float[Tensor, " n"]  # the size of what was subtracted to get pre_activation
 
     @classmethod
-    def of(cls, acts: Float[Tensor, "pos d_sae"], pre: Float[Tensor, "pos d_sae"]) -> ActiveLatents:
+    def of(
+        cls,
+        acts: Float[Tensor, "pos d_sae"],
+        pre: Float[Tensor, "pos d_sae"],
+        size: Float[Tensor, "pos d_sae"],
+    ) -> ActiveLatents:
         """The latents active on the prompt."""
         pos, index = torch.nonzero(acts, as_tuple=True)  # row-major: by position, then latent
-        return cls(pos, index, acts[pos, index], acts[pos, index], pre[pos, index])
+        a = acts[pos, index]
+        return cls(pos, index, a, a, pre[pos, index], size[pos, index])
 
     @classmethod
     def changed(
@@ -74,11 +82,15 @@ class ActiveLatents:
         pre: Float[Tensor, "pos d_sae"],
         ref_acts: Float[Tensor, "pos d_sae"],
         ref_pre: Float[Tensor, "pos d_sae"],
+        size: Float[Tensor, "pos d_sae"],
     ) -> ActiveLatents:
-        """The latents active on either prompt, scored by their change (clean - corrupted)."""
+        """The latents active on either prompt, scored by their change (clean - corrupted);
+        ``size``: both runs' (a change is only as exact as the two values it subtracts)."""
         pos, index = torch.nonzero((acts != 0) | (ref_acts != 0), as_tuple=True)
         delta, pre_delta = acts - ref_acts, pre - ref_pre
-        return cls(pos, index, acts[pos, index], delta[pos, index], pre_delta[pos, index])
+        return cls(
+            pos, index, acts[pos, index], delta[pos, index], pre_delta[pos, index], size[pos, index]
+        )
 
     def __len__(self) -> int:
         return int(self.pos.numel())
