@@ -9,6 +9,8 @@ fp64 1e-10, fp32 1e-5 (:func:`depass_lens.decomposition.tolerance`).
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -267,3 +269,42 @@ def test_contrastive_graph_explains_the_change_exactly(family):
     constants = [i for i, n in enumerate(graph.nodes) if n.name.endswith("b_dec")]
     assert float(graph.edges[:, constants].abs().max()) == 0.0  # equal in both runs
     assert float(graph.kind_edges["key"].abs().max()) > 0  # the pattern moves between runs
+
+
+@pytest.mark.numerics
+def test_mixed_sites_and_a_skip_transcoder_are_exact():
+    """A skip transcoder (its ``W_skip x`` a path, not a node), a residual SAE, an
+    attention-output SAE and a ``hook_z`` SAE in one model: exact, and the skip path carries
+    edges from before the transcoder to after it."""
+    model = make_model("gpt2", torch.float64)
+    skip = make_sae(model, "transcoder", layer=0, seed=3)
+    skip.W_skip = torch.nn.Parameter(
+        0.3 * torch.randn(model.cfg.d_model, model.cfg.d_model, dtype=torch.float64)
+    )
+    sites = [
+        skip,
+        make_sae(model, "resid_post", layer=1, seed=4),
+        make_sae(model, "z", layer=2, seed=5),
+        make_sae(model, "attn_out", layer=2, seed=6),
+    ]
+    depass = dp.DePass(model, attention="symmetric", progress=False)
+    graph = depass.feature_graph(prompt(model), dp.Logit(3), dictionaries=sites)
+    assert max(graph.check().values()) < 1e-10
+    assert {n.site for n in graph.nodes if n.kind == "latent"} == {
+        "L0.mlp",
+        "L1.resid_post",
+        "L2.z",
+        "L2.attn_out",
+    }
+    # the skip path is needed: a replacement that drops it leaves the graph inexact
+    from depass_lens.features import replacement
+
+    def no_skip(site, state):
+        view = dataclasses.replace(site.view, W_skip=None)
+        return original(dataclasses.replace(site, view=view), state)
+
+    original = replacement.Replacement._replace_output
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(replacement.Replacement, "_replace_output", staticmethod(no_skip))
+        with pytest.raises(LosslessnessError):
+            depass.feature_graph(prompt(model), dp.Logit(3), dictionaries=sites)
