@@ -80,26 +80,37 @@ def site_runs(
     sites: Sequence[Site], acts: Mapping[str, Tensor], dtype: torch.dtype, zero_first: bool
 ) -> list[SiteRun]:
     """Each site's latents by its own encoder on the real input, their pre-activations, and its
-    error ``real output - reconstruction`` (``W_skip x`` included)."""
-    out = []
+    error ``real output - reconstruction`` (``W_skip x`` included, and what earlier sites of a
+    cross-layer transcoder decode into it)."""
+    latents, inputs = [], []
     for site in sites:
         view, placement = site.view, site.placement
         a = encode(view, placement, acts, dtype)[0]
-        x = placement.read(acts, site.hook_in)[0].to(dtype)
+        if zero_first:
+            a = a.clone()
+            a[0] = 0
+        latents.append(a)
+        inputs.append(placement.read(acts, site.hook_in)[0].to(dtype))
+    reconstructions = {
+        site.name: a @ site.view.W_dec.to(a.device, dtype) + site.view.b_dec.to(a.device, dtype)
+        for site, a in zip(sites, latents)
+    }
+    for site, a in zip(sites, latents):
+        for target, W in site.decoders:
+            reconstructions[target] = reconstructions[target] + a @ W.to(a.device, dtype)
+    out = []
+    for site, a, x in zip(sites, latents, inputs):
+        view = site.view
         W_enc, constant = (
             view.W_enc.to(x.device, dtype),
             site.pre_activation_constant(dtype, x.device),
         )
-        pre = x @ W_enc + constant
-        size = x.abs() @ W_enc.abs() + constant.abs()
-        if zero_first:
-            a = a.clone()
-            a[0] = 0
-        reconstruction = a @ view.W_dec.to(x.device, dtype) + view.b_dec.to(x.device, dtype)
+        reconstruction = reconstructions[site.name]
         if view.W_skip is not None:
             reconstruction = reconstruction + x @ view.W_skip.to(x.device, dtype).T
-        real = placement.read(acts, site.hook_out)[0].to(dtype)
-        out.append(SiteRun(a, pre, real - reconstruction, size))
+        real = site.placement.read(acts, site.hook_out)[0].to(dtype)
+        size = x.abs() @ W_enc.abs() + constant.abs()
+        out.append(SiteRun(a, x @ W_enc + constant, real - reconstruction, size))
     return out
 
 
@@ -319,6 +330,15 @@ def edge_rows(
         if grad is not None:
             value = embedded[hook].to(dtype)
             out[:, first : first + value.shape[0]] = (grad[:n].to(dtype) * value).sum(-1)
+    for state in states:  # cross-layer decoders: a latent also writes later sites' outputs
+        site = state.site
+        first = lay.latents[site.name]
+        for target, W in site.decoders:
+            grad = grads.get(f"site:{target}")
+            if grad is not None:
+                g = _flat_rows(grad[:n]).to(dtype)
+                span = slice(first, first + len(state.active))
+                out[:, span] += contract_latents(g, state.active, W.to(g.device, dtype))
     for state in states:
         site = state.site
         grad = grads.get(f"site:{site.name}")
@@ -327,7 +347,7 @@ def edge_rows(
         g = _flat_rows(grad[:n]).to(dtype)
         W_dec = site.view.W_dec.to(g.device, dtype)
         first = lay.latents[site.name]
-        out[:, first : first + len(state.active)] = contract_latents(g, state.active, W_dec)
+        out[:, first : first + len(state.active)] += contract_latents(g, state.active, W_dec)
         first = lay.errors[site.name]
         out[:, first : first + g.shape[1]] = (g * state.error).sum(-1)
         if not contrast:  # b_dec is the same in both runs: its change is 0

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -20,6 +22,7 @@ from torch import Tensor
 
 from depass_lens.adapter import ModelAdapter
 from depass_lens.errors import DePassInputError
+from depass_lens.sae.cross_layer import CrossLayerTranscoder
 from depass_lens.sae.placement import Placement, place
 from depass_lens.sae.view import SAEView, as_sae_view
 
@@ -33,6 +36,8 @@ class Site:
     name: str
     view: SAEView
     placement: Placement
+    #: Decoders into later sites' outputs (a cross-layer transcoder's): ``(site, [d_sae, d_out])``
+    decoders: tuple[tuple[str, Tensor], ...] = ()
 
     @property
     def layer(self) -> int:
@@ -95,7 +100,13 @@ def place_sites(adapter: ModelAdapter, dictionaries: DictionariesLike) -> list[S
         raise DePassInputError("a feature graph needs at least one dictionary (transcoder or SAE)")
     sites: list[Site] = []
     claimed: dict[str, str] = {}
+    expanded: list[tuple[str | None, Any, tuple[tuple[str, Tensor], ...]]] = []
     for given, sae in named:
+        if isinstance(sae, CrossLayerTranscoder):
+            expanded += _cross_layer_sites(sae, given)
+        else:
+            expanded.append((given, sae, ()))
+    for given, sae, decoders in expanded:
         view = as_sae_view(sae, name=given)
         placement = place(view, adapter, "dictionary")
         name = given or _site_name(view, placement)
@@ -108,7 +119,7 @@ def place_sites(adapter: ModelAdapter, dictionaries: DictionariesLike) -> list[S
         if any(s.name == name for s in sites):
             raise DePassInputError(f"two dictionaries are named {name!r}; give them distinct names")
         claimed[view.hook_out] = name
-        sites.append(Site(name, view, placement))
+        sites.append(Site(name, view, placement, decoders))
     order = {name: i for i, name in enumerate(adapter.hook_names())}
     for site in sites:
         if site.hook_in not in order or site.hook_out not in order:
@@ -117,7 +128,42 @@ def place_sites(adapter: ModelAdapter, dictionaries: DictionariesLike) -> list[S
                 "among the hooks this model's adapter runs"
             )
     sites.sort(key=lambda s: adapter.hook_position(s.hook_out))
+    names = {s.name for s in sites}
+    for site in sites:
+        for target, W in site.decoders:
+            if target not in names:
+                raise DePassInputError(f"{site.name!r} decodes into {target!r}, which is no site")
+            if W.shape != (site.view.d_sae, site.view.d_out):
+                raise DePassInputError(
+                    f"{site.name!r}: its decoder into {target!r} must be "
+                    f"[{site.view.d_sae}, {site.view.d_out}], got {tuple(W.shape)}"
+                )
     return sites
+
+
+def _cross_layer_sites(
+    clt: CrossLayerTranscoder, given: str | None
+) -> list[tuple[str | None, Any, tuple[tuple[str, Tensor], ...]]]:
+    """One site per layer of a cross-layer transcoder: its encoder, its own layer's decoder, and
+    its decoders into every later layer's site."""
+    prefix = given or "clt"
+    out: list[tuple[str | None, Any, tuple[tuple[str, Tensor], ...]]] = []
+    for layer in range(clt.n_layers):
+        decoder = clt.W_dec[layer].detach()
+        if not torch.isfinite(decoder).all():
+            raise DePassInputError(f"cross-layer transcoder: W_dec[{layer}] contains NaN or inf")
+        layer_view = SimpleNamespace(
+            W_enc=clt.W_enc[layer],
+            b_enc=clt.b_enc[layer],
+            W_dec=decoder[:, 0],
+            b_dec=clt.b_dec[layer],
+            encode=partial(clt.encode_layer, layer),
+            hook_name=clt.hook_in.format(layer=layer),
+            hook_name_out=clt.hook_out.format(layer=layer),
+        )
+        later = tuple((f"L{layer + k}.{prefix}", decoder[:, k]) for k in range(1, decoder.shape[1]))
+        out.append((f"L{layer}.{prefix}", layer_view, later))
+    return out
 
 
 __all__ = ["DictionariesLike", "Site", "place_sites"]
