@@ -145,37 +145,42 @@ def plain_run(
     return {name: cache[name] for name in cache.cache_dict}
 
 
-class ReplacementRun:
-    """One replacement forward on ``rows`` copies of the prompt; backward passes on demand."""
+@dataclass(frozen=True)
+class RunSpec:
+    """What every replacement forward of one graph shares: the prompt (as ``rows`` copies), the
+    sites, where the targets read, the MLP rule and attention split, and a corrupted run's
+    activations (one prompt) for the difference linearisation."""
 
-    def __init__(
-        self,
-        adapter: ModelAdapter,
-        tokens: Tensor,
-        sites: Sequence[Site],
-        target_hook: str,
-        rows: int,
-        rule: TaylorRule,
-        split: AttentionSplit,
-        frozen_sides: tuple[str, ...] = (),
-        reference: Mapping[str, Tensor] | None = None,
-    ):
-        """``reference``: a corrupted run's activations (one prompt), for the difference
-        linearisation."""
-        self.sites = list(sites)
-        self.target_hook = target_hook
+    adapter: ModelAdapter
+    tokens: Int[Tensor, "1 pos"]
+    sites: Sequence[Site]
+    target_hook: str
+    rows: int
+    rule: TaylorRule
+    split: AttentionSplit
+    reference: Mapping[str, Tensor] | None = None
+
+
+class ReplacementRun:
+    """One replacement forward on ``spec.rows`` copies of the prompt; backward passes on demand.
+    ``frozen_sides`` cut the pattern split's query and/or key path (one class of paths)."""
+
+    def __init__(self, spec: RunSpec, frozen_sides: tuple[str, ...] = ()):
+        adapter, rows, reference = spec.adapter, spec.rows, spec.reference
+        self.sites = list(spec.sites)
+        self.target_hook = spec.target_hook
         self.replacement = Replacement(self.sites)
-        store = {target_hook, "hook_embed"}
+        store = {spec.target_hook, "hook_embed"}
         if adapter.positional == "standard":  # shortformer positions are attention constants
             store.add("hook_pos_embed")
         self.passed: AdjointPass = linearised_forward(
             adapter,
-            tokens.expand(rows, -1),
+            spec.tokens.expand(rows, -1),
             None,
-            rule,
+            spec.rule,
             store,
-            split=split,
-            replaced_mlps={s.layer for s in sites if s.replaces_mlp},
+            split=spec.split,
+            replaced_mlps={s.layer for s in self.sites if s.replaces_mlp},
             frozen_sides=frozen_sides,
             extra_hooks=self.replacement.hooks(),
             shared_rows=True,
@@ -418,9 +423,8 @@ def build_feature_graph(
         raise DePassInputError(f"{len(target_names)} target names for {len(weights)} scalars")
     n_targets = len(weights)
     rows = min(batch_size, n_latents + n_targets)
-    main = ReplacementRun(
-        adapter, tokens, sites, target_hook, rows, rule, split, reference=reference
-    )
+    spec = RunSpec(adapter, tokens, sites, target_hook, rows, rule, split, reference)
+    main = ReplacementRun(spec)
     ledger_names = list(dict.fromkeys(s.name for s in main.passed.ledger.sites))
     lay = layout(adapter, states, tokens.shape[1], main.embeddings, ledger_names, target_names)
     embedded: dict[str, Tensor] = {h: main.passed.activations[h][0] for h in main.embeddings}
@@ -480,9 +484,7 @@ def build_feature_graph(
     edges = torch.cat(blocks)
     kind_edges = {"value": edges}
     if edge_kinds and (split.uses_pattern or changes):
-        kind_edges = _split_by_kind(
-            adapter, tokens, sites, target_hook, rows, rule, split, order, edges, rows_of, reference
-        )
+        kind_edges = _split_by_kind(spec, order, edges, rows_of)
     final = main.passed.activations[target_hook][0]
     del main
     activation = torch.full((n_nodes,), math.nan, dtype=dtype, device=device)
@@ -550,26 +552,18 @@ def _target_state(adapter: ModelAdapter, tokens: Tensor, hook: str) -> Tensor:
 
 
 def _split_by_kind(
-    adapter: ModelAdapter,
-    tokens: Tensor,
-    sites: Sequence[Site],
-    target_hook: str,
-    rows: int,
-    rule: TaylorRule,
-    split: AttentionSplit,
+    spec: RunSpec,
     order: list[int],
     total: Tensor,
     rows_of: Callable[[ReplacementRun, Sequence[int]], Tensor],
-    reference: Mapping[str, Tensor] | None,
 ) -> dict[str, Tensor]:
     """Each edge's value / query / key parts: the same receivers with the key side, and then
     both sides, of every head's pattern move cut (cumulative classes, differenced)."""
     cumulative = {}
     for kind, frozen in KIND_RUNS[:-1]:
-        run = ReplacementRun(
-            adapter, tokens, sites, target_hook, rows, rule, split, frozen, reference
-        )
-        blocks = [rows_of(run, order[i : i + rows]) for i in range(0, len(order), rows)]
+        run = ReplacementRun(spec, frozen)
+        step = spec.rows
+        blocks = [rows_of(run, order[i : i + step]) for i in range(0, len(order), step)]
         cumulative[kind] = torch.cat(blocks)
         del run
     return {
