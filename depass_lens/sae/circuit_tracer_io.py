@@ -225,24 +225,27 @@ def load_circuit_tracer_transcoders(
             ``config.yaml``, a folder of ``layer_{i}.safetensors`` without a config, or the
             layer files themselves (a list in layer order, or ``{layer: file}``). GemmaScope's
             ``.npz`` and GemmaScope 2's files are read too.
-        feature_input_hook, feature_output_hook: circuit-tracer's block-relative hook names
-            (``"ln2.hook_normalized"``, ``"hook_mlp_out"``); default: the config's. Needed when
-            there is no config.
-        activation, k: override the activation function (one of :data:`ACTIVATIONS`); default:
-            the config's ``activation_function`` / ``k`` (written by
+        feature_input_hook: circuit-tracer's block-relative input hook name (e.g.
+            ``"ln2.hook_normalized"``); default: the config's. Needed when there is no config.
+        feature_output_hook: the output hook likewise (e.g. ``"hook_mlp_out"``).
+        activation: override the activation function (one of :data:`ACTIVATIONS`); default:
+            the config's ``activation_function`` (written by
             :func:`save_circuit_tracer_transcoders`), else what the file says (``jump_relu`` with
             a threshold, ``relu`` without), as circuit-tracer's loader decides.
+        k: TopK's ``k`` (default: the config's).
         model: the TransformerLens model, needed only for transcoders reading ``mlp.hook_in``
             (the output of ``blocks[L].ln2``): its ``ln2.w`` / ``ln2.b`` are folded into the
             encoder, ``W_enc' = w * W_enc``, ``b_enc' = b_enc + b @ W_enc`` (and into a skip
             connection), so the transcoder reads ``ln2.hook_normalized``, which TransformerLens
             fires before the weight and bias, with the same pre-activations.
-        device, dtype: where and in what precision (default: the files' dtype).
+        device: where to load the weights.
+        dtype: in what precision (default: the files' dtype).
 
     Raises:
-        DePassInputError: a cross-layer transcoder, a hub reference, a missing or malformed file
-            (wrong keys or shapes), missing layers, an unsupported activation, or
-            ``mlp.hook_in`` without a ``model`` whose ``ln2`` can be folded.
+        DePassInputError: a cross-layer transcoder (read it with
+            :func:`depass_lens.sae.load_circuit_tracer_clt`), a hub reference, a missing or
+            malformed file (wrong keys or shapes), missing layers, an unsupported activation,
+            or ``mlp.hook_in`` without a ``model`` whose ``ln2`` can be folded.
         FileNotFoundError: a path that does not exist.
     """
     files, config, origin = _resolve(path_or_files)
@@ -342,7 +345,8 @@ def _resolve(
         if kind == "cross_layer_transcoder":
             raise DePassInputError(
                 f"{config_path}: a cross-layer transcoder (model_kind: cross_layer_transcoder); "
-                "only per-layer transcoders (transcoder_set) are supported"
+                "this reads per-layer transcoders (transcoder_set): load it with "
+                "depass_lens.sae.load_circuit_tracer_clt(folder)"
             )
         if kind != "transcoder_set":
             raise DePassInputError(f"{config_path}: unknown model_kind {kind!r}")

@@ -31,7 +31,8 @@ class CrossLayerTranscoder(nn.Module):
         W_dec: per layer ``l``, ``[d_sae, n_layers - l, d_out]`` (its own layer first).
         b_dec: ``[n_layers, d_out]``.
         threshold: ``[n_layers, d_sae]`` for JumpReLU, else ``None`` (ReLU).
-        hook_in / hook_out: hook templates with ``{layer}``.
+        hook_in: where layer ``l``'s latents read, a template with ``{layer}``.
+        hook_out: the MLP output each layer's decoders write, likewise.
     """
 
     def __init__(
@@ -97,7 +98,14 @@ def load_circuit_tracer_clt(
     feature_output_hook: str = "hook_mlp_out",
     dtype: torch.dtype = torch.float32,
 ) -> CrossLayerTranscoder:
-    """A circuit-tracer CLT folder (``W_enc_{l}`` / ``W_dec_{l}`` safetensors per layer)."""
+    """A circuit-tracer CLT folder (``W_enc_{l}`` / ``W_dec_{l}`` safetensors per layer).
+
+    Args:
+        folder: the folder with ``W_enc_0.safetensors`` .. and ``W_dec_0.safetensors`` ...
+        feature_input_hook: block-relative hook the encoders read.
+        feature_output_hook: block-relative hook the decoders write.
+        dtype: the weights' dtype here.
+    """
     folder = Path(folder)
     layers = sorted(int(p.stem.split("_")[-1]) for p in folder.glob("W_enc_*.safetensors"))
     if not layers or layers != list(range(len(layers))):
