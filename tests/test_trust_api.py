@@ -148,9 +148,9 @@ def test_cli_turns_input_errors_into_one_line(tmp_path, capsys, monkeypatch):
     argv = ["demo", "--prompt", "When Zebra went to the store", "--out", out]
     message = _fails(argv, capsys, monkeypatch, forbid_model=False)
     assert message.startswith("depass-lens demo: error:") and "'Zebra'" in message
-    argv = ["demo", "--sae", "zoo", "--model", "recall", "--out", out]
+    argv = ["demo", "--sae", "zoo", "--model", "bilingual", "--out", out]
     message = _fails(argv, capsys, monkeypatch)
-    assert "ships an SAE for ioi only" in message
+    assert "ships an SAE for" in message and "not 'bilingual'" in message
     message = _fails(["demo", "--sae", str(tmp_path / "none"), "--out", out], capsys, monkeypatch)
     assert "not a directory" in message
     eval_argv = ["eval", "--level", "subspace", "--model", "ioi", "--out", str(tmp_path)]
