@@ -1,11 +1,12 @@
 """Feature graphs on the zoo models with their shipped dictionaries: exact everywhere, and the
 attention edges frozen-attention graphs cannot see.
 
-On ``induction`` (attention-output SAEs on both layers) the answer is copied by layer-1 heads
-that find, with their keys, the position whose *previous* token is the current one: information
-a layer-0 previous-token head (L0H1) wrote there. So the layer-0 latents written mostly by that
-head, at that position, must reach the induction heads' output latents through their keys: key
-edges among the ten largest edges into them. With ``attention="value"`` no edge has a key part.
+On ``induction`` (attention-output SAEs on both layers; held on 8 prompts, 4 tested here) the
+answer is copied by layer-1 heads that find, with their keys, the position whose *previous*
+token is the current one: information a layer-0 previous-token head (L0H1) wrote there. So the
+layer-0 latents written mostly by that head, at that position, must reach the induction heads'
+output latents through their keys: key edges among the ten largest edges into them. With
+``attention="value"`` no edge has a key part.
 """
 
 from __future__ import annotations
@@ -68,9 +69,9 @@ def test_previous_token_latents_reach_induction_latents_through_keys():
     assert max(range(4), key=lambda h: previous[h]) == 1  # L0H1, measured when it was trained
     dictionaries = load_dictionaries("induction")
     share = _previous_token_share(dictionaries[0])
-    batch = zoo.task("induction").batch(model, 8, split="test", seed=0)
+    batch = zoo.task("induction").batch(model, 4, split="test", seed=0)
     depass = dp.DePass(model, progress=False)
-    for i in range(8):
+    for i in range(4):
         tokens = batch.tokens[i : i + 1]
         last = tokens.shape[1] - 1
         earlier = [p for p in range(last) if int(tokens[0, p]) == int(tokens[0, last])]

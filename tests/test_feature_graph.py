@@ -49,15 +49,20 @@ def test_exact_on_every_family(family, dtype):
     model = make_model(family, dtype)
     depass = dp.DePass(model, attention="value", progress=False)
     attention = split_for(model)
+    kinds = dtype == torch.float64  # the path classes' sums are checked once, in fp64
     graph = depass.feature_graph(
-        prompt(model), dp.Logit(3), dictionaries=dictionaries(model), attention=attention
+        prompt(model),
+        dp.Logit(3),
+        dictionaries=dictionaries(model),
+        attention=attention,
+        edge_kinds=kinds,
     )
     gaps = graph.check()
     assert gaps["latents"] < TOL[dtype] and gaps["targets"] < TOL[dtype], gaps
     n_latents = sum(n.kind == "latent" for n in graph.nodes)
     assert n_latents > 10  # the dictionaries are active: the check is about something
     assert len(graph.receivers) == n_latents + 1
-    if attention != "value":
+    if attention != "value" and kinds:
         assert set(graph.kind_edges) == {"value", "query", "key"}
         assert gaps["kinds"] < TOL[dtype]
         assert float(graph.kind_edges["key"].abs().max()) > 0  # patterns do move
