@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import plotly.graph_objects as go
 import torch
+from plotly.subplots import make_subplots
 
 import depass_lens as dp
 from depass_lens import plot, zoo
@@ -254,11 +255,72 @@ def scale_figure() -> Figure:
     return Figure("scale_memory", fig, 480, "; ".join(notes))
 
 
+#: ``python -m benchmarks.feature_faithfulness`` writes it.
+FEATURE_RESULTS = ROOT / "benchmarks" / "results" / "feature_faithfulness.json"
+FEATURE_COLOURS = {
+    "depass-contrast": "#ff7f0e",
+    "depass-contrast-total": "#d62728",
+    "depass-symmetric": "#9467bd",
+    "depass-symmetric-total": "#e377c2",
+    "depass-value": "#8c564b",
+    "depass-value-total": "#bcbd22",
+    "circuit-tracer": "#7f7f7f",
+    "attribution patching": "#1f77b4",
+    "integrated gradients": "#2ca02c",
+}
+
+
+def feature_faithfulness_figure() -> Figure:
+    """Faithfulness against latents kept, per zoo model (columns) and semantics of the kept
+    latents (rows: fixed, live), every method of the benchmark."""
+    models = json.loads(FEATURE_RESULTS.read_text())["models"]
+    names = list(models)
+    rows = ["fixed", "live"]
+    fig = make_subplots(
+        rows=len(rows),
+        cols=len(names),
+        subplot_titles=[f"{m}, kept latents {r}" for r in rows for m in names],
+        horizontal_spacing=0.04,
+        vertical_spacing=0.14,
+    )
+    notes = []
+    for i, circuit in enumerate(rows, start=1):
+        for j, model in enumerate(names, start=1):
+            entry = models[model]["curves"][circuit]
+            for method, curve in entry["curves"].items():
+                fig.add_trace(
+                    go.Scatter(
+                        x=curve["budgets"],
+                        y=curve["faithfulness"],
+                        mode="lines",
+                        name=method,
+                        legendgroup=method,
+                        showlegend=i == 1 and j == 1,
+                        line=dict(color=FEATURE_COLOURS.get(method), width=2),
+                    ),
+                    row=i,
+                    col=j,
+                )
+            fig.update_xaxes(type="log", row=i, col=j, title_text="latents kept" if i == 2 else "")
+            areas = entry["areas"]
+            best = max(areas, key=areas.__getitem__)
+            notes.append(f"{model}/{circuit}: best {best} {areas[best]:.3f}")
+    fig.update_yaxes(title_text="faithfulness", col=1)
+    fig.update_layout(
+        title="Feature circuits: faithfulness against latents kept (the rest corrupted)",
+        template="plotly_white",
+        legend=dict(orientation="h", y=-0.14),
+        margin=dict(t=70, b=110),
+    )
+    return Figure("feature_faithfulness", fig, 640, "; ".join(notes))
+
+
 BUILDERS: dict[str, Callable[[], list[Figure]]] = {
     "ioi": ioi_figures,
     "subspace": lambda: [subspace_figure()],
     "qk": lambda: [qk_figure()],
     "scale": lambda: [scale_figure()],
+    "feature_faithfulness": lambda: [feature_faithfulness_figure()],
 }
 
 
