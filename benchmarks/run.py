@@ -3,13 +3,15 @@
     python -m benchmarks.run            # full matrix (about 15 minutes on 2 CPU cores)
     python -m benchmarks.run --quick    # 128 tokens only, one repeat
     python -m benchmarks.run --device cuda   # on a GPU: results/cuda/
+    python -m benchmarks.run --only feature --threads 1   # feature graphs: results/only-feature/
     .venv-tl4/bin/python -m benchmarks.run   # TransformerLens 4 (TransformerBridge): results/tl4/
 
 On the CPU every case runs in its own subprocess (see ``benchmarks/cases.py``), so its peak memory
 is its own; on CUDA the cases share one process and each reads the allocator's peak. Ratios compare
 cases measured in this same run. Results go to ``benchmarks/results/`` (``results/cuda/`` for
 ``--device cuda``): the raw JSON, a markdown table and a plotly chart of cost against prompt
-length.
+length. ``--only WORD`` runs the cases whose config or case name contains WORD, with the cases
+their ratios divide by, and writes to ``results/only-WORD/`` (the docs' tables are left alone).
 """
 
 from __future__ import annotations
@@ -59,6 +61,18 @@ FULL = (
         )
     ]
     + [("gpt2", case, 128, 3, True) for case in ("adjoint_heads", "adjoint_heads_sae")]
+    # (g) feature graphs on the zoo ioi model with its transcoders, 15-token example prompt
+    + [
+        ("zoo-ioi", case, 15, r, True)
+        for case, r in (
+            ("forward", 50),
+            ("feature_value", 10),
+            ("feature_value_ct", 10),
+            ("feature_symmetric", 10),
+            ("feature_symmetric_kinds", 5),
+            ("feature_contrast", 5),
+        )
+    ]
     + [
         ("gpt2", case, 256, r, w)
         for case, r, w in (
@@ -112,6 +126,29 @@ RATIOS = [
     ("(e) all edges, patterns frozen / run_with_cache", "graph_value", "forward", None, "<="),
     ("(e) contrastive graph / run_with_cache", "graph_contrast", "forward", None, "<="),
     ("(e) contrastive graph / EAP", "graph_contrast", "eap", None, "<="),
+    ("(g) feature graph, patterns frozen / run_with_cache", "feature_value", "forward", 20.0, "<="),
+    (
+        "(g) feature graph, circuit-tracer's conventions / run_with_cache",
+        "feature_value_ct",
+        "forward",
+        20.0,
+        "<=",
+    ),
+    (
+        "(g) feature graph, symmetric, no edge kinds / run_with_cache",
+        "feature_symmetric",
+        "forward",
+        20.0,
+        "<=",
+    ),
+    (
+        "(g) feature graph, symmetric, value/query/key kinds / run_with_cache",
+        "feature_symmetric_kinds",
+        "forward",
+        None,
+        "<=",
+    ),
+    ("(g) contrastive feature graph / run_with_cache", "feature_contrast", "forward", None, "<="),
     (
         "(d) reference grouped forward / adjoint neurons",
         "reference_grouped",
@@ -123,7 +160,9 @@ RATIOS = [
 ]
 
 
-def run_case(config: str, case: str, n_pos: int, repeats: int, warmup: bool) -> dict:
+def run_case(
+    config: str, case: str, n_pos: int, repeats: int, warmup: bool, threads: int = 0
+) -> dict:
     """One CPU case in a fresh subprocess, so its peak resident memory is its own."""
     cmd = [
         sys.executable,
@@ -140,10 +179,20 @@ def run_case(config: str, case: str, n_pos: int, repeats: int, warmup: bool) -> 
     ]
     if not warmup:
         cmd.append("--no-warmup")
+    if threads:
+        cmd += ["--threads", str(threads)]
     out = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if out.returncode != 0:
         return {"config": config, "case": case, "n_pos": n_pos, "error": out.stderr[-2000:]}
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def only(matrix: list[tuple], word: str) -> list[tuple]:
+    """The cases whose config or case name contains ``word``, with their ratios' denominators."""
+    chosen = [spec for spec in matrix if word in spec[0] or word in spec[1]]
+    keys = {(c, case, n) for c, case, n, _, _ in chosen}
+    need = {(c, den, n) for c, case, n in keys for _, num, den, _, _ in RATIOS if num == case}
+    return [spec for spec in matrix if (spec[0], spec[1], spec[2]) in keys | need]
 
 
 def ratio_rows(results: list[dict]) -> list[dict]:
@@ -219,6 +268,8 @@ def markdown(results: list[dict], rows: list[dict]) -> str:
             if r["extrapolation"] != 1
             else ""
         )
+        if r.get("statistic") == "fastest":
+            note = f"fastest of {r['repeats']}"
         lines.append(
             f"| {r['config']} | {r['case']} | {r['n_pos']} | {r['seconds']:.3f} |"
             f" {r['peak_extra_bytes'] / 2**20:.0f} | {note} |"
@@ -287,25 +338,40 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="128 tokens, one repeat")
     parser.add_argument("--device", default="cpu", help="cpu (subprocess per case) or cuda")
     parser.add_argument("--out", type=Path, default=None, help="default: results/[cuda/]")
+    parser.add_argument("--only", help="cases whose config or case contains this (+ denominators)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads per CPU case")
     args = parser.parse_args()
     matrix = QUICK if args.quick else FULL
+    if args.only:
+        matrix = only(matrix, args.only)
+        if not matrix:
+            raise SystemExit(f"no case's config or name contains {args.only!r}")
     bridge = tl_generation() >= 4  # the models are TransformerBridges
     if args.out is None:
         args.out = RESULTS if args.device == "cpu" else RESULTS / args.device
         args.out = args.out / "tl4" if bridge else args.out
+        args.out = args.out / f"only-{args.only}" if args.only else args.out
     if args.device == "cpu":
-        results = [run_case(*spec) for spec in tqdm(matrix, desc="benchmark cases")]
+        results = [
+            run_case(*spec, threads=args.threads) for spec in tqdm(matrix, desc="benchmark cases")
+        ]
     else:
         results = run_in_process(matrix, args.device)
     rows = ratio_rows(results)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps({"cases": results, "ratios": rows}, indent=1))
     table = markdown(results, rows)
+    if args.only or args.threads:
+        command = " ".join(["python -m benchmarks.run", *sys.argv[1:]])
+        table = f"Command: `{command}`  \n{table}"
     (args.out / "results.md").write_text(table)
-    chart(results, args.device).write_html(args.out / "cost_vs_length.html", include_plotlyjs=True)
-    if args.out == RESULTS and not args.quick:  # the full CPU matrix is what the docs quote
+    if not args.only:
+        chart(results, args.device).write_html(
+            args.out / "cost_vs_length.html", include_plotlyjs=True
+        )
+    if args.out == RESULTS and not (args.quick or args.only):  # the docs quote the full matrix
         update_docs(table)
-    if args.out == RESULTS / "tl4" and not args.quick:
+    if args.out == RESULTS / "tl4" and not (args.quick or args.only):
         update_docs(table, markers=DOCS_TL4)
     print(table)
 
