@@ -21,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from functools import partial
 
 import einops
 import torch
@@ -52,6 +53,7 @@ from depass_lens.qk import (
 )
 from depass_lens.recorders import (
     HookFn,
+    first_copy,
     mlp_cut_hooks,
     one_row_shared,
     store,
@@ -132,11 +134,6 @@ class Linearisation:
         self.shared_rows = shared_rows
         self.frozen: dict[str, Tensor] = {}
 
-    def _one_prompt(self, value: Tensor) -> Tensor:
-        """With ``shared_rows`` (every row a copy of one prompt), the first row: what the
-        pattern side freezes is then formed once, for all copies."""
-        return value[:1] if self.shared_rows and value.shape[0] > 1 else value
-
     def hooks(self) -> list[tuple[str, HookFn]]:
         adapter = self.adapter
         hooks: list[tuple[str, HookFn]] = []
@@ -149,8 +146,8 @@ class Linearisation:
             hooks += self._attention_constant_hooks(layer)
             if adapter.attn_only:
                 continue
-            if layer in self.replaced_mlps:
-                hooks += self._replaced_mlp_hooks(layer)
+            if layer in self.replaced_mlps:  # a dictionary replaces it: cut, nothing kept
+                hooks += [] if adapter.is_moe else mlp_cut_hooks(adapter.mlp(layer).gated, layer)
             else:
                 hooks += self._mlp_hooks(layer)
         return hooks
@@ -229,7 +226,7 @@ class Linearisation:
             scores = seen[f"{prefix}.hook_attn_scores"]
             allowed = unmasked(scores)  # -inf or an additive finfo.min mask
             pattern = seen.pop(f"{prefix}.hook_pattern").to(scores.dtype)  # autograd may rebuild it
-            one = self._one_prompt
+            one = partial(first_copy, shared_rows=self.shared_rows)
             integrated = IntegratedSoftmax(
                 one(scores),
                 one(allowed),
@@ -421,13 +418,6 @@ class Linearisation:
         return queries, keys
 
     # ------------------------------------------------------------------ MLP
-    def _replaced_mlp_hooks(self, layer: int) -> list[tuple[str, HookFn]]:
-        """An MLP a dictionary replaces (feature graphs): cut, so autograd keeps nothing of it;
-        the replacement's hooks supply its output and gradient path."""
-        if self.adapter.is_moe:
-            return []
-        return mlp_cut_hooks(self.adapter.mlp(layer).gated, layer)
-
     def _mlp_hooks(self, layer: int) -> list[tuple[str, HookFn]]:
         """Linearising hooks for one layer's MLP (or each expert), with its constants."""
         adapter = self.adapter

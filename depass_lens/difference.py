@@ -38,7 +38,14 @@ from depass_lens.errors import UnsupportedModelError
 from depass_lens.integrated_softmax import IntegratedSoftmax
 from depass_lens.norms import post_sublayer_norms
 from depass_lens.pattern_gradient import PatternTerm
-from depass_lens.recorders import HookFn, mlp_cut_hooks, pattern_of, store, store_frozen_pattern
+from depass_lens.recorders import (
+    HookFn,
+    first_copy,
+    mlp_cut_hooks,
+    pattern_of,
+    store,
+    store_frozen_pattern,
+)
 from depass_lens.saved_tensors import recompute_when_saved
 
 
@@ -206,10 +213,6 @@ class DifferenceLinearisation:
         self.shared_rows = shared_rows
         self.frozen: dict[str, Tensor] = {}
 
-    def _one_prompt(self, value: Tensor) -> Tensor:
-        """With ``shared_rows`` (every row a copy of one prompt), its first row."""
-        return value[:1] if self.shared_rows and value.shape[0] > 1 else value
-
     def hooks(self) -> list[tuple[str, HookFn]]:
         hooks: list[tuple[str, HookFn]] = []
         for name in norm_names(self.adapter):
@@ -315,7 +318,7 @@ class DifferenceLinearisation:
             scores_x = seen["scores"]
             allowed = unmasked(scores_x)  # -inf or an additive finfo.min mask
             scores_y = self._ref(f"{prefix}.hook_attn_scores", scores_x)
-            one = self._one_prompt
+            one = partial(first_copy, shared_rows=self.shared_rows)
             integrated = IntegratedSoftmax(
                 one(scores_x),
                 one(allowed),

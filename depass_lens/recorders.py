@@ -68,6 +68,12 @@ def store_frozen_pattern(
     return fn
 
 
+def first_copy(value: Tensor, shared_rows: bool) -> Tensor:
+    """With ``shared_rows`` (every row a copy of one prompt), the first row: what the pattern side
+    freezes is then formed once, for all copies."""
+    return value[:1] if shared_rows and value.shape[0] > 1 else value
+
+
 def one_row_shared(value: Tensor) -> Tensor:
     """A frozen tensor whose rows are copies of one prompt's, as its first row expanded: what
     autograd keeps of it (a pattern, for ``z = A v``) is then one row, not one per copy."""

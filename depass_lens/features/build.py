@@ -36,7 +36,7 @@ from depass_lens.errors import DePassInputError
 from depass_lens.features.graph import FeatureGraph
 from depass_lens.features.influence import next_receivers
 from depass_lens.features.nodes import ActiveLatents, FeatureNode, latent_name
-from depass_lens.features.replacement import Replacement
+from depass_lens.features.replacement import Replacement, flat
 from depass_lens.features.sites import Site
 from depass_lens.frozen import run_frozen_cache
 from depass_lens.qk import AttentionSplit
@@ -341,7 +341,7 @@ def edge_rows(
         for target, W in site.decoders:
             grad = grads.get(f"site:{target}")
             if grad is not None:
-                g = _flat_rows(grad[:n]).to(dtype)
+                g = flat(grad[:n]).to(dtype)
                 span = slice(first, first + len(state.active))
                 out[:, span] += contract_latents(g, state.active, W.to(g.device, dtype))
     for state in states:
@@ -349,7 +349,7 @@ def edge_rows(
         grad = grads.get(f"site:{site.name}")
         if grad is None:
             continue
-        g = _flat_rows(grad[:n]).to(dtype)
+        g = flat(grad[:n]).to(dtype)
         W_dec = site.view.W_dec.to(g.device, dtype)
         first = lay.latents[site.name]
         out[:, first : first + len(state.active)] += contract_latents(g, state.active, W_dec)
@@ -360,10 +360,6 @@ def edge_rows(
     for ledger_site, share in zip(run.passed.ledger.sites, constants):
         out[:, lay.constants[ledger_site.name]] += per_prompt(share[:n]).to(dtype)
     return out
-
-
-def _flat_rows(grad: Tensor) -> Tensor:
-    return grad.flatten(2) if grad.ndim == 4 else grad
 
 
 def build_feature_graph(

@@ -18,8 +18,6 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 NodeKind = Literal["latent", "error", "token", "position", "constant", "target"]
-#: Kinds that send into the graph (all but targets).
-SENDER_KINDS: tuple[NodeKind, ...] = ("latent", "error", "token", "position", "constant")
 
 
 @dataclass(frozen=True)
@@ -38,14 +36,6 @@ class FeatureNode:
     pos: int | None = None
     site: str | None = None
     index: int | None = None
-
-    @property
-    def sends(self) -> bool:
-        return self.kind != "target"
-
-    @property
-    def receives(self) -> bool:
-        return self.kind in ("latent", "target")
 
 
 @dataclass
@@ -100,4 +90,4 @@ def latent_name(site: str, index: int, pos: int) -> str:
     return f"{site}[{index}]@{pos}"
 
 
-__all__ = ["SENDER_KINDS", "ActiveLatents", "FeatureNode", "NodeKind", "latent_name"]
+__all__ = ["ActiveLatents", "FeatureNode", "NodeKind", "latent_name"]
