@@ -44,8 +44,6 @@ from depass_lens.rules import TaylorRule
 from depass_lens.sae.placement import encode
 from depass_lens.targets import Target, TargetContext
 
-#: Elements of the ``rows x latents x d`` product formed at once when contracting a site.
-CONTRACT_ELEMENTS = 2**24
 #: Path classes and the pattern sides cut to isolate them (cumulative: value, +query, +key).
 KIND_RUNS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("value", ("q", "k")),
@@ -231,16 +229,18 @@ def contract_latents(
     grad: Float[Tensor, "rows pos d"], active: ActiveLatents, W_dec: Float[Tensor, "d_sae d"]
 ) -> Float[Tensor, "rows n"]:
     """``c_j <W_dec[i_j], grad[:, p_j]>`` for every latent node ``j`` (``c``: its activation, or
-    its change), in bounded blocks."""
-    rows, _, d = grad.shape
-    n = len(active)
-    out = grad.new_zeros(rows, n)
-    block = max(1, CONTRACT_ELEMENTS // max(1, rows * d))
-    for start in range(0, n, block):
-        stop = min(n, start + block)
-        dec = W_dec[active.index[start:stop]] * active.coefficient[start:stop, None]
-        out[:, start:stop] = torch.einsum("rnd,nd->rn", grad[:, active.pos[start:stop]], dec)
-    return out
+    its change): one ``rows x d`` by ``d x n_p`` product per position (the nodes are
+    position-major), so no per-node copy of the gradient is formed."""
+    out = grad.new_zeros(grad.shape[0], len(active))
+    if len(active) == 0:
+        return out
+    positions, counts = torch.unique_consecutive(active.pos, return_counts=True)
+    start = 0
+    for p, count in zip(positions.tolist(), counts.tolist()):
+        stop = start + count
+        out[:, start:stop] = grad[:, p] @ W_dec[active.index[start:stop]].T
+        start = stop
+    return out * active.coefficient.to(out.dtype)
 
 
 @dataclass
