@@ -36,7 +36,7 @@ from depass_lens.constants import (
     output_constant,
     value_constant,
 )
-from depass_lens.decomposition import compute_dtype, unmasked
+from depass_lens.decomposition import compute_dtype, score_mask
 from depass_lens.difference import DifferenceLinearisation
 from depass_lens.frozen import refuse_non_finite
 from depass_lens.integrated_softmax import IntegratedSoftmax
@@ -224,7 +224,7 @@ class Linearisation:
 
         def steer(z: Tensor, hook) -> Tensor:
             scores = seen[f"{prefix}.hook_attn_scores"]
-            allowed = unmasked(scores)  # -inf or an additive finfo.min mask
+            allowed = score_mask(scores)  # -inf or an additive finfo.min mask
             pattern = seen.pop(f"{prefix}.hook_pattern").to(scores.dtype)  # autograd may rebuild it
             one = partial(first_copy, shared_rows=self.shared_rows)
             integrated = IntegratedSoftmax(
@@ -565,6 +565,7 @@ def linearised_forward(
     frozen_sides: Collection[str] = (),
     extra_hooks: Sequence[tuple[str, HookFn]] = (),
     shared_rows: bool = False,
+    release: Collection[str] = (),
 ) -> AdjointPass:
     """Run the frozen-linearised model once, keeping the named activations (live and detached).
 
@@ -584,6 +585,8 @@ def linearised_forward(
     the gradient follows one class of paths; ``extra_hooks`` run right after the linearising
     hooks (the replacement's own); ``shared_rows``: every row of ``tokens`` is the same prompt
     (one receiver per row), so the pattern side's frozen quantities are formed once.
+    ``release``: ``reference`` activations to drop once read (see
+    :class:`~depass_lens.difference.DifferenceLinearisation`).
     """
     wanted = set(store)
     live: dict[str, Tensor] = {}
@@ -604,7 +607,7 @@ def linearised_forward(
     if reference is not None:
         nodes = split.nodes if split is not None else None
         linearisation = DifferenceLinearisation(
-            adapter, reference, ledger, nodes, replaced_mlps, frozen_sides, shared_rows
+            adapter, reference, ledger, nodes, replaced_mlps, frozen_sides, shared_rows, release
         )
     else:
         linearisation = Linearisation(

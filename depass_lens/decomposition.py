@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-from jaxtyping import Float
+from jaxtyping import Bool, Float
 from torch import Tensor
 
 from depass_lens.errors import DePassInputError, LosslessnessError
@@ -91,6 +91,17 @@ def unmasked(x: Tensor) -> Tensor:
     negative number (Hugging Face masks attention scores by adding that number, TransformerLens
     by ``-inf``; no real score comes near it)."""
     return torch.isfinite(x) & (x > torch.finfo(x.dtype).min / 2)
+
+
+def score_mask(scores: Float[Tensor, "batch head query key"]) -> Bool[Tensor, "batch _ query key"]:
+    """:func:`unmasked` attention scores, as one head's ``query x key`` mask (broadcast over the
+    heads) where every head sees the same keys, as causal and padding masks make them: a
+    quarter of the scores' bytes per head saved wherever the mask is kept for a whole pass."""
+    allowed = unmasked(scores)
+    first = allowed[:, :1]
+    if allowed.shape[1] > 1 and torch.equal(allowed, first.expand_as(allowed)):
+        return first.clone()  # a copy: the full mask's storage is freed
+    return allowed
 
 
 def relative_error(

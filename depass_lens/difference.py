@@ -33,7 +33,7 @@ from torch import Tensor
 
 from depass_lens.adapter import ModelAdapter, NormWeights
 from depass_lens.constants import ConstantLedger, ConstantSite
-from depass_lens.decomposition import unmasked
+from depass_lens.decomposition import score_mask
 from depass_lens.errors import UnsupportedModelError
 from depass_lens.integrated_softmax import IntegratedSoftmax
 from depass_lens.norms import post_sublayer_norms
@@ -91,6 +91,15 @@ def norm_names(adapter: ModelAdapter) -> list[str]:
     )
 
 
+def norm_statistics(adapter: ModelAdapter) -> list[str]:
+    """Every norm's ``hook_scale`` and ``hook_normalized``: what a norm's secant reads of a run."""
+    return [
+        f"{norm}.{hook}"
+        for norm in norm_names(adapter)
+        for hook in ("hook_scale", "hook_normalized")
+    ]
+
+
 def query_key_hooks(adapter: ModelAdapter, layer: int) -> tuple[str, str]:
     """Where the final (rotated, normed) queries and keys of a layer are exposed."""
     hooks = adapter.final_query_key_hooks(layer)
@@ -102,9 +111,7 @@ def query_key_hooks(adapter: ModelAdapter, layer: int) -> tuple[str, str]:
 def reference_hooks(adapter: ModelAdapter) -> list[str]:
     """Activations of the corrupted run the difference linearisation reads."""
     check_difference_supported(adapter)
-    names = []
-    for norm in norm_names(adapter):
-        names += [f"{norm}.hook_scale", f"{norm}.hook_normalized"]
+    names = norm_statistics(adapter)
     for layer in range(adapter.n_layers):
         prefix = f"blocks.{layer}"
         names += list(query_key_hooks(adapter, layer))
@@ -199,13 +206,17 @@ class DifferenceLinearisation:
         replaced_mlps: Collection[int] = (),
         frozen_sides: Collection[str] = (),
         shared_rows: bool = False,
+        release: Collection[str] = (),
     ):
         """``nodes`` forces a fixed quadrature on every row (default: per row, from the spread
         of its score change). ``replaced_mlps`` and ``frozen_sides`` as for
-        :class:`~depass_lens.adjoint.Linearisation` (feature graphs)."""
+        :class:`~depass_lens.adjoint.Linearisation` (feature graphs). ``release``: reference
+        activations the caller no longer needs, dropped from ``reference`` (then a dict) once
+        read, so the pass never holds every layer's at once."""
         check_difference_supported(adapter)
         self.adapter = adapter
         self.reference = reference
+        self.release = frozenset(release)
         self.ledger = ledger
         self.nodes = nodes
         self.replaced_mlps = frozenset(replaced_mlps)
@@ -235,6 +246,8 @@ class DifferenceLinearisation:
             rebuild = partial(pattern_of, scores)
             return recompute_when_saved(rebuild(), rebuild).to(like.dtype)
         value = self.reference[name].to(like.dtype)
+        if name in self.release:
+            del self.reference[name]  # type: ignore[attr-defined]
         if value.shape != like.shape and value.ndim == like.ndim - 1:
             value = value.unsqueeze(2).expand_as(like)
         return value
@@ -316,7 +329,7 @@ class DifferenceLinearisation:
                 raw_y = einops.einsum(q_y, k_y, "b i h e, b j h e -> b h i j") / scale
                 ratio = secant_slope(lambda t: cap * torch.tanh(t / cap), raw_x, raw_y)
             scores_x = seen["scores"]
-            allowed = unmasked(scores_x)  # -inf or an additive finfo.min mask
+            allowed = score_mask(scores_x)  # -inf or an additive finfo.min mask
             scores_y = self._ref(f"{prefix}.hook_attn_scores", scores_x)
             one = partial(first_copy, shared_rows=self.shared_rows)
             integrated = IntegratedSoftmax(

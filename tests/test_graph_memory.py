@@ -16,6 +16,7 @@ import depass_lens as dp
 from depass_lens.adapters import make_adapter
 from depass_lens.circuits import build
 from depass_lens.circuits.spec import GraphNodes, build_spec
+from depass_lens.decomposition import score_mask, unmasked
 from depass_lens.errors import UnsupportedModelError
 from depass_lens.evaluation import circuit_baselines
 from depass_lens.evaluation.circuit_baselines import eap_graph
@@ -100,3 +101,48 @@ def test_a_small_memory_budget_gives_the_same_graph(family, mode):
     for name in ("edge_scores", "edge_scores_by_pos", "node_scores", "node_inputs", "own_bias"):
         error = float((getattr(chunked, name) - getattr(whole, name)).abs().amax()) / scale
         assert error <= AGREEMENT[torch.float64], (name, error)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_released_reference_activations_give_the_same_graph(family, monkeypatch):
+    """The difference linearisation drops the corrupted run's queries, keys, values and MLP
+    internals layer by layer once read (the pass never holds all of them): every score equals
+    the graph built with all of them kept, and none is left in the run's activations."""
+    model = graph_model(family, torch.float64)
+    clean = random_tokens(model, batch=2, n_pos=7, seed=1)
+    corrupt = random_tokens(model, batch=2, n_pos=7, seed=2)
+    released: list[tuple[set[str], dict]] = []
+    secant_only = build.secant_only
+
+    def spy(adapter, spec, targets, activations):
+        names = secant_only(adapter, spec, targets, activations)
+        released.append((names, activations))
+        return names
+
+    monkeypatch.setattr(build, "secant_only", spy)
+    lean = dp.DePass(model).graph(clean, TARGETS, contrast=corrupt)
+    names, activations = released[0]
+    assert any(n.endswith("mlp.hook_pre") for n in names) and any(
+        ".attn.hook_v" in n for n in names
+    )
+    assert not names & set(activations)
+    monkeypatch.setattr(build, "secant_only", lambda *args: set())
+    kept = dp.DePass(model).graph(clean, TARGETS, contrast=corrupt)
+    scale = float(kept.node_scores.abs().amax())
+    for name in ("edge_scores", "node_scores", "node_inputs", "own_bias"):
+        error = float((getattr(lean, name) - getattr(kept, name)).abs().amax()) / scale
+        assert error <= AGREEMENT[torch.float64], (name, error)
+
+
+def test_score_masks_shared_by_every_head_are_kept_once():
+    """A causal (or padding) mask is the same for every head: one head's copy is kept and
+    broadcast. A mask that differs between heads is kept whole."""
+    scores = torch.randn(2, 3, 4, 4)
+    causal = torch.triu(torch.ones(4, 4, dtype=torch.bool), diagonal=1)
+    scores = scores.masked_fill(causal, -torch.inf)
+    mask = score_mask(scores)
+    assert mask.shape == (2, 1, 4, 4)
+    assert torch.equal(mask.expand_as(scores), unmasked(scores))
+    scores[1, 2, 3, 0] = torch.finfo(scores.dtype).min  # a Hugging Face mask on one head only
+    mask = score_mask(scores)
+    assert mask.shape == scores.shape and not bool(mask[1, 2, 3, 0]) and bool(mask[1, 1, 3, 0])

@@ -16,7 +16,7 @@ a corrupted prompt, gives the gradients of edge attribution patching and EAP-IG
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
@@ -58,6 +58,7 @@ from depass_lens.difference import (
     check_difference_supported,
     difference_outputs,
     drop_rebuildable_patterns,
+    norm_statistics,
     reference_hooks,
 )
 from depass_lens.errors import DePassInputError, LosslessnessError
@@ -359,10 +360,12 @@ def graph_pass(
     embed_override: Tensor | None = None,
     reference: Mapping[str, Tensor] | None = None,
     projected: bool = True,
+    release: Collection[str] = (),
 ) -> AdjointPass:
     """One (linearised) forward on split inputs keeping everything a graph needs: the MLPs'
     own inputs, and per-head copies of the stream unless heads are ``projected``
-    (:func:`~depass_lens.circuits.receivers.projects_heads`)."""
+    (:func:`~depass_lens.circuits.receivers.projects_heads`). ``release``: ``reference``
+    activations to drop once the secant has read them."""
     store = set(receiver_hooks(adapter, spec, spec.target_hook, projected))
     store |= set(post_norm_stats(adapter))
     if projected:
@@ -385,6 +388,7 @@ def graph_pass(
         linearise=linearise,
         embed_override=embed_override,
         reference=reference,
+        release=release,
     )
 
 
@@ -449,15 +453,47 @@ def plain_activations(
 ) -> dict[str, Tensor]:
     """A plain forward (e.g. on the corrupted input), caching what senders and targets read
     (and ``extra``), on split per-node inputs if asked (``per_head``: per-head copies too)."""
-    names = set(sender_hooks(adapter, spec)) | set(extra) | set(post_norm_stats(adapter))
+    names = graph_read_hooks(adapter, spec, targets) | set(extra)
+    context = adapter.split_inputs(per_head) if split_inputs else nullcontext()
+    with context:
+        cache = run_frozen_cache(adapter, tokens, attention_mask, names)
+    acts = {name: cache[name] for name in cache.cache_dict}
+    # a bridge caches some hooks under aliases too: one name per tensor, the one asked for, so
+    # that dropping it frees the tensor
+    asked = {name: value for name, value in acts.items() if name in names}
+    seen = {id(value) for value in asked.values()}
+    return asked | {n: v for n, v in acts.items() if n not in asked and id(v) not in seen}
+
+
+def graph_read_hooks(adapter: ModelAdapter, spec: GraphSpec, targets: Sequence[Target]) -> set[str]:
+    """What a graph reads of a run besides its linearised pass: the senders' outputs, the
+    receivers' inputs and the targets' states."""
+    names = set(sender_hooks(adapter, spec)) | set(post_norm_stats(adapter))
     names |= {receiver_input_hook(adapter, spec, i) for i in spec.receivers}
     for t in targets:
         names.add(t.read_hook(adapter))
         names |= set(t.needed_hooks(adapter))
-    context = adapter.split_inputs(per_head) if split_inputs else nullcontext()
-    with context:
-        cache = run_frozen_cache(adapter, tokens, attention_mask, names)
-    return {name: cache[name] for name in cache.cache_dict}
+    return names
+
+
+def secant_only(
+    adapter: ModelAdapter,
+    spec: GraphSpec,
+    targets: Sequence[Target],
+    corrupt: Mapping[str, Tensor] | None,
+) -> set[str]:
+    """The corrupted run's activations that only the secant's forward pass reads (queries,
+    keys, values, MLP internals): released layer by layer as it goes. Scores and patterns stay
+    (the integrated softmax and autograd keep them anyway), and so do norm statistics (graph
+    gradients are pulled through the norms' secants)."""
+    if corrupt is None:
+        return set()
+    kept = graph_read_hooks(adapter, spec, targets) | set(norm_statistics(adapter))
+    return {
+        name
+        for name in corrupt
+        if name not in kept and not name.endswith(("hook_attn_scores", "hook_pattern"))
+    }
 
 
 def difference_sender_outputs(
@@ -599,6 +635,7 @@ def depass_graph(
         split=split,
         reference=corrupt if difference else None,
         projected=projected,
+        release=secant_only(adapter, spec, targets, corrupt) if difference else (),
     )
     with torch.no_grad():
         acts = passed.activations
