@@ -43,7 +43,7 @@ def pattern_of(
     """The attention pattern TransformerLens computes from (masked) scores: a softmax over the
     keys, with rows that see no key (all ``-inf``) set to zero instead of NaN."""
     pattern = torch.softmax(scores, dim=-1)
-    return torch.where(torch.isnan(pattern), torch.zeros_like(pattern), pattern)
+    return pattern.nan_to_num_(nan=0.0)  # in place: a softmax is finite or NaN, never infinite
 
 
 def store_frozen_pattern(

@@ -96,8 +96,54 @@ def head_gradients(
     if grad is None:
         return None
     weight = adapter.head_projections(layer)[side].to(grad.dtype)
+    norm = adapter.attention_input_norm(layer)
+    fused = _through_shared_norm(grad, weight, norm, acts, reference, exact)
+    if fused is not None:
+        return fused
     pulled = einops.einsum(grad, weight, "b p h e, h d e -> b p h d")
-    return pull_through_norm(pulled, adapter.attention_input_norm(layer), acts, reference, exact)
+    return pull_through_norm(pulled, norm, acts, reference, exact)
+
+
+def _through_shared_norm(
+    grad: Float[Tensor, "batch pos head e"],
+    weight: Float[Tensor, "head d e"],
+    norm: NormWeights | None,
+    acts: Activations,
+    reference: Activations | None,
+    exact: bool,
+) -> Float[Tensor, "batch pos head d"] | None:
+    """:func:`pull_through_norm` of ``grad`` times the heads' projections, with the norm folded
+    into the product: the norm's weight and centring into the projection, its scale into the
+    ``d_head``-wide gradient, and the secant's rank-one term as one in-place update. One
+    ``[batch pos head d_model]`` tensor is written once, where the unfused map makes and reads
+    several. ``None`` (use the unfused map) without a norm, for per-head statistics, or where
+    dtypes differ (half-precision models divide in their float32 scale's dtype)."""
+    names = norm_stats(norm)
+    if not names or norm is None:
+        return None
+    scale_x, normalized_x = acts[names[0]], acts[names[1]]
+    if (
+        scale_x.ndim != grad.ndim - 1
+        or scale_x.dtype != grad.dtype
+        or normalized_x.dtype != grad.dtype
+    ):
+        return None
+    folded = weight * norm.w.to(weight.dtype)[None, :, None] if norm.w is not None else weight
+    centred = folded - folded.mean(1, keepdim=True) if norm.centres else folded
+    out = einops.einsum(grad / scale_x.unsqueeze(-1), centred, "b p h e, h d e -> b p h d")
+    if reference is None and not exact:  # the frozen norm: weight, centre, divide
+        return out
+    other = acts if reference is None else reference  # exact: the secant of a run with itself
+    scale_y, normalized_y = (other[name].to(grad.dtype) for name in names)
+    d = normalized_x.shape[-1]
+    coef = (normalized_x * scale_x + normalized_y * scale_y) / (d * (scale_x + scale_y))
+    coef = coef / scale_x
+    if norm.centres:
+        coef = coef - coef.mean(-1, keepdim=True)
+    # <w * pulled, n_y> per head, from the d_head-wide gradient
+    along = einops.einsum(folded, normalized_y, "h d e, b p d -> b p h e")
+    dot = (grad * along).sum(-1)
+    return out.addcmul_(coef.unsqueeze(2), dot.unsqueeze(-1), value=-1)
 
 
 def neuron_gradients(
