@@ -13,16 +13,14 @@ from typing import Literal
 
 import einops
 import torch
-from jaxtyping import Bool, Float, Int
+from jaxtyping import Bool, Float
 from torch import Tensor
 from tqdm import tqdm
 
 from depass_lens.adapters import make_adapter
-from depass_lens.adapters.base import TLModel
 from depass_lens.evaluation.forward import final_logits, resid_pre, tile
 from depass_lens.evaluation.levels import (
     Hook,
-    Level,
     LevelSpec,
     ablation_fills,
     ablation_hooks,
@@ -36,16 +34,11 @@ from depass_lens.evaluation.metrics import (
     metric_positions,
     real_mask,
 )
+from depass_lens.evaluation.registry import ComponentTask, component_method
 from depass_lens.evaluation.token_baselines import seeded_uniform
 
 
-def _acts_and_grads(
-    model: TLModel,
-    tokens: Int[Tensor, "batch pos"],
-    metric: Metric,
-    spec: LevelSpec,
-    attention_mask: Tensor | None,
-) -> tuple[Tensor, Tensor]:
+def _acts_and_grads(task: ComponentTask, metric: Metric, spec: LevelSpec) -> tuple[Tensor, Tensor]:
     """Clean activations and the metric's gradient at them, as ``[batch pos n_comp width]``."""
     store: dict[int, Tensor] = {}
 
@@ -58,7 +51,9 @@ def _acts_and_grads(
 
     hooks: list[Hook] = [(spec.hook_name(layer), keeper(layer)) for layer in spec.layers]
     with torch.enable_grad():
-        logits = model.run_with_hooks(tokens, fwd_hooks=hooks, attention_mask=attention_mask)
+        logits = task.model.run_with_hooks(
+            task.tokens, fwd_hooks=hooks, attention_mask=task.attention_mask
+        )
         grads = torch.autograd.grad(metric(logits).sum(), [store[k] for k in spec.layers])
     acts = spec.stack({k: store[k].detach() for k in spec.layers})
     return acts, spec.stack(dict(zip(spec.layers, grads)))
@@ -72,103 +67,68 @@ def _sum_over_positions(
 
 
 def _first_order(
-    model: TLModel,
-    tokens: Int[Tensor, "batch pos"],
-    metric: Metric,
-    level: Level,
-    attention_mask: Tensor | None,
-    step: Callable[[LevelSpec, Tensor], Tensor],
+    task: ComponentTask, step: Callable[[LevelSpec, Tensor], Tensor]
 ) -> Float[Tensor, "batch n_comp"]:
     """``step(spec, a_clean) . dmetric/da`` summed over real positions (the gradient family).
 
     ``step`` is the activation change the method weighs by the gradient: ``a_corrupt - a_clean``
     for attribution patching, ``a_clean - 0`` for gradient x activation.
     """
-    spec = resolve_level(model, level)
-    metric = bind_mask(metric, attention_mask)
-    clean, grad = _acts_and_grads(model, tokens, metric, spec, attention_mask)
-    return _sum_over_positions(step(spec, clean) * grad, tokens, attention_mask)
+    spec = resolve_level(task.model, task.level)
+    metric = bind_mask(task.metric, task.attention_mask)
+    clean, grad = _acts_and_grads(task, metric, spec)
+    return _sum_over_positions(step(spec, clean) * grad, task.tokens, task.attention_mask)
 
 
-def attribution_patching(
-    model: TLModel,
-    tokens: Int[Tensor, "batch pos"],
-    metric: Metric,
-    *,
-    level: Level,
-    corrupted_tokens: Tensor | None = None,
-    reference_tokens: Tensor | None = None,
-    attention_mask: Tensor | None = None,
-) -> Float[Tensor, "batch n_comp"]:
+@component_method
+def attribution_patching(task: ComponentTask) -> Float[Tensor, "batch n_comp"]:
     """AtP (Nanda; Kramar et al.): ``(a_corrupt - a_clean) . dmetric/da`` over positions.
 
     First-order estimate of the patching effect ``metric(patched) - metric(clean)``, from one
     clean forward and backward pass and one corrupted forward pass.
     """
-    if corrupted_tokens is None:
+    corrupted = task.corrupted_tokens
+    if corrupted is None:
         raise ValueError("attribution patching needs corrupted_tokens")
 
     def patch(spec: LevelSpec, clean: Tensor) -> Tensor:
-        corrupt = component_activations(model, spec, corrupted_tokens, attention_mask)
+        corrupt = component_activations(task.model, spec, corrupted, task.attention_mask)
         return spec.stack(corrupt) - clean
 
-    return _first_order(model, tokens, metric, level, attention_mask, patch)
+    return _first_order(task, patch)
 
 
-def gradient_x_activation(
-    model: TLModel,
-    tokens: Int[Tensor, "batch pos"],
-    metric: Metric,
-    *,
-    level: Level,
-    corrupted_tokens: Tensor | None = None,
-    reference_tokens: Tensor | None = None,
-    attention_mask: Tensor | None = None,
-) -> Float[Tensor, "batch n_comp"]:
+@component_method
+def gradient_x_activation(task: ComponentTask) -> Float[Tensor, "batch n_comp"]:
     """``a . dmetric/da`` over positions: first-order ``metric(clean) - metric(zero-ablated)``."""
-    return _first_order(model, tokens, metric, level, attention_mask, lambda _, clean: clean)
+    return _first_order(task, lambda _, clean: clean)
 
 
+@component_method
 @torch.no_grad()
 def activation_norm(
-    model: TLModel,
-    tokens: Int[Tensor, "batch pos"],
-    metric: Metric,
-    *,
-    level: Level,
-    corrupted_tokens: Tensor | None = None,
-    reference_tokens: Tensor | None = None,
-    attention_mask: Tensor | None = None,
-    positions: Literal["metric", "all"] = "metric",
+    task: ComponentTask, positions: Literal["metric", "all"] = "metric"
 ) -> Float[Tensor, "batch n_comp"]:
     """Norm of each component's activation (``z`` of a head, ``|post|`` of a neuron).
 
     ``positions="metric"``: at the metric's position; ``"all"``: over all real positions.
     """
-    spec = resolve_level(model, level)
-    stacked = spec.stack(component_activations(model, spec, tokens, attention_mask))
+    tokens, mask = task.tokens, task.attention_mask
+    spec = resolve_level(task.model, task.level)
+    stacked = spec.stack(component_activations(task.model, spec, tokens, mask))
     if positions == "metric":
-        query = metric_positions(metric, tuple(tokens.shape), attention_mask)  # type: ignore[arg-type]
+        query = metric_positions(task.metric, tuple(tokens.shape), mask)  # type: ignore[arg-type]
         return stacked[torch.arange(len(tokens)), query].norm(dim=-1)
     if positions == "all":
-        return _sum_over_positions(stacked.pow(2), tokens, attention_mask).sqrt()
+        return _sum_over_positions(stacked.pow(2), tokens, mask).sqrt()
     raise ValueError(f"positions must be 'metric' or 'all', not {positions!r}")
 
 
-def random_components(
-    model: TLModel,
-    tokens: Int[Tensor, "batch pos"],
-    metric: Metric,
-    *,
-    level: Level,
-    corrupted_tokens: Tensor | None = None,
-    reference_tokens: Tensor | None = None,
-    attention_mask: Tensor | None = None,
-    seed: int = 0,
-) -> Float[Tensor, "batch n_comp"]:
+@component_method
+def random_components(task: ComponentTask, seed: int = 0) -> Float[Tensor, "batch n_comp"]:
     """Uniform random scores (seeded)."""
-    spec = resolve_level(model, level)
-    return seeded_uniform((len(tokens), spec.n_comp), seed).to(tokens.device)
+    spec = resolve_level(task.model, task.level)
+    return seeded_uniform((len(task.tokens), spec.n_comp), seed).to(task.tokens.device)
 
 
 def _one_hot_rows(chunk: range, batch: int, n_comp: int, offset: int) -> Bool[Tensor, "rows n"]:
@@ -179,16 +139,10 @@ def _one_hot_rows(chunk: range, batch: int, n_comp: int, offset: int) -> Bool[Te
     return einops.rearrange(mask, "m b n -> (m b) n")
 
 
+@component_method
 @torch.no_grad()
 def exact_ablation(
-    model: TLModel,
-    tokens: Int[Tensor, "batch pos"],
-    metric: Metric,
-    *,
-    level: Level,
-    corrupted_tokens: Tensor | None = None,
-    reference_tokens: Tensor | None = None,
-    attention_mask: Tensor | None = None,
+    task: ComponentTask,
     ablation: Literal["zero", "mean", "patch"] = "zero",
     mean_over: Literal["all", "batch"] = "all",
     batch_size: int = 128,
@@ -202,8 +156,9 @@ def exact_ablation(
     the clean stream entering the component's layer is computed once and tiled, with one
     component ablated per replica (``batch_size`` rows per forward pass from that layer).
     """
-    spec = resolve_level(model, level)
-    metric = bind_mask(metric, attention_mask)
+    model, tokens, attention_mask = task.model, task.tokens, task.attention_mask
+    spec = resolve_level(model, task.level)
+    metric = bind_mask(task.metric, attention_mask)
     batch = len(tokens)
     fills = ablation_fills(
         model,
@@ -211,8 +166,8 @@ def exact_ablation(
         ablation,
         tokens=tokens,
         attention_mask=attention_mask,
-        reference_tokens=reference_tokens,
-        corrupted_tokens=corrupted_tokens,
+        reference_tokens=task.reference_tokens,
+        corrupted_tokens=task.corrupted_tokens,
         mean_over=mean_over,
     )
     positions = metric_positions(metric, tuple(tokens.shape), attention_mask)  # type: ignore[arg-type]

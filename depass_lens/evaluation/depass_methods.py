@@ -19,12 +19,14 @@ from torch import Tensor
 
 from depass_lens.adapters.base import TLModel
 from depass_lens.evaluation.agreement import baseline_relative
-from depass_lens.evaluation.levels import Level, resolve_level
+from depass_lens.evaluation.levels import resolve_level
 from depass_lens.evaluation.metrics import AnswerMetric, Metric
 from depass_lens.evaluation.registry import (
     ComponentMethod,
+    ComponentTask,
     SubspaceMethod,
     TokenMethod,
+    component_method,
     register_component_method,
     register_subspace_method,
     register_token_method,
@@ -117,20 +119,12 @@ def depass_component_method(
 ) -> ComponentMethod:
     """Head or neuron shares of the metric, layer-major (``relative``: minus reference mean)."""
 
-    def method(
-        model: TLModel,
-        tokens: Int[Tensor, "batch pos"],
-        metric: Metric,
-        *,
-        level: Level,
-        corrupted_tokens: Tensor | None = None,
-        reference_tokens: Tensor | None = None,
-        attention_mask: Tensor | None = None,
-    ) -> Float[Tensor, "batch n_comp"]:
+    def method(task: ComponentTask) -> Float[Tensor, "batch n_comp"]:
         dp = _engine()
-        spec = resolve_level(model, level)
-        engine = dp.DePass(model, rule=rule, attention=attention, progress=False)
-        target = depass_target(metric)
+        tokens, attention_mask = task.tokens, task.attention_mask
+        spec = resolve_level(task.model, task.level)
+        engine = dp.DePass(task.model, rule=rule, attention=attention, progress=False)
+        target = depass_target(task.metric)
         if spec.kind == "heads":
             source = dp.Heads()
         else:
@@ -148,15 +142,17 @@ def depass_component_method(
 
         if not relative:
             return shares(tokens, attention_mask)
-        if corrupted_tokens is not None:
-            return baseline_relative(lambda t: shares(t, attention_mask), tokens, corrupted_tokens)
-        if reference_tokens is None:
+        if task.corrupted_tokens is not None:
+            corrupted = task.corrupted_tokens
+            return baseline_relative(lambda t: shares(t, attention_mask), tokens, corrupted)
+        if task.reference_tokens is None:
             raise ValueError("baseline-relative DePass needs corrupted or reference prompts")
-        return shares(tokens, attention_mask) - shares(reference_tokens).mean(0, keepdim=True)
+        reference = shares(task.reference_tokens).mean(0, keepdim=True)
+        return shares(tokens, attention_mask) - reference
 
     name = method_name(rule, attention).replace("-", "_")
-    method.__name__ = f"{name}{'_relative' if relative else ''}_components"
-    return method
+    method.__name__ = method.__qualname__ = f"{name}{'_relative' if relative else ''}_components"
+    return component_method(method)
 
 
 def depass_subspace_method(rule: str = "taylor", attention: str = "value") -> SubspaceMethod:

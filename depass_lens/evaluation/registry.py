@@ -21,15 +21,96 @@ must raise ``ValueError`` when an input they need (e.g. ``corrupted_tokens``) is
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from torch import Tensor
+
+from depass_lens.adapters.base import TLModel
+from depass_lens.evaluation.levels import Level
+from depass_lens.evaluation.metrics import Metric
 
 TokenMethod = Callable[..., Float[Tensor, "batch pos"]]
 ComponentMethod = Callable[..., Float[Tensor, "batch n_comp"]]
 SubspaceMethod = Callable[..., Float[Tensor, "batch pos"]]
+
+
+@dataclass(frozen=True)
+class TokenTask:
+    """What every token method is asked: score each token of ``tokens`` for ``metric``."""
+
+    model: TLModel
+    tokens: Int[Tensor, "batch pos"]
+    metric: Metric
+    attention_mask: Tensor | None = None
+
+
+def token_method(fn: Callable[..., Float[Tensor, "batch pos"]]) -> TokenMethod:
+    """``fn(task: TokenTask, **options)`` behind the registry's token signature
+    ``(model, tokens, metric, *, attention_mask=None, **options)``."""
+
+    def method(
+        model: TLModel,
+        tokens: Int[Tensor, "batch pos"],
+        metric: Metric,
+        *,
+        attention_mask: Tensor | None = None,
+        **options: Any,
+    ) -> Float[Tensor, "batch pos"]:
+        return fn(TokenTask(model, tokens, metric, attention_mask), **options)
+
+    return _behind(method, fn)
+
+
+def _behind(method: Callable, fn: Callable) -> Callable:
+    """``method`` named and documented as ``fn``, with its own (the registry's) signature."""
+    functools.update_wrapper(method, fn, updated=())
+    del method.__wrapped__  # type: ignore[attr-defined]
+    return method
+
+
+@dataclass(frozen=True)
+class ComponentTask:
+    """What every component method is asked: score each component of ``level`` for ``metric``
+    on ``tokens`` (``corrupted_tokens`` / ``reference_tokens`` where the method needs them)."""
+
+    model: TLModel
+    tokens: Int[Tensor, "batch pos"]
+    metric: Metric
+    level: Level
+    corrupted_tokens: Tensor | None = None
+    reference_tokens: Tensor | None = None
+    attention_mask: Tensor | None = None
+
+
+def component_method(
+    fn: Callable[..., Float[Tensor, "batch n_comp"]],
+) -> ComponentMethod:
+    """``fn(task: ComponentTask, **options)`` behind the registry's component signature
+    ``(model, tokens, metric, *, level, corrupted_tokens=None, reference_tokens=None,
+    attention_mask=None, **options)``: the convention is written once, here."""
+
+    def method(
+        model: TLModel,
+        tokens: Int[Tensor, "batch pos"],
+        metric: Metric,
+        *,
+        level: Level,
+        corrupted_tokens: Tensor | None = None,
+        reference_tokens: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        **options: Any,
+    ) -> Float[Tensor, "batch n_comp"]:
+        task = ComponentTask(
+            model, tokens, metric, level, corrupted_tokens, reference_tokens, attention_mask
+        )
+        return fn(task, **options)
+
+    return _behind(method, fn)
+
 
 TOKEN_METHODS: dict[str, TokenMethod] = {}
 COMPONENT_METHODS: dict[str, ComponentMethod] = {}

@@ -28,6 +28,7 @@ from depass_lens.evaluation.metrics import (
     metric_positions,
     real_mask,
 )
+from depass_lens.evaluation.registry import TokenTask, token_method
 from depass_lens.evaluation.token_level import masked_final_logits
 from depass_lens.evaluation.token_masking import Masking, maskable_positions, masking_defaults
 
@@ -190,36 +191,23 @@ def random_token_scores(
 
 
 # ---------------------------------------------------------------------- registered signatures
-def gradient_norm(
-    model: TLModel,
-    tokens: Int[Tensor, "batch pos"],
-    metric: Metric,
-    *,
-    attention_mask: Tensor | None = None,
-) -> Float[Tensor, "batch pos"]:
+@token_method
+def gradient_norm(task: TokenTask) -> Float[Tensor, "batch pos"]:
     """L2 norm of the metric's gradient w.r.t. each input embedding (unsigned)."""
-    objective = metric_objective(metric, attention_mask)
-    return gradient_norm_of(model, tokens, objective, attention_mask)
+    objective = metric_objective(task.metric, task.attention_mask)
+    return gradient_norm_of(task.model, task.tokens, objective, task.attention_mask)
 
 
-def gradient_x_input(
-    model: TLModel,
-    tokens: Int[Tensor, "batch pos"],
-    metric: Metric,
-    *,
-    attention_mask: Tensor | None = None,
-) -> Float[Tensor, "batch pos"]:
+@token_method
+def gradient_x_input(task: TokenTask) -> Float[Tensor, "batch pos"]:
     """``<grad, input embedding>`` per token: first-order contribution of each token."""
-    objective = metric_objective(metric, attention_mask)
-    return gradient_x_input_of(model, tokens, objective, attention_mask)
+    objective = metric_objective(task.metric, task.attention_mask)
+    return gradient_x_input_of(task.model, task.tokens, objective, task.attention_mask)
 
 
+@token_method
 def integrated_gradients(
-    model: TLModel,
-    tokens: Int[Tensor, "batch pos"],
-    metric: Metric,
-    *,
-    attention_mask: Tensor | None = None,
+    task: TokenTask,
     steps: int = 32,
     rule: Literal["gausslegendre", "midpoint", "trapezoid"] = "gausslegendre",
     progress: bool = True,
@@ -230,57 +218,42 @@ def integrated_gradients(
     norm layer the path jumps near 0 (``LN(alpha x)`` is constant but for ``eps``), which needs
     many more steps.
     """
-    objective = metric_objective(metric, attention_mask)
+    objective = metric_objective(task.metric, task.attention_mask)
     return integrated_gradients_of(
-        model, tokens, objective, attention_mask, steps, rule, progress=progress
+        task.model, task.tokens, objective, task.attention_mask, steps, rule, progress=progress
     )
 
 
-def attention_weights(
-    model: TLModel,
-    tokens: Int[Tensor, "batch pos"],
-    metric: Metric,
-    *,
-    attention_mask: Tensor | None = None,
-    layer: int = -1,
-) -> Float[Tensor, "batch pos"]:
+def _query(task: TokenTask) -> Tensor:
+    """Each prompt's metric position."""
+    shape = tuple(task.tokens.shape)
+    return metric_positions(task.metric, shape, task.attention_mask)  # type: ignore[arg-type]
+
+
+@token_method
+def attention_weights(task: TokenTask, layer: int = -1) -> Float[Tensor, "batch pos"]:
     """Attention from the metric's position in ``layer`` (default: last), mean over heads."""
-    query = metric_positions(metric, tuple(tokens.shape), attention_mask)  # type: ignore[arg-type]
-    return attention_from(model, tokens, query, attention_mask, layer)
+    return attention_from(task.model, task.tokens, _query(task), task.attention_mask, layer)
 
 
-def attention_rollout(
-    model: TLModel,
-    tokens: Int[Tensor, "batch pos"],
-    metric: Metric,
-    *,
-    attention_mask: Tensor | None = None,
-    residual_weight: float = 0.5,
-) -> Float[Tensor, "batch pos"]:
+@token_method
+def attention_rollout(task: TokenTask, residual_weight: float = 0.5) -> Float[Tensor, "batch pos"]:
     """Abnar & Zuidema's rollout: product over layers of ``w I + (1 - w) mean_heads(A)``."""
-    query = metric_positions(metric, tuple(tokens.shape), attention_mask)  # type: ignore[arg-type]
-    return rollout_from(model, tokens, query, attention_mask, residual_weight=residual_weight)
+    return rollout_from(
+        task.model, task.tokens, _query(task), task.attention_mask, residual_weight=residual_weight
+    )
 
 
-def random_tokens(
-    model: TLModel,
-    tokens: Int[Tensor, "batch pos"],
-    metric: Metric,
-    *,
-    attention_mask: Tensor | None = None,
-    seed: int = 0,
-) -> Float[Tensor, "batch pos"]:
+@token_method
+def random_tokens(task: TokenTask, seed: int = 0) -> Float[Tensor, "batch pos"]:
     """Uniform random scores (seeded, so the baseline is reproducible)."""
-    return random_token_scores(tokens, attention_mask, seed)
+    return random_token_scores(task.tokens, task.attention_mask, seed)
 
 
+@token_method
 @torch.no_grad()
 def occlusion(
-    model: TLModel,
-    tokens: Int[Tensor, "batch pos"],
-    metric: Metric,
-    *,
-    attention_mask: Tensor | None = None,
+    task: TokenTask,
     masking: Masking = "replace",
     fill_id: int | None = None,
     protect_bos: bool | None = None,
@@ -292,7 +265,8 @@ def occlusion(
     The exhaustive token-level ground truth for the masking protocols (same masking and
     protected positions; protected and pad positions score 0).
     """
-    metric = bind_mask(metric, attention_mask)
+    model, tokens, attention_mask = task.model, task.tokens, task.attention_mask
+    metric = bind_mask(task.metric, attention_mask)
     fill_id, protect_bos = masking_defaults(model, fill_id, protect_bos)
     positions = metric_positions(metric, tuple(tokens.shape), attention_mask)  # type: ignore[arg-type]
     maskable = maskable_positions(
