@@ -26,10 +26,12 @@ from depass_lens.evaluation.registry import (
     ComponentTask,
     SubspaceMethod,
     TokenMethod,
+    TokenTask,
     component_method,
     register_component_method,
     register_subspace_method,
     register_token_method,
+    token_method,
 )
 from depass_lens.evaluation.subspace import Probe
 
@@ -83,35 +85,25 @@ def depass_target(metric: Metric) -> Any:
 def depass_token_method(rule: str = "taylor", attention: str = "value") -> TokenMethod:
     """Token shares of the metric (DePass from the input embeddings)."""
 
-    def method(
-        model: TLModel,
-        tokens: Int[Tensor, "batch pos"],
-        metric: Metric,
-        *,
-        attention_mask: Tensor | None = None,
-    ) -> Float[Tensor, "batch pos"]:
-        target = depass_target(metric)
-        return _token_shares(model, tokens, target, rule, attention, attention_mask)
+    def method(task: TokenTask) -> Float[Tensor, "batch pos"]:
+        target = depass_target(task.metric)
+        return _token_shares(task.model, task.tokens, target, rule, attention, task.attention_mask)
 
-    method.__name__ = method_name(rule, attention).replace("-", "_") + "_tokens"
-    return method
+    name = method_name(rule, attention).replace("-", "_")
+    method.__name__ = method.__qualname__ = f"{name}_tokens"
+    return token_method(method)
 
 
 def depass_token_magnitude(rule: str = "taylor") -> TokenMethod:
     """|token share|: ranks tokens that matter either way (for the masking protocols)."""
     shares = depass_token_method(rule)
 
-    def method(
-        model: TLModel,
-        tokens: Int[Tensor, "batch pos"],
-        metric: Metric,
-        *,
-        attention_mask: Tensor | None = None,
-    ) -> Float[Tensor, "batch pos"]:
-        return shares(model, tokens, metric, attention_mask=attention_mask).abs()
+    def method(task: TokenTask) -> Float[Tensor, "batch pos"]:
+        mask = task.attention_mask
+        return shares(task.model, task.tokens, task.metric, attention_mask=mask).abs()
 
-    method.__name__ = f"depass_{rule}_abs_tokens"
-    return method
+    method.__name__ = method.__qualname__ = f"depass_{rule}_abs_tokens"
+    return token_method(method)
 
 
 def depass_component_method(
