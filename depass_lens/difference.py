@@ -141,6 +141,18 @@ def secant_slope(act: Callable[[Tensor], Tensor], x: Tensor, y: Tensor) -> Float
     return torch.where(small, tangent, (act(x) - act(y)) / safe)
 
 
+def secant_coefficient(
+    normalized_x: Float[Tensor, "*batch d"],
+    scale_x: Tensor,
+    normalized_y: Float[Tensor, "*batch d"],
+    scale_y: Tensor,
+) -> Float[Tensor, "*batch d"]:
+    """``(x + y) / (d (s_x + s_y))`` from both runs' normalised values and scales: the vector
+    the secant of a norm's division takes its rank-one term along."""
+    d = normalized_x.shape[-1]
+    return (normalized_x * scale_x + normalized_y * scale_y) / (d * (scale_x + scale_y))
+
+
 def secant_norm(
     delta: Float[Tensor, "*batch d"],
     normalized_x: Tensor,
@@ -153,8 +165,7 @@ def secant_norm(
     its weight; the bias cancels), given both runs' normalised values and scales."""
     if norm.centres:
         delta = delta - delta.mean(-1, keepdim=True)
-    d = delta.shape[-1]
-    coef = (normalized_x * scale_x + normalized_y * scale_y) / (d * (scale_x + scale_y))
+    coef = secant_coefficient(normalized_x, scale_x, normalized_y, scale_y)
     out = delta / scale_x - normalized_y / scale_x * (delta * coef).sum(-1, keepdim=True)
     return out * norm.w if norm.w is not None else out
 
@@ -171,8 +182,7 @@ def secant_norm_transpose(
     input, through the same secant (``<secant_norm(d), g> == <d, secant_norm_transpose(g)>``)."""
     if norm.w is not None:
         grad = grad * norm.w
-    d = grad.shape[-1]
-    coef = (normalized_x * scale_x + normalized_y * scale_y) / (d * (scale_x + scale_y))
+    coef = secant_coefficient(normalized_x, scale_x, normalized_y, scale_y)
     out = (grad - coef * (grad * normalized_y).sum(-1, keepdim=True)) / scale_x
     if norm.centres:  # the centring projection is symmetric
         out = out - out.mean(-1, keepdim=True)
@@ -265,8 +275,7 @@ class DifferenceLinearisation:
         normalized_x = value.detach()
         normalized_y = self._ref(hook.name, value)
         scale_y = self._ref(f"{base}.hook_scale", scale_x)
-        d = value.shape[-1]
-        coef = (normalized_x * scale_x + normalized_y * scale_y) / (d * (scale_x + scale_y))
+        coef = secant_coefficient(normalized_x, scale_x, normalized_y, scale_y)
         extra = -normalized_y * (value * coef).sum(-1, keepdim=True)
         return value + (extra - extra.detach())
 

@@ -34,7 +34,7 @@ def run_frozen_cache(
     extra_names: Iterable[str] = (),
 ) -> ActivationCache:
     """One plain forward pass caching only what DePass reads (frozen values + source states)."""
-    wanted = set(adapter.frozen_hook_names()) | set(extra_names) | {"hook_embed"}
+    wanted = _wanted(adapter, extra_names)
     with torch.no_grad():
         _, cache = adapter.model.run_with_cache(
             tokens,
@@ -42,6 +42,31 @@ def run_frozen_cache(
             names_filter=lambda name: name in wanted,
         )
     return cache
+
+
+def _wanted(adapter: ModelAdapter, extra_names: Iterable[str]) -> set[str]:
+    return set(adapter.frozen_hook_names()) | set(extra_names) | {"hook_embed"}
+
+
+def frozen_activations(
+    adapter: ModelAdapter,
+    tokens: Int[Tensor, "batch pos"],
+    attention_mask: Int[Tensor, "batch pos"] | None,
+    extra_names: Iterable[str] = (),
+) -> dict[str, Tensor]:
+    """:func:`run_frozen_cache` as a dict with one name per tensor. A bridge caches some hooks
+    under alias names too; the name asked for is kept, so that dropping it frees the tensor."""
+    extra_names = list(extra_names)
+    cache = run_frozen_cache(adapter, tokens, attention_mask, extra_names)
+    wanted = _wanted(adapter, extra_names)
+    acts: dict[str, Tensor] = {}
+    seen: set[int] = set()
+    for name in sorted(cache.cache_dict, key=lambda name: name not in wanted):  # asked first
+        value = cache[name]
+        if id(value) not in seen:
+            acts[name] = value
+            seen.add(id(value))
+    return acts
 
 
 class FrozenActivations:

@@ -62,7 +62,7 @@ from depass_lens.difference import (
     reference_hooks,
 )
 from depass_lens.errors import DePassInputError, LosslessnessError
-from depass_lens.frozen import run_frozen_cache
+from depass_lens.frozen import frozen_activations
 from depass_lens.memory import free_memory
 from depass_lens.norms import post_sublayer_norms
 from depass_lens.qk import AttentionSplit
@@ -456,13 +456,7 @@ def plain_activations(
     names = graph_read_hooks(adapter, spec, targets) | set(extra)
     context = adapter.split_inputs(per_head) if split_inputs else nullcontext()
     with context:
-        cache = run_frozen_cache(adapter, tokens, attention_mask, names)
-    acts = {name: cache[name] for name in cache.cache_dict}
-    # a bridge caches some hooks under aliases too: one name per tensor, the one asked for, so
-    # that dropping it frees the tensor
-    asked = {name: value for name, value in acts.items() if name in names}
-    seen = {id(value) for value in asked.values()}
-    return asked | {n: v for n, v in acts.items() if n not in asked and id(v) not in seen}
+        return frozen_activations(adapter, tokens, attention_mask, names)
 
 
 def graph_read_hooks(adapter: ModelAdapter, spec: GraphSpec, targets: Sequence[Target]) -> set[str]:
@@ -480,14 +474,12 @@ def secant_only(
     adapter: ModelAdapter,
     spec: GraphSpec,
     targets: Sequence[Target],
-    corrupt: Mapping[str, Tensor] | None,
+    corrupt: Mapping[str, Tensor],
 ) -> set[str]:
     """The corrupted run's activations that only the secant's forward pass reads (queries,
     keys, values, MLP internals): released layer by layer as it goes. Scores and patterns stay
     (the integrated softmax and autograd keep them anyway), and so do norm statistics (graph
     gradients are pulled through the norms' secants)."""
-    if corrupt is None:
-        return set()
     kept = graph_read_hooks(adapter, spec, targets) | set(norm_statistics(adapter))
     return {
         name
@@ -635,7 +627,9 @@ def depass_graph(
         split=split,
         reference=corrupt if difference else None,
         projected=projected,
-        release=secant_only(adapter, spec, targets, corrupt) if difference else (),
+        release=secant_only(adapter, spec, targets, corrupt)
+        if difference and corrupt is not None
+        else (),
     )
     with torch.no_grad():
         acts = passed.activations

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from depass_lens.adapter import ModelAdapter, NormWeights
 from depass_lens.circuits.spec import HEAD_SIDES, GraphSpec, target_read_hook
-from depass_lens.difference import secant_norm_transpose
+from depass_lens.difference import secant_coefficient, secant_norm_transpose
 from depass_lens.frozen import Activations
 from depass_lens.qk import AttentionSplit
 
@@ -135,9 +135,7 @@ def _through_shared_norm(
         return out
     other = acts if reference is None else reference  # exact: the secant of a run with itself
     scale_y, normalized_y = (other[name].to(grad.dtype) for name in names)
-    d = normalized_x.shape[-1]
-    coef = (normalized_x * scale_x + normalized_y * scale_y) / (d * (scale_x + scale_y))
-    coef = coef / scale_x
+    coef = secant_coefficient(normalized_x, scale_x, normalized_y, scale_y) / scale_x
     if norm.centres:
         coef = coef - coef.mean(-1, keepdim=True)
     # <w * pulled, n_y> per head, from the d_head-wide gradient

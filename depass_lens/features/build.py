@@ -38,7 +38,7 @@ from depass_lens.features.influence import next_receivers
 from depass_lens.features.nodes import ActiveLatents, FeatureNode, latent_name
 from depass_lens.features.replacement import Replacement, flat
 from depass_lens.features.sites import Site
-from depass_lens.frozen import run_frozen_cache
+from depass_lens.frozen import frozen_activations
 from depass_lens.qk import AttentionSplit
 from depass_lens.rules import TaylorRule
 from depass_lens.sae.placement import encode
@@ -139,8 +139,7 @@ def plain_run(
     names.add("hook_embed")
     if adapter.positional == "standard":
         names.add("hook_pos_embed")
-    cache = run_frozen_cache(adapter, tokens, None, names)
-    return {name: cache[name] for name in cache.cache_dict}
+    return frozen_activations(adapter, tokens, None, names)
 
 
 @dataclass(frozen=True)
