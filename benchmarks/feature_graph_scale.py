@@ -55,28 +55,18 @@ import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from benchmarks.replacement_weights import load_hooked_weights
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).parent / "results"
 CT_PYTHON = ROOT / ".venv-ct" / "bin" / "python"
-#: GPT-2 small's shape (random weights; TransformerLens 3 ``HookedTransformerConfig`` fields).
-CONFIG = dict(
-    n_layers=12,
-    d_model=768,
-    n_heads=12,
-    d_head=64,
-    d_mlp=3072,
-    d_vocab=50257,
-    n_ctx=1024,
-    act_fn="gelu_new",
-    normalization_type="LN",
-    seed=0,
-)
-SMOKE = dict(CONFIG, n_layers=2, d_model=64, n_heads=4, d_head=16, d_mlp=256, d_vocab=500)
 D_SAE, K = 24576, 32
 HOOK_IN, HOOK_OUT = "ln2.hook_normalized", "hook_mlp_out"
 BOS = 1  # the word-level tokenizer's <bos> (circuit-tracer keeps a special first token as is)
@@ -202,20 +192,8 @@ def depass_side(
             max_feature_nodes=budget,
         )
 
-    call(tokens[:, :WARMUP_POS], min(max_nodes, batch))
-    profiler = None
-    if profile:
-        import cProfile
-
-        profiler = cProfile.Profile()
-        profiler.enable()
-    start, cpu = time.perf_counter(), time.process_time()
-    graph = call(tokens, max_nodes)
-    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
-    if profiler is not None:
-        profiler.disable()
-        write_profile(profiler, folder / f"{name}.profile.txt")
-    peak = peak_rss()
+    profile_to = folder / f"{name}.profile.txt" if profile else None
+    graph, timing = timed(call, tokens[:, :WARMUP_POS], tokens, max_nodes, batch, profile_to)
     names = [n.name for n in graph.nodes]
     kinds = [n.kind for n in graph.nodes]
     receivers = graph.receivers.tolist()
@@ -237,12 +215,9 @@ def depass_side(
         "attention": attention,
         "batch_size": graph.settings["batch_size"],
         "max_feature_nodes": max_nodes,
-        "seconds": seconds,
-        "cpu_seconds": cpu,
+        **timing,
         "load_seconds": load_seconds,
-        "peak_rss_bytes": peak,
         "loaded_rss_bytes": loaded,
-        "threads": torch.get_num_threads(),
         "active_latents": kinds.count("latent"),
         "latent_receivers": len(latent_receivers),
         "n_targets": len(targets),
@@ -289,17 +264,8 @@ def circuit_tracer_side(folder: Path, name: str, max_nodes: int, batch: int) -> 
     model = ReplacementModel.from_config(
         cfg, tset, backend="transformerlens", tokenizer=tokenizer_for(config["d_vocab"])
     )
-    state = {}
-    for key, tensor in load_file(str(folder / "model.safetensors")).items():
-        parts = key.split(".")  # circuit-tracer wraps each MLP and the unembedding
-        if parts[0] == "blocks" and parts[2] == "mlp":
-            key = ".".join([*parts[:3], "old_mlp", *parts[3:]])
-        elif parts[0] == "unembed":
-            key = "unembed.old_unembed." + ".".join(parts[1:])
-        state[key] = tensor
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    params = {n for n, _ in model.named_parameters() if not n.startswith("transcoders.")}
-    if unexpected or params & set(missing):
+    missing, unexpected = load_hooked_weights(model, load_file(str(folder / "model.safetensors")))
+    if missing or unexpected:
         raise SystemExit(f"weights do not fit: missing {missing}, unexpected {unexpected}")
     model.eval()
     tokens = load_file(str(folder / "tokens.safetensors"))["tokens"][0]
@@ -308,11 +274,7 @@ def circuit_tracer_side(folder: Path, name: str, max_nodes: int, batch: int) -> 
     def call(tokens: torch.Tensor, budget: int):
         return attribute(tokens, model, batch_size=batch, max_feature_nodes=budget)
 
-    call(tokens[:WARMUP_POS], min(max_nodes, batch))
-    start, cpu = time.perf_counter(), time.process_time()
-    graph = call(tokens, max_nodes)
-    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
-    peak = peak_rss()
+    graph, timing = timed(call, tokens[:WARMUP_POS], tokens, max_nodes, batch)
     adj = graph.adjacency_matrix.float().cpu()
     feats = graph.active_features.long()  # (layer, pos, feature)
     selected = graph.selected_features.long()
@@ -329,12 +291,9 @@ def circuit_tracer_side(folder: Path, name: str, max_nodes: int, batch: int) -> 
         "attention": "value (frozen)",
         "batch_size": batch,
         "max_feature_nodes": max_nodes,
-        "seconds": seconds,
-        "cpu_seconds": cpu,
+        **timing,
         "load_seconds": load_seconds,
-        "peak_rss_bytes": peak,
         "loaded_rss_bytes": loaded,
-        "threads": torch.get_num_threads(),
         "active_latents": len(feats),
         "latent_receivers": len(selected),
         "n_targets": len(logit_ids),
@@ -355,6 +314,50 @@ def _versions() -> dict:
 
     names = ("circuit-tracer", "transformer-lens", "transformers", "torch")
     return {name: version(name) for name in names}
+
+
+def model_config(smoke: bool) -> dict:
+    """GPT-2 small's shape as the ratio matrix builds it (``benchmarks.cases``; random weights,
+    seed 0), or a tiny one for ``--smoke``. Imported here, not at the top: the circuit-tracer
+    side imports nothing of depass_lens."""
+    from benchmarks.cases import CONFIGS
+
+    config = dict(CONFIGS["gpt2"], seed=0)
+    if smoke:
+        config.update(n_layers=2, d_model=64, n_heads=4, d_head=16, d_mlp=256, d_vocab=500)
+    return config
+
+
+def timed(
+    call: Callable[[torch.Tensor, int], Any],
+    warm_up: torch.Tensor,
+    tokens: torch.Tensor,
+    max_nodes: int,
+    batch: int,
+    profile_to: Path | None = None,
+) -> tuple[Any, dict]:
+    """One call on ``warm_up`` (a short prompt: one-time setup is not the graph's cost), then the
+    timed call on ``tokens``: its graph, and its seconds, CPU seconds, the process's peak memory
+    and torch's threads (``profile_to``: a cProfile of the timed call written there)."""
+    call(warm_up, min(max_nodes, batch))
+    profiler = None
+    if profile_to is not None:
+        import cProfile
+
+        profiler = cProfile.Profile()
+        profiler.enable()
+    start, cpu = time.perf_counter(), time.process_time()
+    graph = call(tokens, max_nodes)
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
+    if profiler is not None and profile_to is not None:
+        profiler.disable()
+        write_profile(profiler, profile_to)
+    return graph, {
+        "seconds": seconds,
+        "cpu_seconds": cpu,
+        "peak_rss_bytes": peak_rss(),
+        "threads": torch.get_num_threads(),
+    }
 
 
 def write_profile(profiler, path: Path, top: int = 30) -> None:
@@ -606,7 +609,7 @@ def main() -> None:
     )
     parser.add_argument("--out", type=Path, default=RESULTS / "feature_graph_scale.md")
     args = parser.parse_args()
-    config = SMOKE if args.smoke else CONFIG
+    config = model_config(args.smoke)
     d_sae, k = (512, 8) if args.smoke else (D_SAE, K)
     if args.worker == "write":
         write_fixture(args.folder, config, d_sae, k, args.n_pos)

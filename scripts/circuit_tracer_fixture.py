@@ -57,6 +57,7 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.replacement_weights import load_hooked_weights  # noqa: E402
 from depass_lens.zoo.tasks.ioi import IOITask  # noqa: E402
 from depass_lens.zoo.tokenizer import build_tokenizer  # noqa: E402
 
@@ -113,19 +114,9 @@ def zoo_model(tokenizer: Any, transcoders: Any) -> Any:
     model = ReplacementModel.from_config(
         cfg, transcoders, backend="transformerlens", tokenizer=tokenizer
     )
-    # the zoo's parameters are HookedTransformer's names; circuit-tracer wraps each MLP and the
-    # unembedding (ReplacementMLP.old_mlp, ReplacementUnembed.old_unembed)
-    state = {}
-    for name, tensor in load_file(str(ZOO / "weights" / f"{MODEL}.safetensors")).items():
-        parts = name.split(".")
-        if parts[0] == "blocks" and parts[2] == "mlp":
-            name = ".".join([*parts[:3], "old_mlp", *parts[3:]])
-        elif parts[0] == "unembed":
-            name = "unembed.old_unembed." + ".".join(parts[1:])
-        state[name] = tensor
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    params = {n for n, _ in model.named_parameters() if not n.startswith("transcoders.")}
-    if unexpected or params & set(missing):
+    state = load_file(str(ZOO / "weights" / f"{MODEL}.safetensors"))
+    missing, unexpected = load_hooked_weights(model, state)
+    if missing or unexpected:
         raise SystemExit(f"zoo weights do not fit: missing {missing}, unexpected {unexpected}")
     return model.eval()
 
