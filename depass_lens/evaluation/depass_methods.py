@@ -25,15 +25,16 @@ from depass_lens.evaluation.registry import (
     ComponentMethod,
     ComponentTask,
     SubspaceMethod,
+    SubspaceTask,
     TokenMethod,
     TokenTask,
     component_method,
     register_component_method,
     register_subspace_method,
     register_token_method,
+    subspace_method,
     token_method,
 )
-from depass_lens.evaluation.subspace import Probe
 
 RULES = ("taylor", "softmax", "max", "relu", "linear")
 #: Attention splits evaluated besides the published one (``value``), with the linear rule.
@@ -150,21 +151,18 @@ def depass_component_method(
 def depass_subspace_method(rule: str = "taylor", attention: str = "value") -> SubspaceMethod:
     """Token shares of a probe reading (a ``Direction`` target at the probe's hook)."""
 
-    def method(
-        model: TLModel,
-        tokens: Int[Tensor, "batch pos"],
-        probe: Probe,
-        *,
-        attention_mask: Tensor | None = None,
-    ) -> Float[Tensor, "batch pos"]:
+    def method(task: SubspaceTask) -> Float[Tensor, "batch pos"]:
+        probe = task.probe
         if probe.pos == "all":
             raise ValueError("DePass subspace method reads one position, not 'all'")
         dp = _engine()
         target = dp.Direction(probe.direction, pos=probe.pos, hook=probe.hook, name="probe")
-        return _token_shares(model, tokens, target, rule, attention, attention_mask)
+        mask = task.attention_mask
+        return _token_shares(task.model, task.tokens, target, rule, attention, mask)
 
-    method.__name__ = method_name(rule, attention).replace("-", "_") + "_subspace"
-    return method
+    name = method_name(rule, attention).replace("-", "_")
+    method.__name__ = method.__qualname__ = f"{name}_subspace"
+    return subspace_method(method)
 
 
 def register_depass_methods(rules: tuple[str, ...] = RULES) -> None:

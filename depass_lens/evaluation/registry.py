@@ -24,7 +24,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from jaxtyping import Float, Int
 from torch import Tensor
@@ -32,6 +32,9 @@ from torch import Tensor
 from depass_lens.adapters.base import TLModel
 from depass_lens.evaluation.levels import Level
 from depass_lens.evaluation.metrics import Metric
+
+if TYPE_CHECKING:  # subspace.py registers its methods here
+    from depass_lens.evaluation.subspace import Probe
 
 TokenMethod = Callable[..., Float[Tensor, "batch pos"]]
 ComponentMethod = Callable[..., Float[Tensor, "batch n_comp"]]
@@ -61,6 +64,34 @@ def token_method(fn: Callable[..., Float[Tensor, "batch pos"]]) -> TokenMethod:
         **options: Any,
     ) -> Float[Tensor, "batch pos"]:
         return fn(TokenTask(model, tokens, metric, attention_mask), **options)
+
+    return _behind(method, fn)
+
+
+@dataclass(frozen=True)
+class SubspaceTask:
+    """What every subspace method is asked: score each token of ``tokens`` for the reading of
+    ``probe``."""
+
+    model: TLModel
+    tokens: Int[Tensor, "batch pos"]
+    probe: Probe
+    attention_mask: Tensor | None = None
+
+
+def subspace_method(fn: Callable[..., Float[Tensor, "batch pos"]]) -> SubspaceMethod:
+    """``fn(task: SubspaceTask, **options)`` behind the registry's subspace signature
+    ``(model, tokens, probe, *, attention_mask=None, **options)``."""
+
+    def method(
+        model: TLModel,
+        tokens: Int[Tensor, "batch pos"],
+        probe: Probe,
+        *,
+        attention_mask: Tensor | None = None,
+        **options: Any,
+    ) -> Float[Tensor, "batch pos"]:
+        return fn(SubspaceTask(model, tokens, probe, attention_mask), **options)
 
     return _behind(method, fn)
 

@@ -25,6 +25,7 @@ from depass_lens.adapters import make_adapter
 from depass_lens.adapters.base import TLModel
 from depass_lens.evaluation.curves import DEFAULT_GRID, Curve
 from depass_lens.evaluation.metrics import real_mask, real_positions
+from depass_lens.evaluation.registry import SubspaceTask, subspace_method
 from depass_lens.evaluation.token_baselines import (
     Objective,
     attention_from,
@@ -202,50 +203,37 @@ def compare_probe_rankings(
 
 
 # ------------------------------------------------------------------------------ baselines
-def probe_gradient_norm(
-    model: TLModel,
-    tokens: Int[Tensor, "batch pos"],
-    probe: Probe,
-    *,
-    attention_mask: Tensor | None = None,
-) -> Float[Tensor, "batch pos"]:
+@subspace_method
+def probe_gradient_norm(task: SubspaceTask) -> Float[Tensor, "batch pos"]:
     """Norm of the reading's gradient w.r.t. each input embedding."""
-    return gradient_norm_of(model, tokens, probe.objective(attention_mask), attention_mask)
+    objective = task.probe.objective(task.attention_mask)
+    return gradient_norm_of(task.model, task.tokens, objective, task.attention_mask)
 
 
-def probe_gradient_x_input(
-    model: TLModel,
-    tokens: Int[Tensor, "batch pos"],
-    probe: Probe,
-    *,
-    attention_mask: Tensor | None = None,
-) -> Float[Tensor, "batch pos"]:
+@subspace_method
+def probe_gradient_x_input(task: SubspaceTask) -> Float[Tensor, "batch pos"]:
     """Gradient x input of the reading."""
-    return gradient_x_input_of(model, tokens, probe.objective(attention_mask), attention_mask)
+    objective = task.probe.objective(task.attention_mask)
+    return gradient_x_input_of(task.model, task.tokens, objective, task.attention_mask)
 
 
+@subspace_method
 def probe_integrated_gradients(
-    model: TLModel,
-    tokens: Int[Tensor, "batch pos"],
-    probe: Probe,
-    *,
-    attention_mask: Tensor | None = None,
+    task: SubspaceTask,
     steps: int = 32,
     rule: Literal["gausslegendre", "midpoint", "trapezoid"] = "gausslegendre",
 ) -> Float[Tensor, "batch pos"]:
     """Integrated gradients of the reading from the zero input."""
-    objective = probe.objective(attention_mask)
-    return integrated_gradients_of(model, tokens, objective, attention_mask, steps, rule)
+    objective = task.probe.objective(task.attention_mask)
+    return integrated_gradients_of(
+        task.model, task.tokens, objective, task.attention_mask, steps, rule
+    )
 
 
-def probe_attention(
-    model: TLModel,
-    tokens: Int[Tensor, "batch pos"],
-    probe: Probe,
-    *,
-    attention_mask: Tensor | None = None,
-) -> Float[Tensor, "batch pos"]:
+@subspace_method
+def probe_attention(task: SubspaceTask) -> Float[Tensor, "batch pos"]:
     """Head-mean attention from the probe's position in the last layer at or before the hook."""
+    model, tokens, probe, attention_mask = task.model, task.tokens, task.probe, task.attention_mask
     layer = make_adapter(model).n_layers - 1 if probe.layer is None else probe.layer
     if probe.hook.endswith("hook_resid_pre"):
         layer -= 1
@@ -260,13 +248,7 @@ def probe_attention(
     return einops.einsum(pattern, real, "b q k, b q -> b k") / real.sum(-1, keepdim=True)
 
 
-def probe_random(
-    model: TLModel,
-    tokens: Int[Tensor, "batch pos"],
-    probe: Probe,
-    *,
-    attention_mask: Tensor | None = None,
-    seed: int = 0,
-) -> Float[Tensor, "batch pos"]:
+@subspace_method
+def probe_random(task: SubspaceTask, seed: int = 0) -> Float[Tensor, "batch pos"]:
     """Uniform random scores (seeded)."""
-    return random_token_scores(tokens, attention_mask, seed)
+    return random_token_scores(task.tokens, task.attention_mask, seed)
