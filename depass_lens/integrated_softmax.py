@@ -33,7 +33,6 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
-import einops
 import numpy as np
 import torch
 from jaxtyping import Bool, Float
@@ -295,59 +294,31 @@ class IntegratedSoftmax:
         ``v`` the real values, the gradient at the score shares is ``M(g v^T)`` (``M`` is
         symmetric), and at the queries and keys that build the shares it is that times the real
         keys and queries (and the soft cap's frozen ratio). ``ratio`` defaults to 1.
-        """
-        if left.shape[0] != queries.shape[0]:
-            return self._contract_shared(left, right, queries, keys, ratio)
-        out_q = queries.new_zeros(queries.shape)
-        out_k = keys.new_zeros(keys.shape)
-        dtype = torch.promote_types(left.dtype, self._work)
-        for chunk in self._chunks:
-            patterns = self._node_patterns(chunk)
-            keys_span = slice(chunk.lo, chunk.hi)
-            tiles = [
-                left[b, chunk.q[start:stop], h].to(dtype)
-                @ right[b, keys_span, h].transpose(0, 1).to(dtype)
-                for start, stop, b, h in chunk.segments
-            ]
-            tile = torch.cat(tiles) if len(tiles) > 1 else tiles[0]
-            tile = self._centred(chunk, slice(None), tile.unsqueeze(1))
-            moved = _combine(patterns.to(dtype), chunk.weights.to(dtype), tile)[:, 0]
-            if ratio is not None:
-                moved = moved * ratio[chunk.b, chunk.h, chunk.q, keys_span].to(moved.dtype)
-            for start, stop, b, h in chunk.segments:
-                rows, part = chunk.q[start:stop], moved[start:stop]
-                out_q[b, rows, h] = (part @ keys[b, keys_span, h].to(part.dtype)).to(out_q.dtype)
-                pulled = part.transpose(0, 1) @ queries[b, rows, h].to(part.dtype)
-                out_k[b, keys_span, h] += pulled.to(out_k.dtype)
-        return out_q, out_k
 
-    def _contract_shared(
-        self,
-        left: Float[Tensor, "copies query head r"],
-        right: Float[Tensor, "1 key head r"],
-        queries: Float[Tensor, "1 query head e"],
-        keys: Float[Tensor, "1 key head e"],
-        ratio: Float[Tensor, "1 head query key"] | None,
-    ) -> tuple[Float[Tensor, "copies query head e"], Float[Tensor, "copies key head e"]]:
-        """:meth:`contract` for ``left`` on many copies of this one prompt (a feature graph's
-        batched receivers): ``M`` is the same for every copy, so the copies ride along as
-        components of each row and every node pattern is formed once for all of them."""
-        if queries.shape[0] != 1 or self._shape[0] != 1:
+        ``left`` may also hold many copies of this one prompt (a feature graph's batched
+        receivers: ``queries``, ``keys`` and the integrator on one prompt): ``M`` is the same for
+        every copy, so the copies ride along as components of each row and every node pattern is
+        formed once for all of them.
+        """
+        shared = left.shape[0] != queries.shape[0]
+        if shared and (queries.shape[0] != 1 or self._shape[0] != 1):
             raise ValueError("shared contraction needs the integrator and its queries on 1 prompt")
-        copies = left.shape[0]
-        out_q = queries.new_zeros((copies, *queries.shape[1:]))
-        out_k = keys.new_zeros((copies, *keys.shape[1:]))
+        out_q = queries.new_zeros((left.shape[0], *queries.shape[1:]))
+        out_k = keys.new_zeros((left.shape[0], *keys.shape[1:]))
         dtype = torch.promote_types(left.dtype, self._work)
         for chunk in self._chunks:
             patterns = self._node_patterns(chunk)
             keys_span = slice(chunk.lo, chunk.hi)
-            tiles = [  # [rows, copies, keys] per run of one head
-                einops.einsum(
-                    left[:, chunk.q[start:stop], h].to(dtype),
-                    right[0, keys_span, h].to(dtype),
-                    "c n r, k r -> n c k",
-                )
-                for start, stop, _, h in chunk.segments
+            # one run of a head per segment; ``c`` are the copies of the prompt that ride along
+            # as components of each row (a feature graph's batched receivers), else 1
+            tiles = [  # [rows, copies, keys]
+                (
+                    left[slice(None) if shared else slice(b, b + 1), chunk.q[start:stop], h].to(
+                        dtype
+                    )
+                    @ right[b, keys_span, h].transpose(0, 1).to(dtype)
+                ).transpose(0, 1)
+                for start, stop, b, h in chunk.segments
             ]
             tile = torch.cat(tiles) if len(tiles) > 1 else tiles[0]
             tile = self._centred(chunk, slice(None), tile)
@@ -355,15 +326,14 @@ class IntegratedSoftmax:
             if ratio is not None:
                 scale = ratio[chunk.b, chunk.h, chunk.q, keys_span].to(moved.dtype)
                 moved = moved * scale.unsqueeze(1)
-            for start, stop, _, h in chunk.segments:
+            for start, stop, b, h in chunk.segments:
                 rows, part = chunk.q[start:stop], moved[start:stop]
-                k_part = keys[0, keys_span, h].to(part.dtype)
-                q_part = queries[0, rows, h].to(part.dtype)
-                out_q[:, rows, h] = einops.einsum(part, k_part, "n c k, k e -> c n e").to(
-                    out_q.dtype
-                )
-                pulled = einops.einsum(part, q_part, "n c k, n e -> c k e")
-                out_k[:, keys_span, h] += pulled.to(out_k.dtype)
+                into = slice(None) if shared else slice(b, b + 1)
+                k_part = keys[b, keys_span, h].to(part.dtype)
+                q_part = queries[b, rows, h].to(part.dtype)
+                out_q[into, rows, h] = (part.transpose(0, 1) @ k_part).to(out_q.dtype)
+                pulled = part.permute(1, 2, 0) @ q_part  # [copies, keys, e]
+                out_k[into, keys_span, h] += pulled.to(out_k.dtype)
         return out_q, out_k
 
     def _apply(self, shares: Tensor) -> Tensor:
