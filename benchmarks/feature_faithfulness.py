@@ -124,6 +124,9 @@ def reading(results: list[FeatureFaithfulness], single: Any) -> list[str]:
         lines.append(
             "- Kept latents fixed, the contrastive graph's own prediction of its faithfulness "
             "(its kept latents' shares summed, over m(all) - m(none)): " + "; ".join(parts) + "."
+            " Where its top latents fall behind a baseline's, what causes it is measured by "
+            "`python -m benchmarks.feature_shortfall` (`feature_shortfall.md`: the same sets with "
+            "the model's patterns and norm scales held)."
         )
     for ref in ("zero", "corrupted"):
         parts = []

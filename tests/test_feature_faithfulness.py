@@ -14,6 +14,7 @@ import math
 import pytest
 import torch
 
+from depass_lens.errors import DePassInputError
 from depass_lens.evaluation.feature_faithfulness import (
     FeatureFaithfulness,
     Scores,
@@ -85,6 +86,51 @@ def test_spliced_model_with_frozen_errors_reproduces_the_model(family, dtype):
         errors = {n: r.error for n, r in other.items()}
         rerun = spliced.run(patches, tokens=corrupted, errors=errors)
         assert relative(rerun, model(corrupted)) < TOL[dtype]
+
+
+@pytest.mark.numerics
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_held_patterns_and_norm_scales_make_fixed_latents_act_additively(family):
+    """``SplicedModel.run(hold=...)`` with every pattern and norm scale held at the values the
+    all-corrupted run ``read``: every site's latents fixed, each path from them to the logits
+    is linear, so two disjoint kept sets' effects add up exactly (fp64); the real model does
+    not add them up (the check can fail), and holding a run's own values changes nothing."""
+    model = make_model(family, torch.float64)
+    tokens, corrupted = batch(model)
+    spliced = SplicedModel(model, dictionaries(model), tokens)
+    clean = {n: r.acts for n, r in spliced.clean.items()}
+    reference = reference_acts(spliced, "corrupted", corrupted)
+    gen = torch.Generator().manual_seed(3)
+    coin = {n: torch.rand(a.shape, generator=gen) < 0.5 for n, a in clean.items()}
+
+    def fixed(kept: dict[str, torch.Tensor]) -> dict[str, Patch]:
+        return {
+            n: Patch(torch.ones_like(a, dtype=torch.bool), torch.where(kept[n], a, reference[n]))
+            for n, a in clean.items()
+        }
+
+    second = {n: ~c for n, c in coin.items()}
+    both = {n: torch.ones_like(c) for n, c in coin.items()}
+    none = {n: torch.zeros_like(c) for n, c in coin.items()}
+    points = [n for n in spliced.adapter.hook_names() if n.endswith(("hook_pattern", "hook_scale"))]
+    assert any(n.endswith("hook_pattern") for n in points) and "ln_final.hook_scale" in points
+    state = dict.fromkeys(points, torch.empty(0))
+    with torch.no_grad():
+        base = spliced.run(fixed(none), read=state)
+        assert all(state[n].numel() > 0 for n in points)
+        again = spliced.run(fixed(none), hold=state)
+        assert relative(again, base) < 1e-12
+
+        def effect(kept: dict[str, torch.Tensor], hold: dict | None) -> torch.Tensor:
+            return spliced.run(fixed(kept), hold=hold) - base
+
+        for hold, additive in ((state, True), (None, False)):
+            total = effect(both, hold)
+            parts = effect(coin, hold) + effect(second, hold)
+            gap = relative(parts, total)
+            assert (gap < 1e-10) if additive else (gap > 1e-6), (hold is not None, gap)
+    with pytest.raises(DePassInputError, match="no hook point"):
+        spliced.run(hold={"blocks.0.attn.hook_nothing": torch.zeros(1)})
 
 
 @pytest.mark.numerics

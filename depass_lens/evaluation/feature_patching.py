@@ -101,12 +101,32 @@ class SplicedModel:
 
     # ------------------------------------------------------------------ runs
     def _run_with(
-        self, tokens: Tensor, at_output: Callable[[Site, Tensor, Tensor], Tensor | None]
+        self,
+        tokens: Tensor,
+        at_output: Callable[[Site, Tensor, Tensor], Tensor | None],
+        hold: Mapping[str, Tensor] | None = None,
+        read: dict[str, Tensor] | None = None,
     ) -> Tensor:
         """The logits with every site's input kept and ``at_output(site, input, output)`` called
-        at its output hook (its return value, if any, replaces the output)."""
+        at its output hook (its return value, if any, replaces the output); hook points named in
+        ``hold`` output the given tensors, and those named in ``read`` are filled with what they
+        output."""
         live: dict[str, Tensor] = {}
         hooks: list[tuple[str, Any]] = []
+        for name in hold or {}:
+
+            def held(value: Tensor, hook: Any, name: str = name) -> Tensor:
+                assert hold is not None
+                return hold[name].to(value.dtype)
+
+            hooks.append((name, held))
+        for name in read or {}:
+
+            def seen(value: Tensor, hook: Any, name: str = name) -> None:
+                assert read is not None
+                read[name] = value.detach().clone()
+
+            hooks.append((name, seen))
         for site in self.sites:
             if site.hook_in != site.hook_out:
 
@@ -145,6 +165,8 @@ class SplicedModel:
         tokens: Tensor | None = None,
         errors: Mapping[str, Tensor] | None = None,
         leaves: dict[str, Tensor] | None = None,
+        hold: Mapping[str, Tensor] | None = None,
+        read: dict[str, Tensor] | None = None,
     ) -> Float[Tensor, "batch pos vocab"]:
         """The spliced model's logits on the clean prompts (or ``tokens``).
 
@@ -155,12 +177,21 @@ class SplicedModel:
             leaves: if given, filled per site with a zero tensor added to the coefficients, with
                 ``requires_grad``: its gradient is the metric's derivative with respect to each
                 latent's coefficient at each position.
+            hold: per hook point (e.g. every ``hook_pattern`` and ``hook_scale``), the tensor it
+                outputs whatever its input: the model's nonlinear maps frozen at values read
+                from another run, so that held latents act on the metric along linear paths.
+            read: hook points whose outputs in this run are filled in (keys: the names).
         """
         patches = patches or {}
         errors = errors or {}
         unknown = set(patches) - set(self.names)
         if unknown:
             raise DePassInputError(f"no site {sorted(unknown)}; sites are {self.names}")
+        points = set(hold or {}) | set(read or {})
+        if points:
+            missing = sorted(points - set(self.adapter.hook_names()))
+            if missing:
+                raise DePassInputError(f"the model has no hook point {missing}")
 
         def splice(site: Site, raw_in: Tensor, value: Tensor) -> Tensor:
             coeff = self._encode(site, raw_in)
@@ -177,7 +208,7 @@ class SplicedModel:
                 out = einops.rearrange(out, "b p (h e) -> b p h e", h=value.shape[2])
             return out.to(value.dtype)
 
-        return self._run_with(self.tokens if tokens is None else tokens, splice)
+        return self._run_with(self.tokens if tokens is None else tokens, splice, hold, read)
 
 
 def latent_gradients(
