@@ -413,7 +413,7 @@ def sender_outputs(
     senders = spec.senders[rows or slice(None)]
     embed = _embedding(adapter, acts, minus)
     out = embed.new_empty(len(senders), *embed.shape)
-    heads: dict[int, Tensor] = {}
+    heads: dict[int, tuple[Tensor, bool]] = {}
     mlps: dict[int, list[Tensor]] = {}
     for row, i in enumerate(senders):
         node = spec.nodes[i]
@@ -425,8 +425,17 @@ def sender_outputs(
         elif node.kind == "head":
             if node.layer not in heads:
                 heads.clear()  # one layer's heads at a time
-                heads[node.layer] = _difference(_head_outputs, adapter, node.layer, acts, minus)
-            out[row] = heads[node.layer][:, node.index]
+                heads[node.layer] = _head_inputs(adapter, node.layer, acts, minus)
+            formed, is_z = heads[node.layer]
+            if not is_z:  # the heads' outputs [batch, head, pos, d_model]
+                out[row] = formed[:, node.index]
+                continue
+            z = formed[:, :, node.index]  # z (or its change) [batch, pos, d_head]: one head
+            W_O = adapter.attention(node.layer).W_O[node.index].to(z.dtype)
+            if torch.is_grad_enabled() or z.dtype != out.dtype:
+                out[row] = z @ W_O
+            else:  # straight into its row: no layer-wide copy
+                torch.matmul(z, W_O, out=out[row])
         elif node.kind == "bias":
             out[row] = _difference(_bias_output, adapter, node.layer, acts, minus)
         elif node.kind in ("mlp", "neurons"):
@@ -471,6 +480,21 @@ def _bias_output(
     z = acts[f"blocks.{layer}.attn.hook_z"]
     b_O = adapter.attention(layer).b_O.expand(z.shape[0], z.shape[1], -1)
     return output_constant(adapter, layer, "attn", acts, b_O)
+
+
+def _head_inputs(
+    adapter: ModelAdapter, layer: int, acts: Activations, minus: Activations | None
+) -> tuple[Tensor, bool]:
+    """What a layer's heads' outputs (or their changes from ``minus``) are formed from, and
+    whether it is ``z``: where no norm follows the attention the map is linear in ``z``, so
+    ``z`` (or its change, ``batch pos head d_head``) is returned for each head's row to be
+    projected alone; otherwise the outputs themselves (:func:`_head_outputs`, ``batch head pos
+    d_model``)."""
+    if post_sublayer_norms(adapter, layer, "attn"):
+        return _difference(_head_outputs, adapter, layer, acts, minus), False
+    name = f"blocks.{layer}.attn.hook_z"
+    z = acts[name]
+    return (z if minus is None else z - minus[name].to(z.dtype)), True
 
 
 def _head_outputs(
