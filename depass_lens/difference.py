@@ -135,10 +135,13 @@ def secant_slope(act: Callable[[Tensor], Tensor], x: Tensor, y: Tensor) -> Float
     gap = x - y
     eps = 1e-9 if x.dtype == torch.float64 else 1e-4
     small = gap.abs() < eps
+    slope = (act(x) - act(y)) / torch.where(small, torch.ones_like(gap), gap)
+    if not bool(small.any()):
+        return slope
+    # the whole tensor, not the small entries alone: an activation need not be elementwise
+    # (SoLU's softmax runs over the neurons)
     h = torch.full_like(x, eps)
-    tangent = (act(x + h) - act(x - h)) / (2 * h)
-    safe = torch.where(small, torch.ones_like(gap), gap)
-    return torch.where(small, tangent, (act(x) - act(y)) / safe)
+    return torch.where(small, (act(x + h) - act(x - h)) / (2 * h), slope)
 
 
 def secant_coefficient(
