@@ -1,16 +1,18 @@
 """Why the contrastive feature graph's top latents fall short of integrated gradients' at some
-budgets of the fixed-latent faithfulness curve (issue 18.4, ``feature_faithfulness.md``).
+budgets of the faithfulness curves (issue 18.4, ``feature_faithfulness.md``).
 
-The fixed protocol holds a method's top-``n`` latents at their clean activations and every other
-latent at its corrupted one, errors frozen at their clean values. With the model's attention
-patterns and norm scales *also* frozen (at their values in that all-corrupted state, ``m(none)``),
-every path from a held latent to the metric is linear: the metric is affine in the kept latents,
-and a kept set's faithfulness is exactly the sum of its latents' own effects. What separates that
-from the real measurement is the model's nonlinear response to the kept set itself: the patterns
-and norm scales moving when the kept latents change together, the part no one-pass additive score
-(a graph's share, a gradient) can see. This script measures each top-``n`` set four ways (real;
-patterns frozen; norm scales frozen; both frozen = additive) for the contrastive graph, integrated
-gradients and attribution patching, beside the graph's own prediction::
+The curves keep a method's top-``n`` latents clean and hold every other latent at its corrupted
+activation, errors frozen at their clean values; kept latents are either *fixed* at their clean
+activations or *live* (recomputed by their encoders). Each top-``n`` set is measured again with
+the model's attention patterns and/or norm scales held at their values in the all-corrupted state
+``m(none)`` (:meth:`SplicedModel.run`'s ``hold``). With kept latents fixed and both held, every
+path from a kept latent to the metric is linear: a set's faithfulness is exactly the sum of its
+latents' own effects, and what separates it from the real measurement is the model's nonlinear
+response to the kept set itself, the part no one-pass additive score (a graph's share, a gradient)
+carries. With kept latents live and both held, what is left nonlinear is the encoders (a TopK or
+ReLU latent switching on or off). Compared: the contrastive graph's direct shares (fixed) and its
+totals through later latents (live) against integrated gradients and attribution patching, beside
+the graph's own prediction::
 
     python -m benchmarks.feature_shortfall [--only ioi recall] [--prompts 32 --seed 31]
 
@@ -49,13 +51,15 @@ OUT = Path(__file__).parent / "results"
 #: Faithfulness differences this small are ties (as in the faithfulness tables' win counts).
 TIE = 1e-3
 NOTHING = torch.empty(0)
-METHODS = ("depass-contrast", "integrated gradients", "attribution patching")
+BASELINES = ("integrated gradients", "attribution patching")
+#: Per circuit semantics, the DePass variant made for it (as in ``feature_faithfulness.md``).
+OURS = {"fixed": "depass-contrast", "live": "depass-contrast-total"}
 #: Which of the model's nonlinear maps are held at their all-corrupted values, per column.
 FROZEN: dict[str, tuple[str, ...]] = {
     "real": (),
     "patterns frozen": ("hook_pattern",),
     "norm scales frozen": ("hook_scale",),
-    "both frozen (additive)": ("hook_pattern", "hook_scale"),
+    "both frozen": ("hook_pattern", "hook_scale"),
 }
 
 
@@ -66,8 +70,8 @@ def frozen_hooks(spliced: SplicedModel, suffixes: Sequence[str]) -> list[str]:
 
 @torch.no_grad()
 def shortfall(name: str, prompts: int, seed: int) -> dict[str, Any]:
-    """One zoo model: per budget and method, the kept set's faithfulness under each of
-    :data:`FROZEN`, and the contrastive graph's prediction of it."""
+    """One zoo model: per circuit semantics, budget and method, the kept set's faithfulness under
+    each of :data:`FROZEN`, and the contrastive graph's prediction of it."""
     model = zoo.load(name).to(torch.float64)
     dictionaries = [d.to(torch.float64) for d in load_dictionaries(name)]
     batch = zoo.task(name).batch(model, prompts, split="test", seed=seed)
@@ -77,53 +81,61 @@ def shortfall(name: str, prompts: int, seed: int) -> dict[str, Any]:
     names = spliced.names
     with torch.enable_grad():
         graphs = graph_scores(
-            spliced, batch.answers, batch.wrong, ["depass-contrast"], batch.corrupted
+            spliced, batch.answers, batch.wrong, list(OURS.values()), batch.corrupted
         )
         corrupted = reference_acts(spliced, "corrupted", batch.corrupted)
         scores = method_scores(spliced, metric, graphs, corrupted, True)
     clean = {n: r.acts for n, r in spliced.clean.items()}
     candidates = flatten({n: clean[n] != corrupted[n] for n in names}, names)
 
-    def fixed(kept: Tensor) -> dict[str, Patch]:
+    def patches(kept: Tensor, circuit: str) -> dict[str, Patch]:
         held = unflatten(kept, clean, names)
-        return {
+        if circuit == "live":  # kept latents recomputed by their encoders, the rest corrupted
+            return {n: Patch(~held[n], corrupted[n]) for n in names}
+        return {  # every latent held: the kept ones clean, the rest corrupted
             n: Patch(torch.ones_like(held[n]), torch.where(held[n], clean[n], corrupted[n]))
             for n in names
         }
 
     # every pattern and norm scale of the all-corrupted state, read off its run
-    none_state = dict.fromkeys(frozen_hooks(spliced, FROZEN["both frozen (additive)"]), NOTHING)
-    nothing = torch.zeros_like(candidates)
-    m_none = float(metric(spliced.run(fixed(nothing), read=none_state)).mean())
+    none_state = dict.fromkeys(frozen_hooks(spliced, FROZEN["both frozen"]), NOTHING)
+    nothing = torch.zeros_like(candidates)  # every latent held at its corrupted activation
+    m_none = float(metric(spliced.run(patches(nothing, "fixed"), read=none_state)).mean())
     budgets = budget_grid(int(candidates.sum(1).max()))
-    contrast = flatten(scores["depass-contrast"].estimate, names)
-    kept_sets = {
-        method: [top_n_mask(flatten(scores[method].key, names), candidates, n) for n in budgets]
-        for method in METHODS
-    }
-    out: dict[str, Any] = {"name": name, "budgets": list(budgets), "faithfulness": {}}
-    for column, suffixes in FROZEN.items():
-        held = {n: none_state[n] for n in frozen_hooks(spliced, suffixes)}
-
-        def measured(kept: Tensor, held: dict[str, Tensor] = held) -> float:
-            return float(metric(spliced.run(fixed(kept), hold=held)).mean())
-
-        gap = measured(candidates) - m_none
-        out.setdefault("gap", {})[column] = gap
-        out["faithfulness"][column] = {
-            method: [(measured(k) - m_none) / gap for k in sets]
-            for method, sets in kept_sets.items()
+    out: dict[str, Any] = {"name": name, "budgets": list(budgets), "circuits": {}}
+    for circuit, ours in OURS.items():
+        estimate = flatten(scores[ours].estimate, names)
+        kept_sets = {
+            method: [top_n_mask(flatten(scores[method].key, names), candidates, n) for n in budgets]
+            for method in (ours, *BASELINES)
         }
-        if column == "real":  # the graph's own estimate of each method's kept set, and its
-            # negative part (latents the graph says push against the answer)
-            out["predicted"] = {
-                method: [float((contrast * k).sum(1).mean()) / gap for k in sets]
+        result: dict[str, Any] = {"ours": ours, "gap": {}, "faithfulness": {}}
+        for column, suffixes in FROZEN.items():
+            held = {n: none_state[n] for n in frozen_hooks(spliced, suffixes)}
+
+            def measured(
+                kept: Tensor, held: dict[str, Tensor] = held, circuit: str = circuit
+            ) -> float:
+                logits = spliced.run(patches(kept, circuit), hold=held)
+                return float(metric(logits).mean())
+
+            gap = measured(candidates) - m_none
+            result["gap"][column] = gap
+            result["faithfulness"][column] = {
+                method: [(measured(k) - m_none) / gap for k in sets]
                 for method, sets in kept_sets.items()
             }
-            out["negative"] = {
-                method: [float((contrast.clamp(max=0) * k).sum(1).mean()) / gap for k in sets]
-                for method, sets in kept_sets.items()
-            }
+            if column == "real":  # the graph's own estimate of each method's kept set, and
+                # its negative part (latents the graph says push against the answer)
+                result["predicted"] = {
+                    method: [float((estimate * k).sum(1).mean()) / gap for k in sets]
+                    for method, sets in kept_sets.items()
+                }
+                result["negative"] = {
+                    method: [float((estimate.clamp(max=0) * k).sum(1).mean()) / gap for k in sets]
+                    for method, sets in kept_sets.items()
+                }
+        out["circuits"][circuit] = result
     return out
 
 
@@ -133,90 +145,81 @@ def _losses(result: dict[str, Any], column: str, ours: str, other: str) -> list[
 
 
 def markdown(results: Sequence[dict[str, Any]], command: str, seconds: float) -> str:
-    """Per model: every budget's four measurements of the contrastive graph's and integrated
-    gradients' sets, the graph's predictions, and a summary over the budgets where the graph's
-    set loses."""
-    ours, other = "depass-contrast", "integrated gradients"
+    """Per model and circuit semantics: every budget's four measurements of the DePass variant's
+    and integrated gradients' sets, the graph's predictions, and a summary over the budgets
+    where the graph's set loses."""
+    other = "integrated gradients"
     lines = [
         "# Where the contrastive feature graph falls short, and why",
         "",
         f"`{command}`; {machine()}; {seconds:.0f} s in all.",
         "",
-        "Fixed-latent faithfulness (kept latents held at their clean activations, the rest at "
-        "their corrupted ones, errors clean; `feature_faithfulness.md`) of each method's top-n "
-        "latents, measured four ways: the real spliced model; with every attention pattern held "
-        "at its value in the all-corrupted state m(none); with every norm scale held there; with "
-        "both held, where each kept set's faithfulness is the sum of its latents' own effects "
-        "(the metric is affine in the kept latents). Each column is normalised by its own "
-        "m(all) - m(none). `predicted`: the contrastive graph's shares of the set, over the real "
-        "m(all) - m(none); `negative`: the part of that from latents the graph scores below 0. C = "
-        "depass-contrast, IG = integrated gradients, AP = attribution patching.",
+        "Faithfulness (`feature_faithfulness.md`: each method's top-n latents kept clean, every "
+        "other latent at its corrupted activation, errors clean) measured four ways: the real "
+        "spliced model; with every attention pattern held at its value in the all-corrupted "
+        "state m(none); with every norm scale held there; with both held. Kept latents *fixed* "
+        "(at their clean activations; ours: depass-contrast): with both held the metric is "
+        "affine in the kept latents, so a set's faithfulness is the sum of its latents' own "
+        "effects. Kept latents *live* (recomputed by their encoders; ours: "
+        "depass-contrast-total): with both held, only the encoders stay nonlinear. Each column "
+        "is normalised by its own m(all) - m(none). `predicted`: the graph's estimates of the "
+        "set summed, over the real m(all) - m(none); `negative`: the part of that from latents "
+        "it scores below 0. C = the DePass variant, IG = integrated gradients, AP = attribution "
+        "patching.",
         "",
     ]
     for r in results:
-        f, p = r["faithfulness"], r["predicted"]
-        lines += [
-            f"## `{r['name']}`",
-            "",
-            "| latents | C real | IG real | AP real | C patterns frozen | IG patterns frozen "
-            "| C norms frozen | IG norms frozen | C additive | IG additive | C predicted "
-            "| IG predicted | C negative | IG negative |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-        ]
-        for i, n in enumerate(r["budgets"]):
-            cells = [
-                f["real"][ours][i],
-                f["real"][other][i],
-                f["real"]["attribution patching"][i],
-                f["patterns frozen"][ours][i],
-                f["patterns frozen"][other][i],
-                f["norm scales frozen"][ours][i],
-                f["norm scales frozen"][other][i],
-                f["both frozen (additive)"][ours][i],
-                f["both frozen (additive)"][other][i],
-                p[ours][i],
-                p[other][i],
-                r["negative"][ours][i],
-                r["negative"][other][i],
+        for circuit, c in r["circuits"].items():
+            ours, f, p, neg = c["ours"], c["faithfulness"], c["predicted"], c["negative"]
+            lines += [
+                f"## `{r['name']}`, kept latents {circuit} (C = {ours})",
+                "",
+                "| latents | C real | IG real | AP real | C patterns frozen | IG patterns frozen "
+                "| C norms frozen | IG norms frozen | C both frozen | IG both frozen | C predicted "
+                "| IG predicted | C negative | IG negative |",
+                "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
             ]
-            lines.append(f"| {n} | " + " | ".join(f"{c:.3f}" for c in cells) + " |")
-        lines.append("")
-        gaps = ", ".join(f"{c} {g:.3f}" for c, g in r["gap"].items())
-        lines.append(f"- m(all) - m(none): {gaps}.")
-        lines += summary(r, ours, other)
-        lines.append("")
+            for i, n in enumerate(r["budgets"]):
+                cells = [f["real"][m][i] for m in (ours, other, "attribution patching")]
+                for column in list(FROZEN)[1:]:
+                    cells += [f[column][ours][i], f[column][other][i]]
+                cells += [p[ours][i], p[other][i], neg[ours][i], neg[other][i]]
+                lines.append(f"| {n} | " + " | ".join(f"{x:.3f}" for x in cells) + " |")
+            lines.append("")
+            gaps = ", ".join(f"{col} {g:.3f}" for col, g in c["gap"].items())
+            lines.append(f"- m(all) - m(none): {gaps}.")
+            lines += summary(r["budgets"], c, ours, other)
+            lines.append("")
     return "\n".join(lines)
 
 
-def summary(r: dict[str, Any], ours: str, other: str) -> list[str]:
+def summary(budgets: Sequence[int], c: dict[str, Any], ours: str, other: str) -> list[str]:
     """The budgets where ``ours``'s set is less faithful than ``other``'s (real model), and what
     the gap becomes with the nonlinear maps frozen."""
-    real = _losses(r, "real", ours, other)
+    real = _losses(c, "real", ours, other)
     losing = [i for i, d in enumerate(real) if d > TIE]
     if not losing:
         return [f"- {ours} at least as faithful as {other} at every budget."]
     out = [
         f"- {ours} below {other} at {len(losing)} of {len(real)} budgets "
-        f"({', '.join(str(r['budgets'][i]) for i in losing)} latents); mean shortfall there:"
+        f"({', '.join(str(budgets[i]) for i in losing)} latents); mean shortfall there:"
     ]
     for column in FROZEN:
-        d = _losses(r, column, ours, other)
-        mean = sum(d[i] for i in losing) / len(losing)
+        d = _losses(c, column, ours, other)
         ahead = sum(d[i] <= TIE for i in losing)
         out.append(
-            f"  - {column}: {mean:+.3f} (C at least as faithful at {ahead} of {len(losing)})"
+            f"  - {column}: {mean_at(d, losing):+.3f} (C at least as faithful at {ahead} of "
+            f"{len(losing)})"
         )
-    p = r["predicted"]
+    p, neg = c["predicted"], c["negative"]
     rank = sum(p[ours][i] >= p[other][i] - TIE for i in losing)
     out.append(
         f"  - the graph predicts its own set at least as faithful at {rank} of {len(losing)} "
-        f"(mean predicted {sum(p[ours][i] for i in losing) / len(losing):.3f} against "
-        f"{sum(p[other][i] for i in losing) / len(losing):.3f})"
+        f"(mean predicted {mean_at(p[ours], losing):.3f} against {mean_at(p[other], losing):.3f})"
     )
-    n = r["negative"]
     out.append(
-        f"  - the graph's negative shares in the sets there: C {mean_at(n[ours], losing):.3f}, "
-        f"IG {mean_at(n[other], losing):.3f}"
+        f"  - the graph's negative estimates in the sets there: C "
+        f"{mean_at(neg[ours], losing):.3f}, IG {mean_at(neg[other], losing):.3f}"
     )
     return out
 
