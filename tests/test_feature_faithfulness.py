@@ -131,6 +131,8 @@ def test_held_patterns_and_norm_scales_make_fixed_latents_act_additively(family)
             assert (gap < 1e-10) if additive else (gap > 1e-6), (hold is not None, gap)
     with pytest.raises(DePassInputError, match="no hook point"):
         spliced.run(hold={"blocks.0.attn.hook_nothing": torch.zeros(1)})
+    with pytest.raises(DePassInputError, match="has shape"):
+        spliced.run(hold={points[0]: state[points[0]][:1]})
 
 
 @pytest.mark.numerics

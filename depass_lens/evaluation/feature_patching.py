@@ -117,6 +117,11 @@ class SplicedModel:
 
             def held(value: Tensor, hook: Any, name: str = name) -> Tensor:
                 assert hold is not None
+                if hold[name].shape != value.shape:
+                    raise DePassInputError(
+                        f"hold[{name!r}] has shape {tuple(hold[name].shape)}; the hook point "
+                        f"outputs {tuple(value.shape)} in this run"
+                    )
                 return hold[name].to(value.dtype)
 
             hooks.append((name, held))
