@@ -257,7 +257,7 @@ class DifferenceLinearisation:
         if name not in self.reference and name.endswith(".attn.hook_pattern"):
             scores = self.reference[name.removesuffix("hook_pattern") + "hook_attn_scores"]
             rebuild = partial(pattern_of, scores)
-            return recompute_when_saved(rebuild(), rebuild).to(like.dtype)
+            return recompute_when_saved(rebuild(), rebuild, made=True).to(like.dtype)
         value = self.reference[name].to(like.dtype)
         if name in self.release:
             del self.reference[name]  # type: ignore[attr-defined]

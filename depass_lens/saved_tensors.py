@@ -16,8 +16,9 @@ Activations work the same way when their maker says how to rebuild them
 that the QK-aware splits keep anyway, so the ``query x key`` pattern TransformerLens's ``pattern
 @ v`` saves is rebuilt layer by layer in the backward pass instead of kept for all layers.
 
-Every recipe is checked to rebuild its tensor bit for bit when it is stored; a tensor it does not
-reproduce is kept as it is.
+Every recipe is checked to rebuild its tensor bit for bit when it is stored (except an activation
+that is its recipe's own output, unchanged since), and a tensor it does not reproduce is kept as it
+is.
 """
 
 from __future__ import annotations
@@ -162,16 +163,21 @@ class ActivationRecipe:
             return self.make().as_strided(self.size, self.stride, self.offset)
 
 
-#: Storage address -> (the registered tensor, weakly; how to rebuild it), inside the context.
-_recomputable: dict[int, tuple[weakref.ref, Callable[[], Tensor]]] | None = None
+#: Storage address -> (the registered tensor, weakly; how to rebuild it; if it is that rebuild's
+#: own output, its in-place version then), inside the context.
+_recomputable: dict[int, tuple[weakref.ref, Callable[[], Tensor], int | None]] | None = None
 
 
-def recompute_when_saved(tensor: Tensor, make: Callable[[], Tensor]) -> Tensor:
+def recompute_when_saved(tensor: Tensor, make: Callable[[], Tensor], made: bool = False) -> Tensor:
     """Let autograd store ``tensor`` (contiguous, not requiring grad), or any view of it, as
     ``make`` (which rebuilds it bit for bit from what the caller keeps anyway) while
-    :func:`lean_saved_tensors` is active; a no-op outside it. Returns ``tensor``."""
+    :func:`lean_saved_tensors` is active; a no-op outside it. Returns ``tensor``.
+
+    ``made``: ``tensor`` is ``make()``'s own output, so the bit-for-bit check at storing time
+    (one more call of ``make``) is skipped; anything else is checked."""
     if _recomputable is not None and tensor.is_contiguous() and tensor.storage_offset() == 0:
-        _recomputable[tensor.untyped_storage().data_ptr()] = (weakref.ref(tensor), make)
+        version = tensor._version if made else None
+        _recomputable[tensor.untyped_storage().data_ptr()] = (weakref.ref(tensor), make, version)
     return tensor
 
 
@@ -189,6 +195,8 @@ def _activation_recipe(saved: Tensor) -> ActivationRecipe | None:
     recipe = ActivationRecipe(
         entry[1], tuple(saved.size()), saved.stride(), int(saved.storage_offset())
     )
+    if entry[2] is not None and base._version == entry[2]:  # ``make``'s output, untouched since
+        return recipe
     rebuilt = recipe.rebuild()
     if rebuilt.dtype != saved.dtype or not torch.equal(rebuilt, saved.detach()):
         return None

@@ -177,6 +177,29 @@ def test_a_recipe_that_does_not_rebuild_its_tensor_is_not_used():
     torch.testing.assert_close(grad, pattern.sum(-2, keepdim=True).mT.expand_as(weight))
 
 
+def test_a_recipes_own_output_is_stored_unchecked_until_it_changes(monkeypatch):
+    """``made=True``: the tensor is ``make()``'s output, so storing it calls ``make`` no more;
+    once changed in place it is checked again (and, not rebuilt by the recipe, kept)."""
+    scores = torch.randn(2, 4, 128, 128)
+    calls = []
+
+    def make():
+        calls.append(1)
+        return scores.softmax(-1)
+
+    weight = torch.randn(2, 4, 128, 8, requires_grad=True)
+    with saved_tensors.lean_saved_tensors():
+        pattern = saved_tensors.recompute_when_saved(make(), make, made=True)
+        assert saved_tensors._activation_recipe(pattern) is not None
+        assert len(calls) == 1  # not rebuilt to be checked
+        out = (pattern @ weight).sum()
+        pattern.mul_(2)  # after registration: the check runs, and the recipe is refused
+        assert saved_tensors._activation_recipe(pattern) is None
+        assert len(calls) == 2
+    (grad,) = torch.autograd.grad(out, weight)  # stored before the change: rebuilt unchanged
+    torch.testing.assert_close(grad, (pattern / 2).sum(-2, keepdim=True).mT.expand_as(weight))
+
+
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_a_corrupted_run_keeps_scores_not_patterns(family, monkeypatch):
     """The difference linearisation rebuilds the corrupted run's patterns from its scores: every
