@@ -427,15 +427,10 @@ def sender_outputs(
                 heads.clear()  # one layer's heads at a time
                 heads[node.layer] = _head_inputs(adapter, node.layer, acts, minus)
             formed, is_z = heads[node.layer]
-            if not is_z:  # the heads' outputs [batch, head, pos, d_model]
+            if is_z:  # z (or its change) [batch, pos, head, d_head]: this head projected alone
+                _project_head(formed[:, :, node.index], adapter, node, out[row])
+            else:  # the heads' outputs [batch, head, pos, d_model]
                 out[row] = formed[:, node.index]
-                continue
-            z = formed[:, :, node.index]  # z (or its change) [batch, pos, d_head]: one head
-            W_O = adapter.attention(node.layer).W_O[node.index].to(z.dtype)
-            if torch.is_grad_enabled() or z.dtype != out.dtype:
-                out[row] = z @ W_O
-            else:  # straight into its row: no layer-wide copy
-                torch.matmul(z, W_O, out=out[row])
         elif node.kind == "bias":
             out[row] = _difference(_bias_output, adapter, node.layer, acts, minus)
         elif node.kind in ("mlp", "neurons"):
@@ -495,6 +490,18 @@ def _head_inputs(
     name = f"blocks.{layer}.attn.hook_z"
     z = acts[name]
     return (z if minus is None else z - minus[name].to(z.dtype)), True
+
+
+def _project_head(
+    z: Float[Tensor, "batch pos d_head"], adapter: ModelAdapter, node: Node, into: Tensor
+) -> None:
+    """``into = z W_O`` of ``node``'s head, written straight into ``into`` where autograd and
+    dtypes allow (no copy of the row)."""
+    W_O = adapter.attention(node.layer).W_O[node.index].to(z.dtype)
+    if torch.is_grad_enabled() or z.dtype != into.dtype:
+        into.copy_(z @ W_O)
+    else:
+        torch.matmul(z, W_O, out=into)
 
 
 def _head_outputs(
